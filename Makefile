@@ -1,0 +1,35 @@
+# make demo  : set up .venv, then run the pipeline on a synthetic cohort (see README)
+# make test  : set up .venv, then run the test suite
+# make bench : the benchmarks in bench/ (one figure each)
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+TORCH_CPU := torch==2.13.0
+DEMO := demo
+
+.PHONY: setup demo test bench clean
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	# A bare `torch` requirement would pull a multi-GB CUDA build; take the CPU wheel first when none is present.
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_CPU)
+	$(PY) -m pip install -q -r requirements-dev.txt
+	touch $@
+
+setup: $(VENV)/.installed
+
+test: setup
+	$(PY) -m pytest -q tests
+
+demo: setup
+	rm -rf $(DEMO)
+	$(PY) -m prepare.synthetic shhs $(DEMO)/nsrr/shhs --nights 6 --hours 2 --seed 1
+	$(PY) -m prepare shhs $(DEMO)/nsrr/shhs $(DEMO)/nights --workers 2
+	$(PY) -c "import pandas as pd; m = pd.read_csv('$(DEMO)/nights/manifest.csv'); print(m.to_string(index=False))"
+
+bench: setup
+	$(PY) bench/prepare.py
+	$(PY) bench/loader.py
+
+clean:
+	rm -rf $(VENV) $(DEMO) .pytest_cache

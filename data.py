@@ -1,0 +1,144 @@
+"""Reading night stores: windows of signals, their padding mask and their 30-s stages.
+
+A night store (prepare/store.py) keeps each channel as one uncompressed little-endian float16
+chunk, so a channel is one raw file that we open with `np.memmap`: DataLoader workers share the
+page cache, and a window costs little more than copying its bytes (bench/loader.py measures it
+against zarr's own reader and against compressed, hourly chunks). Stores written any other way
+(other chunking, compression) are read through zarr instead, more slowly but correctly.
+
+Windows: `window_s` (8 h in the paper) cut from each night at `stride_s` (default: the window, so
+no overlap) in whole epochs. A night shorter than the window gives one window, zero-padded at the
+end and marked in `padding_mask`; a longer night gives windows that cover it all, the last one
+aligned to the night's last full epoch (so it overlaps its neighbour instead of being mostly padding).
+
+Wake trimming (`trim_wake_min`, off by default): before windowing, a night is cut to start at most
+that many minutes before its first sleep epoch (N1/N2/N3/REM) and end at most that many minutes
+after its last one; a night with no sleep epoch is kept whole.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from prepare.signals import EPOCH_SAMPLES, FS, SLOTS
+
+N_CHANNELS = len(SLOTS)
+
+
+def read_manifest(root: str | Path, split: str | None = None, datasets=None, visits=None) -> pd.DataFrame:
+    """Rows of `<root>/manifest.csv`, optionally only one split, some datasets, some visits."""
+    manifest = pd.read_csv(Path(root) / "manifest.csv", dtype={"subject": str, "visit": str, "night_id": str})
+    if split is not None:
+        manifest = manifest[manifest["split"] == split]
+    if datasets:
+        manifest = manifest[manifest["dataset"].isin(list(datasets))]
+    if visits:
+        manifest = manifest[manifest["visit"].isin([str(v) for v in visits])]
+    return manifest.reset_index(drop=True)
+
+
+def _raw_chunk(array_dir: Path, chunk_key: str):
+    """Path of the array's single raw chunk, or None if the array is chunked or compressed otherwise."""
+    meta = json.loads((array_dir / "zarr.json").read_text())
+    simple = (meta["chunk_grid"]["configuration"]["chunk_shape"][-1] == meta["shape"][-1]
+              and [c["name"] for c in meta["codecs"]] == ["bytes"]
+              and meta["codecs"][0].get("configuration", {}).get("endian", "little") == "little")
+    return (array_dir / "c" / chunk_key) if simple else None
+
+
+def open_night(store: str | Path) -> tuple[list, np.ndarray, dict]:
+    """(channels, stages, attrs): `channels` is 7 array-likes [T] float16 (memmaps where possible)."""
+    store = Path(store)
+    attrs = json.loads((store / "zarr.json").read_text())["attributes"]
+    meta = json.loads((store / "signals" / "zarr.json").read_text())
+    n_samples = meta["shape"][1]
+    channels = []
+    for c in range(N_CHANNELS):
+        raw = _raw_chunk(store / "signals", f"{c}/0")
+        if raw is None:
+            import zarr   # slow path: only for stores written with other chunking/compression
+            channels = list(zarr.open_array(store / "signals", mode="r")[:])
+            break
+        # zarr skips chunks equal to the fill value: an absent channel may have no file at all.
+        channels.append(np.memmap(raw, dtype="<f2", mode="r", shape=(n_samples,)) if raw.exists()
+                        else np.zeros(n_samples, np.float16))
+    raw_stages = _raw_chunk(store / "stages", "0")
+    if raw_stages is not None and raw_stages.exists():
+        stages = np.fromfile(raw_stages, dtype=np.int8)
+    else:
+        import zarr
+        stages = zarr.open_array(store / "stages", mode="r")[:]
+    return channels, stages, attrs
+
+
+def sleep_span(stages: np.ndarray, trim_wake_min: float | None) -> tuple[int, int]:
+    """[first, last) epochs to keep after trimming long wake at both ends."""
+    if trim_wake_min is None:
+        return 0, len(stages)
+    asleep = np.flatnonzero(stages >= 1)
+    if len(asleep) == 0:
+        return 0, len(stages)
+    keep = int(round(trim_wake_min * 60 / 30))
+    return max(0, asleep[0] - keep), min(len(stages), asleep[-1] + 1 + keep)
+
+
+def window_starts(first: int, last: int, window_epochs: int, stride_epochs: int) -> list[int]:
+    """Start epochs of the windows over epochs [first, last)."""
+    if last - first <= window_epochs:
+        return [first]
+    starts = list(range(first, last - window_epochs, stride_epochs))
+    return starts + [last - window_epochs]
+
+
+class NightDataset(torch.utils.data.Dataset):
+    """Windows over night stores.
+
+    Item: {"signals": float32 [7, L], "padding_mask": bool [L] (True = padded), "stages": int64
+    [L / 3750] (-1 for padded or unscored epochs), "night": index into `self.stores`, "start": first
+    sample of the window in the night}. L = window_s × 125.
+    """
+
+    def __init__(self, stores, window_s: float = 8 * 3600, stride_s: float | None = None,
+                 trim_wake_min: float | None = None):
+        self.stores = [Path(s) for s in stores]
+        self.window_epochs = int(round(window_s / 30))
+        self.window_samples = self.window_epochs * EPOCH_SAMPLES
+        stride_epochs = int(round((stride_s or window_s) / 30))
+        if self.window_epochs <= 0 or stride_epochs <= 0:
+            raise ValueError(f"window_s ({window_s}) and stride_s ({stride_s}) must be at least 30 s")
+        self.windows = []   # (night index, start epoch, end epoch of usable data)
+        for night, store in enumerate(self.stores):
+            _, stages, _ = open_night(store)
+            first, last = sleep_span(stages, trim_wake_min)
+            for start in window_starts(first, last, self.window_epochs, stride_epochs):
+                self.windows.append((night, start, last))
+        self._open = {}     # night index -> (channels, stages), opened lazily in each worker
+
+    @classmethod
+    def from_manifest(cls, root, split=None, datasets=None, visits=None, **kwargs) -> "NightDataset":
+        manifest = read_manifest(root, split, datasets, visits)
+        return cls([Path(root) / p for p in manifest["path"]], **kwargs)
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def __getitem__(self, index: int) -> dict:
+        night, start_epoch, last_epoch = self.windows[index]
+        if night not in self._open:
+            self._open[night] = open_night(self.stores[night])[:2]
+        channels, stages = self._open[night]
+        n_epochs = min(self.window_epochs, last_epoch - start_epoch)
+        start, n = start_epoch * EPOCH_SAMPLES, n_epochs * EPOCH_SAMPLES
+        signals = np.zeros((N_CHANNELS, self.window_samples), np.float32)    # [7, L]
+        for c, channel in enumerate(channels):
+            signals[c, :n] = channel[start: start + n]
+        padding_mask = np.ones(self.window_samples, bool)                    # [L]
+        padding_mask[:n] = False
+        window_stages = np.full(self.window_epochs, -1, np.int64)            # [L / 3750]
+        window_stages[:n_epochs] = stages[start_epoch: start_epoch + n_epochs]
+        return {"signals": torch.from_numpy(signals), "padding_mask": torch.from_numpy(padding_mask),
+                "stages": torch.from_numpy(window_stages), "night": night, "start": start}

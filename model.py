@@ -1,0 +1,392 @@
+"""The PFTSleep model: a patch transformer over full-night, 7-channel PSG, and the probe that reads sleep stages off it.
+
+Reproduces Fox et al., "A foundational transformer leveraging full night, multichannel sleep study data accurately
+classifies sleep stages", SLEEP 2025. With the default configs this computes the same function as the public
+implementation (benmfox/PFTSleep: `PatchTFTSimple` + `RNNProbingHeadExperimental`; ../shared/UPSTREAM.md §6), so the
+published checkpoints load through a key map (below). Everything else (SDPA attention, padding-aware RevIN) is a switch.
+
+Shape flow (paper config; B nights, C = 7 channels, T = 8 h · 3600 · 125 = 3,600,000 samples):
+
+    signals [B, C, T] ──RevIN──► [B, C, T] ──patchify──► patches [B, C, N, P]    N = T // P = 4800, P = 750 (6 s)
+      ──per-channel Linear(P→D) + learned position──► [B, C, N, D]                D = 512
+      ──each channel its own sequence──► [B·C, N, D] ──3 × post-norm transformer layer──► embeddings [B, C, N, D]
+    pretraining:  PretrainHead   [B, C, N, D] ──per-channel Linear(D→P)──► reconstruction [B, C, N, P] (vs. the patches)
+    sleep stages: ProbeHead      [B, C, N, D] ──[B, N, C·D]──BiGRU──MLP──► [B, N, 5] ──mean of 5 patches──► [B, N/5, 5]
+
+Pretraining step (paper): `patches, key_padding = encoder.patchify(signals, padding_mask)`; in training only,
+`corrupted = corrupt_values(patches)`;
+`loss = reconstruction_loss(head(encoder.encode(corrupted, key_padding)), patches, key_padding)`.
+Upstream's probe returns log-softmax at inference (`return_softmax=True`); ours always returns logits.
+
+Inputs of another length work: N = T // P patches use the first N rows of the positional table (upstream only runs
+8-h windows; it zero-pads every night to 8 h).
+
+Upstream checkpoint keys → ours (UPSTREAM.md §4; c = channel 0..C-1, i = layer; the encoder file prefixes `model.`,
+the classifier file `encoder.model.` and `feedforward.`):
+
+    Encoder
+      revin.affine_weight / affine_bias    [1, C, 1]     → revin_weight / revin_bias       [C]        (.view(C))
+      patch_encoder.W_P.{c}.weight         [D, P]        → patch_weight                    [C, D, P]  (stack over c)
+      patch_encoder.W_P.{c}.bias           [D]           → patch_bias                      [C, D]     (stack over c)
+      pe.W_pos                             [4800, D]     → pos_embed                       [max_patches, D]
+      layers.{i}.self_attn.W_Q / W_K / W_V .{weight,bias} → layers.{i}.attn.query / key / value .{weight,bias}
+      layers.{i}.self_attn.to_out.0.*                     → layers.{i}.attn.out.*
+      layers.{i}.self_attn.sdp_attn.scale  []  (frozen, = (D/H)^-0.5; gives n_heads)  → dropped (we use head_dim^-0.5)
+      layers.{i}.norm_attn.1.*   (weight, bias, running_mean, running_var, num_batches_tracked) → layers.{i}.norm_attn.*
+      layers.{i}.ff.0.*                                    → layers.{i}.ff_in.*
+      layers.{i}.ff.3.*                                    → layers.{i}.ff_out.*
+      layers.{i}.norm_ffn.1.*                              → layers.{i}.norm_ff.*
+    PretrainHead (encoder file only)
+      head.W_P.{c}.weight                  [P, D]        → weight                          [C, P, D]  (stack over c)
+      head.W_P.{c}.bias                    [P]           → bias                            [C, P]     (stack over c)
+    ProbeHead (classifier file, prefix `feedforward.`)
+      affine_weight / affine_bias          [1, C, 1]     → channel_weight / channel_bias   [C]        (.view(C))
+      rnn.*   (standard nn.GRU names)                    → gru.*
+      layers.0.{0,1,4}.*  (Linear 2H→H, LayerNorm H, Linear H→classes) → mlp.{0,1,4}.*
+
+Output layouts differ: upstream embeddings are [B, C, D, N] and its reconstruction [B, N, C, P]; ours are
+[B, C, N, D] and [B, C, N, P]. Upstream probe logits are [B, classes, N/5]; ours [B, N/5, classes].
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+
+@dataclass
+class ModelConfig:
+    n_channels: int = 7
+    patch_len: int = 750                 # 6 s at 125 Hz; 5 patches = one 30-s epoch
+    max_patches: int = 4800              # rows of the learned positional table (8 h)
+    d_model: int = 512
+    n_layers: int = 3
+    n_heads: int = 4
+    d_ff: int = 2048
+    dropout: float = 0.1
+    residual_attention: bool = True      # each layer adds the previous layer's pre-softmax scores to its own
+    attention: str = "sdpa"              # "sdpa" (F.scaled_dot_product_attention) | "math" (explicit scores: reference)
+    revin_stats: str = "window"          # "window" (upstream: padding enters mean/std) | "valid" (padding excluded)
+    revin_eps: float = 1e-5
+
+
+@dataclass
+class ProbeConfig:                       # the paper's values, not the upstream class defaults
+    n_channels: int = 7
+    d_model: int = 512
+    hidden_size: int = 1024
+    n_layers: int = 2
+    dropout: float = 0.1                 # between GRU layers
+    linear_dropout: float = 0.1          # in the MLP
+    n_classes: int = 5                   # 0 W, 1 N1, 2 N2, 3 N3, 4 REM
+    patches_per_epoch: int = 5           # 5 × 6 s = 30 s
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Attention
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention over the patches of one channel, with residual attention (He et al. 2020, RealFormer).
+
+    Residual attention: layer ℓ's pre-softmax scores are s·q_ℓ·k_ℓᵀ + (layer ℓ-1's scores), i.e. Σ_{j≤ℓ} s·q_j·k_jᵀ.
+    The "math" path materialises the scores [S, H, N, N] and hands them on, exactly as upstream. The "sdpa" path never
+    does: the accumulated scores are one dot product between [s·q_1 | … | s·q_ℓ] and [k_1 | … | k_ℓ] (concatenated per
+    head), so each layer hands on its concatenated (scaled) queries and keys and runs SDPA with scale 1. Head dims grow
+    d → 2d → 3d over the layers; values keep d.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        assert cfg.d_model % cfg.n_heads == 0, "d_model must be divisible by n_heads"
+        assert cfg.attention in ("sdpa", "math"), cfg.attention
+        self.n_heads = cfg.n_heads
+        self.head_dim = cfg.d_model // cfg.n_heads
+        self.scale = self.head_dim ** -0.5
+        self.path = cfg.attention
+        self.residual_attention = cfg.residual_attention
+        self.query = nn.Linear(cfg.d_model, cfg.d_model)
+        self.key = nn.Linear(cfg.d_model, cfg.d_model)
+        self.value = nn.Linear(cfg.d_model, cfg.d_model)
+        self.out = nn.Linear(cfg.d_model, cfg.d_model)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor, key_padding: Tensor | None, prev=None):
+        """x [S, N, D] (S = B·C sequences), key_padding [S, N] bool (True = padded patch) or None,
+        prev: what the previous layer handed on (None in the first layer) -> (output [S, N, D], what to hand on)."""
+        S, N, D = x.shape
+        # head h owns features h·d … h·d+d-1 (upstream's split)
+        q, k, v = (proj(x).view(S, N, self.n_heads, self.head_dim).transpose(1, 2)
+                   for proj in (self.query, self.key, self.value))                     # [S, H, N, d] each
+        attend = self.math_attention if self.path == "math" else self.sdpa_attention
+        out, carry = attend(q, k, v, key_padding, prev)                                  # [S, H, N, d]
+        out = out.transpose(1, 2).reshape(S, N, D)                                       # [S, N, H·d] head-major
+        return self.dropout(self.out(out)), (carry if self.residual_attention else None)
+
+    def math_attention(self, q, k, v, key_padding, prev_scores):
+        """The reference: explicit scores, as upstream. Hands on the accumulated, masked pre-softmax scores."""
+        scores = (q @ k.transpose(-2, -1)) * self.scale                                  # [S, H, N, N]
+        if prev_scores is not None:
+            scores = scores + prev_scores
+        if key_padding is not None:
+            # A sequence whose keys are all padded (a night that is all padding) gets no -inf, so softmax stays finite
+            # (no NaN, forward or backward); its weights are zeroed just below, so its output is 0 as upstream.
+            ignored = key_padding & ~key_padding.all(-1, keepdim=True)                   # [S, N]
+            scores = scores.masked_fill(ignored[:, None, None, :], float("-inf"))
+        weights = scores.softmax(dim=-1)                                                 # [S, H, N, N]
+        if key_padding is not None:
+            weights = weights.masked_fill(key_padding[:, None, None, :], 0.0)
+        return weights @ v, scores
+
+    def sdpa_attention(self, q, k, v, key_padding, prev_qk):
+        """Fused attention; residual attention through query/key concatenation (class docstring)."""
+        q = q * self.scale                                                               # [S, H, N, d]
+        if prev_qk is not None:
+            q = torch.cat([prev_qk[0], q], dim=-1)                                       # [S, H, N, ℓ·d]
+            k = torch.cat([prev_qk[1], k], dim=-1)                                       # [S, H, N, ℓ·d]
+        attn_mask, all_padded = None, None
+        if key_padding is not None:
+            # True = attend. Fully padded sequences attend everywhere (SDPA would give NaN) and are zeroed below.
+            all_padded = key_padding.all(-1)                                             # [S]
+            attn_mask = (~key_padding | all_padded[:, None])[:, None, None, :]           # [S, 1, 1, N]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=1.0)    # [S, H, N, d]
+        if all_padded is not None:
+            out = out.masked_fill(all_padded[:, None, None, None], 0.0)
+        return out, (q, k)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Encoder
+
+
+def token_batch_norm(norm: nn.BatchNorm1d, x: Tensor) -> Tensor:
+    """BatchNorm1d(D) over tokens: x [S, N, D], per-feature statistics over all S·N tokens (padded ones included, as
+    upstream). The same statistics as upstream's transpose to [S, D, N], without the transposes."""
+    return norm(x.reshape(-1, x.shape[-1])).view_as(x)
+
+
+class EncoderLayer(nn.Module):
+    """Post-norm transformer layer with BatchNorm. Dropout as upstream: the attention branch is dropped twice (after
+    the output projection and again on the residual add); the FFN after its GELU and on the residual add."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn = SelfAttention(cfg)
+        self.norm_attn = nn.BatchNorm1d(cfg.d_model)
+        self.ff_in = nn.Linear(cfg.d_model, cfg.d_ff)
+        self.ff_out = nn.Linear(cfg.d_ff, cfg.d_model)
+        self.norm_ff = nn.BatchNorm1d(cfg.d_model)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor, key_padding: Tensor | None, prev=None):
+        """x [S, N, D] -> (x [S, N, D], what the next layer's attention needs for residual attention)"""
+        attended, prev = self.attn(x, key_padding, prev)                                 # [S, N, D]
+        x = token_batch_norm(self.norm_attn, x + self.dropout(attended))                 # [S, N, D]
+        hidden = self.dropout(F.gelu(self.ff_in(x)))                     # [S, N, d_ff], exact (erf) GELU as upstream
+        x = token_batch_norm(self.norm_ff, x + self.dropout(self.ff_out(hidden)))        # [S, N, D]
+        return x, prev
+
+
+def revin_statistics(signals: Tensor, valid: Tensor | None, eps: float) -> tuple[Tensor, Tensor]:
+    """Per night and channel mean and population std + eps (eps added to the std, not under the root), detached.
+    signals [B, C, T], valid [B, 1, T] bool or None (None: over the whole window) -> mean, std [B, C, 1]."""
+    signals = signals.detach()
+    if valid is None:
+        mean = signals.mean(dim=-1, keepdim=True)
+        std = signals.std(dim=-1, keepdim=True, correction=0)
+    else:
+        count = valid.sum(dim=-1, keepdim=True).clamp_min(1)                              # [B, 1, 1]
+        mean = (signals * valid).sum(dim=-1, keepdim=True) / count
+        std = (((signals - mean) * valid) ** 2).sum(dim=-1, keepdim=True).div(count).sqrt()
+    return mean, std + eps
+
+
+class Encoder(nn.Module):
+    """RevIN → non-overlapping patches → per-channel Linear(P→D) + learned positions → channel-independent
+    transformer."""
+
+    def __init__(self, cfg: ModelConfig = ModelConfig()):
+        super().__init__()
+        assert cfg.revin_stats in ("window", "valid"), cfg.revin_stats
+        self.cfg = cfg
+        C, P, D = cfg.n_channels, cfg.patch_len, cfg.d_model
+        # RevIN affine: one scale and shift per channel
+        self.revin_weight = nn.Parameter(torch.ones(C))
+        self.revin_bias = nn.Parameter(torch.zeros(C))
+        # one Linear(P→D) per channel, stacked: patch_weight[c] is upstream's patch_encoder.W_P.{c}.weight
+        self.patch_weight = nn.Parameter(torch.empty(C, D, P))
+        self.patch_bias = nn.Parameter(torch.empty(C, D))
+        self.pos_embed = nn.Parameter(torch.empty(cfg.max_patches, D))
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.n_layers))
+        init_stacked_linear(self.patch_weight, self.patch_bias, fan_in=P)
+        nn.init.uniform_(self.pos_embed, -0.02, 0.02)                                   # as upstream
+
+    def patchify(self, signals: Tensor, padding_mask: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """signals [B, C, T] float32, padding_mask [B, T] bool (True = padded) or None ->
+        normalised patches [B, C, N, P] (N = T // P, the reconstruction target) and
+        key_padding [B, N] bool (True = patch fully padded) or None."""
+        B, C, T = signals.shape
+        P = self.cfg.patch_len
+        # upstream cuts inputs longer than its window to max_patches patches (after taking the statistics)
+        N = min(T // P, self.cfg.max_patches)
+        if N == 0:
+            raise ValueError(f"input of {T} samples is shorter than one patch ({P})")
+        valid = None
+        if padding_mask is not None and self.cfg.revin_stats == "valid":
+            valid = ~padding_mask[:, None, :]                                             # [B, 1, T]
+        mean, std = revin_statistics(signals, valid, self.cfg.revin_eps)                 # [B, C, 1] each
+        x = (signals - mean) / std                                                       # [B, C, T]
+        x = x * self.revin_weight[:, None] + self.revin_bias[:, None]                    # [B, C, T]
+        if valid is not None:
+            x = x.masked_fill(~valid, 0.0)   # padded content then never reaches the encoder, even in a partial patch
+        patches = x[..., :N * P].reshape(B, C, N, P)                                     # [B, C, N, P]
+        key_padding = None
+        if padding_mask is not None:
+            key_padding = padding_mask[:, :N * P].reshape(B, N, P).all(dim=-1)          # [B, N]
+        return patches, key_padding
+
+    def encode(self, patches: Tensor, key_padding: Tensor | None = None) -> Tensor:
+        """(possibly corrupted) normalised patches [B, C, N, P], key_padding [B, N] bool or None
+        -> embeddings [B, C, N, D]."""
+        B, C, N, P = patches.shape
+        x = torch.einsum("bcnp,cdp->bcnd", patches, self.patch_weight)                   # [B, C, N, D]
+        x = x + self.patch_bias[:, None, :]
+        x = self.dropout(x + self.pos_embed[:N])                                         # [B, C, N, D]
+        x = x.reshape(B * C, N, -1)                       # [B·C, N, D]: every channel its own sequence, row b·C + c
+        if key_padding is not None:
+            key_padding = key_padding.repeat_interleave(C, dim=0)                        # [B·C, N]
+        prev = None
+        for layer in self.layers:
+            x, prev = layer(x, key_padding, prev)                                        # [B·C, N, D]
+        return x.view(B, C, N, -1)                                                       # [B, C, N, D]
+
+    def embed(self, signals: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        """signals [B, C, T] float32, padding_mask [B, T] bool (True = padded) or None -> embeddings [B, C, N, D]."""
+        return self.encode(*self.patchify(signals, padding_mask))
+
+    def forward(self, signals: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        """Same as `embed`."""
+        return self.embed(signals, padding_mask)
+
+
+def init_stacked_linear(weight: Tensor, bias: Tensor, fan_in: int):
+    """nn.Linear's default init (U(±1/√fan_in) for weight and bias), for per-channel weights stacked on dim 0."""
+    bound = 1 / math.sqrt(fan_in)
+    nn.init.uniform_(weight, -bound, bound)
+    nn.init.uniform_(bias, -bound, bound)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Heads
+
+
+class PretrainHead(nn.Module):
+    """Per-channel Linear(D→P): embeddings [B, C, N, D] -> reconstruction of the normalised patches [B, C, N, P]."""
+
+    def __init__(self, cfg: ModelConfig = ModelConfig()):
+        super().__init__()
+        C, P, D = cfg.n_channels, cfg.patch_len, cfg.d_model
+        self.weight = nn.Parameter(torch.empty(C, P, D))   # weight[c] is upstream's head.W_P.{c}.weight
+        self.bias = nn.Parameter(torch.empty(C, P))
+        init_stacked_linear(self.weight, self.bias, fan_in=D)
+
+    def forward(self, embeddings: Tensor) -> Tensor:
+        out = torch.einsum("bcnd,cpd->bcnp", embeddings, self.weight)                    # [B, C, N, P]
+        return out + self.bias[:, None, :]
+
+
+class ProbeHead(nn.Module):
+    """Sleep stages from frozen embeddings: per-channel affine → channels concatenated per patch → 2-layer BiGRU over
+    the night → MLP per patch → logits averaged over the 5 patches of each 30-s epoch."""
+
+    def __init__(self, cfg: ProbeConfig = ProbeConfig()):
+        super().__init__()
+        self.cfg = cfg
+        H = cfg.hidden_size
+        self.channel_weight = nn.Parameter(torch.ones(cfg.n_channels))
+        self.channel_bias = nn.Parameter(torch.zeros(cfg.n_channels))
+        self.gru = nn.GRU(cfg.n_channels * cfg.d_model, H, num_layers=cfg.n_layers, batch_first=True,
+                          dropout=cfg.dropout, bidirectional=True)
+        # indices 0, 1, 4 match upstream's layers.0.{0,1,4}
+        self.mlp = nn.Sequential(nn.Linear(2 * H, H), nn.LayerNorm(H), nn.ReLU(), nn.Dropout(cfg.linear_dropout),
+                                 nn.Linear(H, cfg.n_classes))
+
+    def forward(self, embeddings: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        """embeddings [B, C, N, D], padding_mask [B, T] bool (True = padded) or None
+        -> logits [B, N // 5, n_classes]: one vector per 30-s epoch."""
+        B, C, N, D = embeddings.shape
+        x = embeddings * self.channel_weight[:, None, None] + self.channel_bias[:, None, None]   # [B, C, N, D]
+        x = x.transpose(1, 2).reshape(B, N, C * D)                # [B, N, C·D], channel-major (feature c·D + d)
+        if padding_mask is None:
+            hidden, _ = self.gru(x)                                                      # [B, N, 2H]
+        else:
+            # only trailing padding is honoured (as upstream): the backward GRU starts at the last valid patch
+            lengths = valid_lengths(padding_mask, N)
+            packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
+            hidden, _ = pad_packed_sequence(self.gru(packed)[0], batch_first=True, total_length=N)
+            # hidden [B, N, 2H], zeros past each length; the MLP still sees them (MLP(0) enters a mixed epoch, upstream)
+        logits = self.mlp(hidden)                                                        # [B, N, classes]
+        k = self.cfg.patches_per_epoch
+        E = N // k
+        return logits[:, :E * k].reshape(B, E, k, -1).mean(dim=2)                        # [B, E, classes]
+
+
+def valid_lengths(padding_mask: Tensor, n_patches: int) -> Tensor:
+    """padding_mask [B, T] -> number of patches before the trailing fully padded ones [B]. Patch length is T // N, as
+    upstream. A night that is all padding keeps all N patches (upstream's argmin rule gives the same)."""
+    B, T = padding_mask.shape
+    P = T // n_patches
+    padded = padding_mask[:, :n_patches * P].reshape(B, n_patches, P).all(dim=-1)         # [B, N]
+    trailing = padded.flip(1).int().cumprod(dim=1).sum(dim=1)                            # [B]
+    lengths = n_patches - trailing
+    return torch.where(lengths == 0, n_patches, lengths)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Pretraining: corruption and loss
+
+
+def corrupt_values(patches: Tensor, p_zero: float = 0.05, p_jitter: float = 0.05, jitter_scale: float = 0.1,
+                   generator: torch.Generator | None = None) -> Tensor:
+    """The paper's corruption (upstream 'jitter_zero_mask' with mask_ratio 0.1), element-wise: every value is zeroed
+    with probability p_zero and, independently, gets ε·jitter_scale·max|x| added with probability p_jitter
+    (ε ~ N(0, 1); max|x| is one scalar over the whole batch tensor; zeroed first, then jittered). Any shape."""
+    scale = patches.detach().abs().max() * jitter_scale
+    keep = torch.rand(patches.shape, generator=generator, device=patches.device) > p_zero
+    jitter = torch.rand(patches.shape, generator=generator, device=patches.device) > 1 - p_jitter
+    noise = torch.randn(patches.shape, generator=generator, device=patches.device) * scale
+    return patches * keep + jitter * noise
+
+
+def mask_patches(patches: Tensor, mask_ratio: float, key_padding: Tensor | None = None,
+                 generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """MAE-style option: zero whole (b, c, n) patches with probability mask_ratio, never padded ones.
+    patches [B, C, N, P], key_padding [B, N] or None -> (corrupted [B, C, N, P], mask [B, C, N] bool, True = masked)."""
+    B, C, N, P = patches.shape
+    mask = torch.rand((B, C, N), generator=generator, device=patches.device) < mask_ratio     # [B, C, N]
+    if key_padding is not None:
+        mask &= ~key_padding[:, None, :]
+    return patches.masked_fill(mask[..., None], 0.0), mask
+
+
+def reconstruction_loss(reconstruction: Tensor, target: Tensor, key_padding: Tensor | None = None,
+                        loss_mask: Tensor | None = None) -> Tensor:
+    """Mean squared error over the values of all non-padded patches (the paper); with loss_mask [B, C, N] bool, only
+    over those patches too. reconstruction, target [B, C, N, P], key_padding [B, N] bool or None -> scalar."""
+    B, C, N, P = target.shape
+    target = target.detach()   # as upstream: no gradient through the target (else RevIN's affine could shrink it)
+    squared_error = (reconstruction - target).pow(2).sum(dim=-1)                      # [B, C, N]
+    counted = torch.ones((B, C, N), dtype=torch.bool, device=target.device)
+    if key_padding is not None:
+        counted = counted & ~key_padding[:, None, :]
+    if loss_mask is not None:
+        counted = counted & loss_mask
+    # where() rather than a product, so that non-finite predictions at ignored patches cannot leak in
+    total = torch.where(counted, squared_error, 0.0).sum()
+    return total / (counted.sum() * P).clamp_min(1)

@@ -1,0 +1,142 @@
+"""One night, end to end: EDF + annotation file → (signals [7, T] float16, stages [T // 3750] int8, attrs).
+
+Rules that apply to every dataset (the dataset modules only say where files are and what the
+channels are called):
+- A slot in `required` (default EEG, EOG, EMG: the AASM staging montage) that is missing, flat,
+  all-NaN or in unknown units fails the night. Any other slot with such a problem is stored as
+  zeros, marked absent in attrs['present'], and the reason is kept in attrs['warnings'].
+- Stages come from the first annotation candidate that exists (NSRR XML before Profusion XML);
+  none existing fails the night unless the dataset allows unlabelled nights (`edf`).
+- Partial NaNs are interpolated and counted; values beyond float16's range are clipped and counted.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import annotations, edf, signals
+from .signals import FS, EPOCH_SAMPLES, SLOTS, SlotError, SlotSignal
+
+SCHEMA = "pftsleep-night/1"
+DEFAULT_REQUIRED = ("EEG", "EOG", "EMG")
+FLOAT16_MAX = 65000.0
+
+
+class PrepareError(ValueError):
+    """A night that cannot be prepared; the message says why in one line."""
+
+
+@dataclass
+class Night:
+    dataset: str
+    night_id: str
+    subject: str
+    visit: str
+    edf: Path
+    annotations: list[Path] = field(default_factory=list)   # candidates, first existing wins
+    labelled: bool = True                                     # False: a night without annotations is allowed
+
+
+@dataclass
+class Options:
+    required: tuple[str, ...] = DEFAULT_REQUIRED
+    channel_map: dict | None = None      # --channels map.yaml
+    zero_phase: bool = False             # --zero-phase: sosfiltfilt instead of the paper's causal sosfilt
+    clean_spo2: bool = False             # --clean-spo2: interpolate SpO2 outside 50-100 %
+    max_overhang_epochs: int = 10        # scored epochs past the recording end that are cropped, not fatal
+
+
+def read_stages(night: Night, header: edf.EdfHeader, n_epochs: int, opts: Options) -> tuple[np.ndarray, dict]:
+    existing = [Path(p) for p in night.annotations if Path(p).is_file()]
+    if not existing:
+        if night.labelled:
+            looked = ", ".join(str(p) for p in night.annotations) or "nothing"
+            raise PrepareError(f"no annotation file (looked for {looked})")
+        return np.full(n_epochs, -1, np.int8), {"annotations": None, "annotation_format": None, "notes": ["unlabelled"]}
+    hyp = annotations.read_hypnogram(existing[0], edf_start=header.start)
+    stages, notes = annotations.fit_to_recording(hyp, n_epochs, opts.max_overhang_epochs)
+    return stages.astype(np.int8), {"annotations": str(existing[0]), "annotation_format": hyp.format, "notes": notes}
+
+
+def read_slot(header: edf.EdfHeader, slot: str, source: tuple[str, str | None], opts: Options) -> SlotSignal:
+    """Read one slot (a label or the difference of two), in µV for voltage slots, NaNs filled."""
+    by_label = {s.label: s for s in header.signals}
+    parts = [by_label[label] for label in source if label is not None]
+    if len({p.fs for p in parts}) > 1:
+        raise SlotError(f"slot {slot}: cannot derive {signals.describe(source)}: rates differ "
+                        f"({', '.join(f'{p.fs:g}' for p in parts)} Hz)")
+    values = []
+    for part in parts:
+        x = edf.read_signal(header, part.label)
+        if slot in signals.VOLTAGE_SLOTS:
+            x = x * signals.microvolt_factor(part.dimension, slot, part.label)
+        values.append(x)
+    if len(parts) == 2 and slot not in signals.VOLTAGE_SLOTS and parts[0].dimension != parts[1].dimension:
+        raise SlotError(f"slot {slot}: cannot derive {signals.describe(source)}: units differ")
+    label = signals.describe(source)
+    x = values[0] - values[1] if len(values) == 2 else values[0]
+    x, n_nan = signals.fill_nans(x, slot, label)
+    signals.check_plausible(x, slot, label)
+    unit = "uV" if slot in signals.VOLTAGE_SLOTS else parts[0].dimension
+    return SlotSignal(values=x, fs=parts[0].fs, label=label, unit=unit, nan_samples=n_nan)
+
+
+def prepare_night(night: Night, table: dict, opts: Options) -> tuple[np.ndarray, np.ndarray, dict]:
+    header = edf.read_header(night.edf)
+    n_samples = int(round(header.duration_s * FS))
+    n_epochs = n_samples // EPOCH_SAMPLES
+    if n_epochs == 0:
+        raise PrepareError(f"recording is {header.duration_s:g} s long, shorter than one 30-s epoch")
+    stages, ann_info = read_stages(night, header, n_epochs, opts)   # cheap, so a bad file fails fast
+
+    sources = signals.resolve(header.labels(), table, opts.channel_map)
+    night_signals = np.zeros((len(SLOTS), n_samples), np.float16)   # [7, T]
+    meta = {key: {} for key in ("source_labels", "source_fs", "source_units", "nan_samples", "clipped_samples")}
+    present, warnings = [], list(header.warnings)
+    for i, slot in enumerate(SLOTS):
+        try:
+            if sources[slot] is None:
+                raise SlotError(f"slot {slot}: none of its labels is in the EDF")
+            slot_signal = read_slot(header, slot, sources[slot], opts)
+        except SlotError as err:
+            if slot in opts.required:
+                raise PrepareError(f"required {err}") from None
+            warnings.append(str(err))
+            present.append(False)
+            continue
+        values = slot_signal.values
+        if slot == "SPO2" and opts.clean_spo2:
+            values, n_cleaned = signals.clean_spo2(values)
+            if n_cleaned:
+                warnings.append(f"slot SPO2: {n_cleaned} samples outside 50-100 % interpolated")
+        values = signals.condition(values, slot_signal.fs, slot, opts.zero_phase)
+        values = _fit_length(values, n_samples)
+        clipped = int(np.count_nonzero(np.abs(values) > FLOAT16_MAX))
+        night_signals[i] = np.clip(values, -FLOAT16_MAX, FLOAT16_MAX)
+        present.append(True)
+        meta["source_labels"][slot] = slot_signal.label
+        meta["source_fs"][slot] = slot_signal.fs
+        meta["source_units"][slot] = slot_signal.unit
+        meta["nan_samples"][slot] = slot_signal.nan_samples
+        meta["clipped_samples"][slot] = clipped
+
+    attrs = {
+        "schema": SCHEMA, "dataset": night.dataset, "subject": night.subject, "visit": night.visit,
+        "night_id": night.night_id, "fs": FS, "epoch_s": signals.EPOCH_S, "channels": list(SLOTS),
+        "present": present, **meta, "filters": signals.filters_description(opts.zero_phase),
+        "edf": str(night.edf), "annotations": ann_info["annotations"],
+        "annotation_format": ann_info["annotation_format"], "annotation_notes": ann_info["notes"],
+        "start_time": header.start.isoformat() if header.start else None,
+        "duration_s": header.duration_s, "n_scored": int(np.count_nonzero(stages >= 0)),
+        "warnings": warnings,
+    }
+    return night_signals, stages, attrs
+
+
+def _fit_length(values: np.ndarray, n_samples: int) -> np.ndarray:
+    """Resampling can leave a sample more or less than duration × 125; trim or hold the last value."""
+    if len(values) >= n_samples:
+        return values[:n_samples]
+    return np.concatenate([values, np.full(n_samples - len(values), values[-1])])

@@ -1,0 +1,218 @@
+"""Channel resolution, units, filtering and resampling: from EDF signals to the 7 slots at 125 Hz.
+
+Every value here that shapes the data comes from the paper's code (FORMATS.md §5, upstream
+`ALL_FREQUENCY_FILTERS` / `butterworth`): order-2 Butterworth applied causally (`sosfilt`,
+a single forward pass), ECG 0.5-40 Hz band-pass, EEG/EOG/EMG 0.3-30 Hz band-pass, SpO2 0.4 Hz
+low-pass, effort belts 0.5 Hz low-pass, a 3-sample median filter against spikes on every
+channel, and the order: below 125 Hz resample first, at or above 125 Hz filter at the native
+rate, then resample. We resample with polyphase FIR (`scipy.signal.resample_poly`) where the
+training code used torchaudio's windowed sinc; both are band-limited interpolators and agree
+to well under 1 % in the pass-band (tests/test_signals.py checks amplitude fidelity).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fractions import Fraction
+
+import numpy as np
+import scipy.signal
+
+SLOTS = ("ECG", "EOG", "EMG", "EEG", "SPO2", "THOR", "ABDO")   # the paper's channel order
+FS = 125                      # Hz, every slot in the night store
+EPOCH_S = 30
+EPOCH_SAMPLES = FS * EPOCH_S  # 3750
+VOLTAGE_SLOTS = ("ECG", "EOG", "EMG", "EEG")
+MEDIAN_KERNEL = 3
+BUTTER_ORDER = 2
+BAND = {  # (btype, cut-off Hz); FORMATS.md §5 table 'cut-offs'
+    "ECG": ("bandpass", (0.5, 40.0)),
+    "EOG": ("bandpass", (0.3, 30.0)),
+    "EMG": ("bandpass", (0.3, 30.0)),
+    "EEG": ("bandpass", (0.3, 30.0)),
+    "SPO2": ("lowpass", 0.4),
+    "THOR": ("lowpass", 0.5),
+    "ABDO": ("lowpass", 0.5),
+}
+# Physical dimension → factor to µV. Anything else on a voltage slot is an error, not a guess.
+MICROVOLTS_PER = {"uv": 1.0, "µv": 1.0, "μv": 1.0, "microv": 1.0, "mv": 1e3, "millivolt": 1e3, "v": 1e6, "volt": 1e6}
+# A voltage slot whose robust amplitude (99th percentile of |x - median|, in µV) lies outside this
+# range is mislabelled (e.g. an EEG in V written as 'uV', or an ECG in mV written as 'uV').
+PLAUSIBLE_UV = (2.0, 1e5)
+SPO2_RANGE = (50.0, 100.0)    # clean-up: values outside are sensor drop-outs (optional, off in the paper)
+
+
+class SlotError(ValueError):
+    """A slot that cannot be used (missing, flat, wrong units). Fatal for a required slot only."""
+
+
+def filters_description(zero_phase: bool = False) -> dict:
+    """What the night store records in attrs['filters'] (the data version)."""
+    return {
+        "butterworth_order": BUTTER_ORDER,
+        "butterworth_pass": "sosfiltfilt (zero-phase)" if zero_phase else "sosfilt (causal, single pass)",
+        "bands_hz": {slot: [btype, list(cut) if isinstance(cut, tuple) else cut] for slot, (btype, cut) in BAND.items()},
+        "median_kernel": MEDIAN_KERNEL,
+        "resample": "scipy.signal.resample_poly to 125 Hz (below 125 Hz before filtering, otherwise after)",
+        "voltage_units": "uV",
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# channel resolution
+
+def normalise(label: str) -> str:
+    """Labels match case-insensitively, ignoring spaces, '_' and '-' ('L Chin' = 'L_Chin' = 'LChin')."""
+    return "".join(ch for ch in label.strip().lower() if ch not in " _-")
+
+
+def _find(labels: list[str], spellings) -> str | None:
+    wanted = [spellings] if isinstance(spellings, str) else list(spellings)
+    by_norm = {}
+    for label in labels:
+        by_norm.setdefault(normalise(label), label)
+    for spelling in wanted:
+        if normalise(spelling) in by_norm:
+            return by_norm[normalise(spelling)]
+    return None
+
+
+def resolve(labels: list[str], table: dict, channel_map: dict | None = None) -> dict[str, tuple[str, str | None] | None]:
+    """Pick, per slot, the EDF label (or the pair of labels of a derivation) to use.
+
+    `table[slot]` is a preference list; each candidate is a label (str), a tuple of spellings of
+    one label, or a derivation `(left, right)` given as a 2-list of labels-or-spelling-tuples,
+    written `["C4", ("A1", "M1")]`. `channel_map` (from --channels map.yaml) overrides slots: a
+    label that exists verbatim wins, else 'A - B' is a derivation, and None marks a slot absent.
+    Returns slot -> (left_label, right_label or None), or None when the slot is absent.
+    """
+    chosen = {}
+    channel_map = channel_map or {}
+    for slot in SLOTS:
+        if slot in channel_map:
+            chosen[slot] = _from_map(labels, slot, channel_map[slot])
+            continue
+        chosen[slot] = None
+        for candidate in table.get(slot, []):
+            if isinstance(candidate, list):   # derivation
+                left, right = _find(labels, candidate[0]), _find(labels, candidate[1])
+                if left and right:
+                    chosen[slot] = (left, right)
+                    break
+            elif (label := _find(labels, candidate)) is not None:
+                chosen[slot] = (label, None)
+                break
+    return chosen
+
+
+def _from_map(labels: list[str], slot: str, spec) -> tuple[str, str | None] | None:
+    if spec is None:
+        return None
+    spec = str(spec)
+    if (label := _find(labels, spec)) is not None:
+        return (label, None)
+    if " - " in spec:
+        left_name, right_name = (part.strip() for part in spec.split(" - ", 1))
+        left, right = _find(labels, left_name), _find(labels, right_name)
+        missing = [n for n, found in ((left_name, left), (right_name, right)) if found is None]
+        if not missing:
+            return (left, right)
+        raise SlotError(f"slot {slot}: --channels names {spec!r} but the EDF has no {', '.join(map(repr, missing))}")
+    raise SlotError(f"slot {slot}: --channels names {spec!r}, which is not an EDF label (derivations are 'A - B')")
+
+
+def describe(source: tuple[str, str | None] | None) -> str | None:
+    if source is None:
+        return None
+    left, right = source
+    return left if right is None else f"{left} - {right}"
+
+
+# ---------------------------------------------------------------------------------------------
+# one channel: units → NaN/flat checks → (resample) → median → Butterworth → (resample)
+
+def microvolt_factor(dimension: str, slot: str, label: str) -> float:
+    key = dimension.strip().lower().replace(" ", "")
+    if key not in MICROVOLTS_PER:
+        raise SlotError(f"slot {slot}: signal {label!r} has physical dimension {dimension!r}, not a voltage (uV, mV, V)")
+    return MICROVOLTS_PER[key]
+
+
+def check_plausible(signal: np.ndarray, slot: str, label: str) -> None:
+    """Catch wrong units that the header does not admit to (V written as 'uV' and the like)."""
+    if slot in VOLTAGE_SLOTS:
+        amplitude = np.percentile(np.abs(signal - np.median(signal)), 99)
+        low, high = PLAUSIBLE_UV
+        if not low <= amplitude <= high:
+            raise SlotError(f"slot {slot}: signal {label!r} has amplitude {amplitude:.3g} uV after unit conversion, "
+                            f"outside {low:g}..{high:g} uV: wrong physical dimension?")
+    elif slot == "SPO2":
+        median = float(np.median(signal))
+        if not 1.0 < median <= 100.5:
+            raise SlotError(f"slot SPO2: signal {label!r} has median {median:.3g}, not a percentage (fraction 0..1?)")
+
+
+def fill_nans(signal: np.ndarray, slot: str, label: str) -> tuple[np.ndarray, int]:
+    """Linear interpolation over NaNs (edges held); an all-NaN or flat signal is unusable."""
+    bad = ~np.isfinite(signal)
+    n_bad = int(bad.sum())
+    if n_bad == len(signal):
+        raise SlotError(f"slot {slot}: signal {label!r} is all NaN")
+    if n_bad:
+        index = np.arange(len(signal))
+        signal = signal.copy()
+        signal[bad] = np.interp(index[bad], index[~bad], signal[~bad])
+    if np.ptp(signal) == 0:
+        raise SlotError(f"slot {slot}: signal {label!r} is flat (constant {signal[0]:g})")
+    return signal, n_bad
+
+
+def clean_spo2(signal: np.ndarray) -> tuple[np.ndarray, int]:
+    """Optional (--clean-spo2): values outside 50-100 % are drop-outs, interpolated linearly."""
+    low, high = SPO2_RANGE
+    bad = (signal < low) | (signal > high)
+    if bad.all() or not bad.any():
+        return signal, 0
+    signal = signal.copy()
+    index = np.arange(len(signal))
+    signal[bad] = np.interp(index[bad], index[~bad], signal[~bad])
+    return signal, int(bad.sum())
+
+
+def median3(signal: np.ndarray) -> np.ndarray:
+    """3-sample running median with edge samples repeated (= scipy.ndimage.median_filter(x, 3,
+    mode='nearest')), written with min/max so that it runs at memory speed on 512-Hz nights."""
+    padded = np.concatenate([signal[:1], signal, signal[-1:]])
+    a, b, c = padded[:-2], padded[1:-1], padded[2:]
+    return np.maximum(np.minimum(a, b), np.minimum(np.maximum(a, b), c))
+
+
+def butterworth(signal: np.ndarray, slot: str, fs: float, zero_phase: bool = False) -> np.ndarray:
+    btype, cut = BAND[slot]   # always applied at >= 125 Hz, so 40 Hz is below Nyquist
+    sos = scipy.signal.butter(BUTTER_ORDER, cut, btype, fs=fs, output="sos")
+    if zero_phase:
+        return scipy.signal.sosfiltfilt(sos, signal)
+    return scipy.signal.sosfilt(sos, signal)
+
+
+def resample(signal: np.ndarray, fs_in: float, fs_out: int = FS) -> np.ndarray:
+    if fs_in == fs_out:
+        return signal
+    ratio = Fraction(fs_out) / Fraction(fs_in).limit_denominator(10_000)
+    return scipy.signal.resample_poly(signal, ratio.numerator, ratio.denominator)
+
+
+def condition(signal: np.ndarray, fs: float, slot: str, zero_phase: bool = False) -> np.ndarray:
+    """Median + Butterworth + resampling in the paper's order; returns float64 at 125 Hz."""
+    if fs < FS:
+        return butterworth(median3(resample(signal, fs)), slot, FS, zero_phase)
+    return resample(butterworth(median3(signal), slot, fs, zero_phase), fs)
+
+
+@dataclass
+class SlotSignal:
+    """One resolved slot, read from the EDF but not yet filtered."""
+    values: np.ndarray      # float64, native rate, µV for voltage slots
+    fs: float
+    label: str              # 'C4' or 'C4 - A1'
+    unit: str
+    nan_samples: int = 0

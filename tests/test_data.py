@@ -1,0 +1,100 @@
+"""data.py: windows, padding masks, stage alignment, wake trimming, and the memmap reader vs zarr."""
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from data import NightDataset, open_night, read_manifest, sleep_span, window_starts
+from prepare import store
+
+EPOCH = 3750
+
+
+def make_store(tmp_path, name, n_epochs, extra_samples=0, absent=(), stages=None):
+    n = n_epochs * EPOCH + extra_samples
+    signals = (np.arange(7)[:, None] * 1000 + (np.arange(n)[None, :] % 997)).astype(np.float16)   # [7, T]
+    for c in absent:
+        signals[c] = 0
+    if stages is None:
+        stages = (np.arange(n_epochs) % 6 - 1).astype(np.int8)
+    attrs = {"night_id": name, "dataset": "t", "subject": name, "visit": "1", "fs": 125, "epoch_s": 30,
+             "duration_s": n / 125, "n_scored": int((stages >= 0).sum()), "channels": list("ABCDEFG"),
+             "present": [c not in absent for c in range(7)]}
+    path = tmp_path / "t" / f"{name}.zarr"
+    store.write_night(path, signals, stages, attrs)
+    return path, signals, stages
+
+
+def test_short_night_is_padded_and_masked(tmp_path):
+    path, signals, stages = make_store(tmp_path, "short", 10, extra_samples=100)
+    item = NightDataset([path], window_s=20 * 30)[0]
+    assert item["signals"].shape == (7, 20 * EPOCH) and item["signals"].dtype == torch.float32
+    assert torch.equal(item["signals"][:, : 10 * EPOCH], torch.from_numpy(signals[:, : 10 * EPOCH].astype(np.float32)))
+    assert not item["signals"][:, 10 * EPOCH:].any()                 # the partial trailing epoch is not used
+    assert item["padding_mask"].sum() == 10 * EPOCH and not item["padding_mask"][: 10 * EPOCH].any()
+    assert item["stages"].tolist() == stages.tolist() + [-1] * 10
+
+
+def test_long_night_windows_cover_everything(tmp_path):
+    path, signals, stages = make_store(tmp_path, "long", 25)
+    dataset = NightDataset([path], window_s=10 * 30)
+    assert [w[1] for w in dataset.windows] == [0, 10, 15]           # last window aligned to the end
+    covered = np.zeros(25, bool)
+    for item in dataset:
+        start = item["start"] // EPOCH
+        assert not item["padding_mask"].any()
+        assert item["stages"].tolist() == stages[start: start + 10].tolist()
+        assert torch.equal(item["signals"], torch.from_numpy(signals[:, item["start"]: item["start"] + 10 * EPOCH].astype(np.float32)))
+        covered[start: start + 10] = True
+    assert covered.all()
+    assert [w[1] for w in NightDataset([path], window_s=10 * 30, stride_s=5 * 30).windows] == [0, 5, 10, 15]
+
+
+def test_window_starts_and_sleep_span():
+    assert window_starts(0, 8, 10, 10) == [0]
+    assert window_starts(3, 33, 10, 10) == [3, 13, 23]
+    stages = np.array([0] * 100 + [2, 3, 4] + [0] * 100 + [-1] * 5)
+    assert sleep_span(stages, None) == (0, 208)
+    assert sleep_span(stages, 30) == (40, 163)                     # 60 epochs of wake kept on each side
+    assert sleep_span(np.zeros(50, int), 30) == (0, 50)             # no sleep: kept whole
+
+
+def test_trimmed_windows_start_near_sleep_onset(tmp_path):
+    stages = np.array([0] * 200 + [2] * 50 + [0] * 200, np.int8)
+    path, _, _ = make_store(tmp_path, "trim", len(stages), stages=stages)
+    dataset = NightDataset([path], window_s=400 * 30, trim_wake_min=10)
+    item = dataset[0]
+    assert item["start"] == 180 * EPOCH
+    assert item["stages"][:90].tolist() == [0] * 20 + [2] * 50 + [0] * 20 and (item["stages"][90:] == -1).all()
+    assert item["padding_mask"].sum() == (400 - 90) * EPOCH
+
+
+def test_memmap_equals_zarr_and_absent_channel_is_zero(tmp_path):
+    path, signals, stages = make_store(tmp_path, "abs", 4, absent=(4,))
+    channels, read_stages, attrs = open_night(path)
+    reference = zarr.open_group(path, mode="r")
+    assert np.array_equal(np.stack([np.asarray(c) for c in channels]), reference["signals"][:])
+    assert np.array_equal(read_stages, reference["stages"][:]) and attrs["present"][4] is False
+    assert not np.asarray(channels[4]).any()
+
+
+def test_other_chunking_falls_back_to_zarr(tmp_path):
+    path, signals, _ = make_store(tmp_path, "re", 4)
+    group = zarr.open_group(path, mode="a")
+    del group["signals"]
+    group.create_array("signals", shape=signals.shape, chunks=(1, EPOCH), dtype="float16")[:] = signals
+    item = NightDataset([path], window_s=4 * 30)[0]
+    assert torch.equal(item["signals"], torch.from_numpy(signals.astype(np.float32)))
+
+
+def test_manifest_selection(tmp_path):
+    for name in ("a", "b", "c"):
+        make_store(tmp_path, name, 3)
+    rows = store.write_manifest(tmp_path)
+    assert [r["night_id"] for r in rows] == ["a", "b", "c"]
+    manifest = read_manifest(tmp_path)
+    assert list(manifest.columns) == store.MANIFEST_COLUMNS
+    split = rows[0]["split"]
+    assert set(read_manifest(tmp_path, split=split)["night_id"]) == {r["night_id"] for r in rows if r["split"] == split}
+    dataset = NightDataset.from_manifest(tmp_path, window_s=90)
+    assert len(dataset) == 3

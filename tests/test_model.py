@@ -1,0 +1,307 @@
+"""model.py: shapes, the SDPA path against the math path, padding, losses, corruption, parameter counts, the probe."""
+import pytest
+import torch
+
+import model
+from model import (Encoder, ModelConfig, PretrainHead, ProbeConfig, ProbeHead, corrupt_values, mask_patches,
+                   reconstruction_loss)
+
+B, C, P, N, D = 2, 3, 25, 40, 32
+T = N * P
+PADDED_FROM = 28 * P          # night 1: patches 28..39 are padding (a tail of 12 patches)
+
+
+def tiny_config(**overrides) -> ModelConfig:
+    fields = dict(n_channels=C, patch_len=P, max_patches=N, d_model=D, n_layers=3, n_heads=4, d_ff=64)
+    return ModelConfig(**{**fields, **overrides})
+
+
+def tiny_probe_config(**overrides) -> ProbeConfig:
+    return ProbeConfig(**{**dict(n_channels=C, d_model=D, hidden_size=16), **overrides})
+
+
+def randomise_norms(module: torch.nn.Module, seed: int = 0):
+    """Non-trivial BatchNorm running statistics and affine parameters, so that eval mode is not the identity there."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, tensor in list(module.named_parameters()) + list(module.named_buffers()):
+            if name.endswith("running_mean") or name.endswith("revin_bias"):
+                tensor.copy_(0.2 * torch.randn(tensor.shape, generator=g))
+            elif name.endswith("running_var"):
+                tensor.copy_(0.5 + torch.rand(tensor.shape, generator=g))
+            elif name.endswith("revin_weight"):
+                tensor.copy_(1 + 0.3 * torch.randn(tensor.shape, generator=g))
+
+
+def night_batch(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    signals = torch.randn(B, C, T, generator=g) * 20 + 3
+    padding_mask = torch.zeros(B, T, dtype=torch.bool)
+    padding_mask[1, PADDED_FROM:] = True
+    signals[1, :, PADDED_FROM:] = 0.0
+    return signals, padding_mask
+
+
+def eval_encoder(**overrides) -> Encoder:
+    torch.manual_seed(0)
+    encoder = Encoder(tiny_config(**overrides))
+    randomise_norms(encoder)
+    return encoder.eval()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# shapes
+
+
+def test_shapes_through_every_stage():
+    encoder, head = eval_encoder(), PretrainHead(tiny_config())
+    probe = ProbeHead(tiny_probe_config()).eval()
+    signals, padding_mask = night_batch()
+    patches, key_padding = encoder.patchify(signals, padding_mask)
+    assert patches.shape == (B, C, N, P)
+    assert key_padding.shape == (B, N) and key_padding.dtype == torch.bool
+    assert key_padding[1, 28:].all() and not key_padding[1, :28].any() and not key_padding[0].any()
+    embeddings = encoder.encode(patches, key_padding)
+    assert embeddings.shape == (B, C, N, D)
+    assert torch.equal(encoder.embed(signals, padding_mask), embeddings)
+    assert head(embeddings).shape == (B, C, N, P)
+    assert probe(embeddings, padding_mask).shape == (B, N // 5, 5)
+    assert probe(embeddings).shape == (B, N // 5, 5)
+    assert encoder.patchify(signals)[1] is None
+
+
+def test_patchify_normalises_each_night_and_channel():
+    encoder = Encoder(tiny_config())   # RevIN affine at its identity init
+    signals = torch.randn(B, C, T) * torch.tensor([1.0, 50.0, 1e3])[:, None] + 7
+    patches, _ = encoder.patchify(signals)
+    flat = patches.reshape(B, C, -1)
+    assert torch.allclose(flat.mean(-1), torch.zeros(B, C), atol=1e-5)
+    assert torch.allclose(flat.std(-1, correction=0), torch.ones(B, C), atol=1e-4)
+    # patch n of channel c holds samples [n·P, (n+1)·P)
+    expected = (signals[0, 1, 3 * P:4 * P] - signals[0, 1].mean()) / signals[0, 1].std(correction=0)
+    assert torch.allclose(patches[0, 1, 3], expected, atol=1e-4)
+
+
+def test_shorter_inputs_use_the_first_rows_of_the_positional_table():
+    encoder = eval_encoder()
+    signals, _ = night_batch()
+    assert encoder.embed(signals[..., :10 * P + 7]).shape == (B, C, 10, D)
+    # longer than the table: cut to max_patches, as upstream cuts to its window
+    assert encoder.embed(torch.cat([signals, signals], -1)).shape == (B, C, N, D)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# attention: SDPA path == math path
+
+
+@pytest.mark.parametrize("residual_attention", [True, False])
+@pytest.mark.parametrize("padded", [False, True])
+def test_sdpa_path_equals_math_path(residual_attention, padded):
+    math_encoder = eval_encoder(attention="math", residual_attention=residual_attention)
+    sdpa_encoder = Encoder(tiny_config(attention="sdpa", residual_attention=residual_attention)).eval()
+    sdpa_encoder.load_state_dict(math_encoder.state_dict())
+    signals, padding_mask = night_batch()
+    padding_mask = padding_mask if padded else None
+    with torch.no_grad():
+        expected = math_encoder.embed(signals, padding_mask)
+        actual = sdpa_encoder.embed(signals, padding_mask)
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_residual_attention_changes_the_function():
+    with_res = eval_encoder(residual_attention=True)
+    without = Encoder(tiny_config(residual_attention=False)).eval()
+    without.load_state_dict(with_res.state_dict())
+    signals, _ = night_batch()
+    with torch.no_grad():
+        assert not torch.allclose(with_res.embed(signals), without.embed(signals), atol=1e-3)
+
+
+@pytest.mark.parametrize("attention", ["math", "sdpa"])
+def test_all_padded_night_gives_finite_output_and_gradients(attention):
+    encoder = Encoder(tiny_config(attention=attention)).train()
+    signals, padding_mask = night_batch()
+    padding_mask[0] = True
+    patches, key_padding = encoder.patchify(signals, padding_mask)
+    embeddings = encoder.encode(patches, key_padding)
+    assert torch.isfinite(embeddings).all()
+    embeddings.square().mean().backward()
+    assert all(torch.isfinite(p.grad).all() for p in encoder.parameters() if p.grad is not None)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# padding
+
+
+@pytest.mark.parametrize("attention", ["math", "sdpa"])
+@pytest.mark.parametrize("partial_patch", [False, True])
+def test_valid_outputs_ignore_padded_content_with_valid_statistics(attention, partial_patch):
+    """With "valid" statistics, padded samples never reach the model, even inside a partly padded patch."""
+    encoder = eval_encoder(attention=attention, revin_stats="valid")
+    head = PretrainHead(tiny_config()).eval()
+    signals, padding_mask = night_batch()
+    padded_from = PADDED_FROM - P + 10 if partial_patch else PADDED_FROM   # patch 27 then holds 10 valid samples
+    padding_mask[1, padded_from:] = True
+    changed = signals.clone()
+    changed[1, :, padded_from:] = 1e3 * torch.randn(C, T - padded_from)
+    with torch.no_grad():
+        before, after = encoder.embed(signals, padding_mask), encoder.embed(changed, padding_mask)
+    torch.testing.assert_close(after[:, :, :28], before[:, :, :28], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(after[0], before[0])
+    torch.testing.assert_close(head(after)[1, :, :28], head(before)[1, :, :28], atol=1e-5, rtol=1e-5)
+
+
+def test_window_statistics_do_see_the_padding():
+    """Upstream ("window"): the padded tail enters RevIN's mean and std, so valid outputs move when it changes."""
+    encoder = eval_encoder(revin_stats="window")
+    signals, padding_mask = night_batch()
+    changed = signals.clone()
+    changed[1, :, PADDED_FROM:] = 1e3 * torch.randn(C, T - PADDED_FROM)
+    with torch.no_grad():
+        before, after = encoder.embed(signals, padding_mask), encoder.embed(changed, padding_mask)
+    assert not torch.allclose(after[1, :, :28], before[1, :, :28], atol=1e-3)
+    torch.testing.assert_close(after[0], before[0])   # the other night is untouched (eval-mode BatchNorm)
+    # and "valid" statistics equal "window" statistics when nothing is padded
+    valid = Encoder(tiny_config(revin_stats="valid")).eval()
+    valid.load_state_dict(encoder.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(valid.embed(signals[:1]), encoder.embed(signals[:1]), atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# losses and corruption
+
+
+def test_reconstruction_loss_by_hand_and_ignoring_padding():
+    target = torch.zeros(1, 2, 3, 2)
+    reconstruction = torch.zeros(1, 2, 3, 2)
+    reconstruction[0, 0, 0] = torch.tensor([1.0, 2.0])   # patch (c0, n0): squared error 5
+    reconstruction[0, 1, 1] = torch.tensor([3.0, 0.0])   # patch (c1, n1): 9
+    reconstruction[0, 1, 2] = torch.tensor([4.0, 4.0])   # patch (c1, n2): 32, padded below
+    assert reconstruction_loss(reconstruction, target).item() == pytest.approx((5 + 9 + 32) / 12)
+    key_padding = torch.tensor([[False, False, True]])
+    loss = reconstruction_loss(reconstruction, target, key_padding)
+    assert loss.item() == pytest.approx((5 + 9) / 8)    # 2 channels × 2 valid patches × 2 values
+    changed = reconstruction.clone()
+    changed[:, :, 2] = float("nan")                      # anything at padded patches
+    assert reconstruction_loss(changed, target, key_padding).item() == pytest.approx(loss.item())
+    loss_mask = torch.tensor([[[True, False, True], [False, False, False]]])
+    assert reconstruction_loss(reconstruction, target, key_padding, loss_mask).item() == pytest.approx(5 / 2)
+
+
+def test_corrupt_values_zeroes_and_jitters_five_percent_each():
+    x = torch.rand(4, 7, 200, 75) + 1.0                  # values in [1, 2): a zero can only come from zeroing
+    g = torch.Generator().manual_seed(0)
+    corrupted = corrupt_values(x, generator=g)
+    zeroed = (corrupted == 0).float().mean().item()
+    jittered = ((corrupted != x) & (corrupted != 0)).float().mean().item()
+    assert zeroed == pytest.approx(0.05 * 0.95, abs=0.003)   # zeroed and not jittered
+    assert jittered == pytest.approx(0.05, abs=0.003)
+    # jitter ε·0.1·max|x|: robust std (median |noise| / 0.6745), as 5 % of the jittered values were also zeroed
+    noise = (corrupted - x)[(corrupted != x) & (corrupted != 0)]
+    assert noise.abs().median().item() / 0.6745 == pytest.approx(0.1 * x.abs().max().item(), rel=0.1)
+    same = corrupt_values(x, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(same, corrupted)
+
+
+def test_mask_patches_masks_ratio_and_never_padding():
+    patches = torch.randn(8, 7, 300, 5)
+    key_padding = torch.zeros(8, 300, dtype=torch.bool)
+    key_padding[:, 200:] = True
+    corrupted, mask = mask_patches(patches, 0.3, key_padding, generator=torch.Generator().manual_seed(0))
+    assert mask.shape == (8, 7, 300) and mask.dtype == torch.bool
+    assert not mask[:, :, 200:].any()
+    assert mask[:, :, :200].float().mean().item() == pytest.approx(0.3, abs=0.02)
+    assert (corrupted[mask] == 0).all()
+    assert torch.equal(corrupted[~mask], patches[~mask])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# parameter counts (meta device: no memory, no init cost)
+
+
+def count_trainable(*modules) -> int:
+    return sum(p.numel() for m in modules for p in m.parameters() if p.requires_grad)
+
+
+def test_parameter_counts_at_paper_config():
+    with torch.device("meta"):
+        assert count_trainable(Encoder(ModelConfig()), PretrainHead(ModelConfig())) == 17_299_600
+        two_hours = ModelConfig(max_patches=1200)
+        assert count_trainable(Encoder(two_hours), PretrainHead(two_hours)) == 15_456_400
+        assert count_trainable(Encoder(ModelConfig())) == 14_606_350   # upstream 14,606,353 minus 3 frozen scales
+        assert count_trainable(ProbeHead(ProbeConfig())) == 49_315_859
+
+
+def test_state_dict_names_follow_the_upstream_map():
+    """The key map in model.py's docstring: stacked per-channel weights and renamed modules, nothing else."""
+    with torch.device("meta"):
+        encoder, head, probe = Encoder(ModelConfig()), PretrainHead(ModelConfig()), ProbeHead(ProbeConfig())
+    shapes = {k: tuple(v.shape) for k, v in encoder.state_dict().items()}
+    assert shapes["patch_weight"] == (7, 512, 750) and shapes["patch_bias"] == (7, 512)
+    assert shapes["pos_embed"] == (4800, 512) and shapes["revin_weight"] == (7,)
+    assert shapes["layers.2.norm_ff.running_var"] == (512,) and shapes["layers.0.attn.query.weight"] == (512, 512)
+    assert len(shapes) == 71   # upstream's 100 less 3 frozen scales, 14 head keys, and 7 Linears stacked into 2 tensors
+    assert tuple(head.weight.shape) == (7, 750, 512)
+    probe_shapes = {k: tuple(v.shape) for k, v in probe.state_dict().items()}
+    assert len(probe_shapes) == 24
+    assert probe_shapes["gru.weight_ih_l0"] == (3072, 3584) and probe_shapes["gru.weight_hh_l1_reverse"] == (3072, 1024)
+    assert probe_shapes["mlp.0.weight"] == (1024, 2048) and probe_shapes["mlp.4.weight"] == (5, 1024)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# probe
+
+
+def test_probe_one_logit_vector_per_epoch_and_average_of_patches():
+    torch.manual_seed(0)
+    probe = ProbeHead(tiny_probe_config()).eval()
+    embeddings = torch.randn(B, C, N, D)
+    logits = probe(embeddings)
+    assert logits.shape == (B, N // 5, 5)
+    # the epoch logit is the mean of its 5 per-patch logits
+    flat = embeddings * probe.channel_weight[:, None, None] + probe.channel_bias[:, None, None]
+    per_patch = probe.mlp(probe.gru(flat.transpose(1, 2).reshape(B, N, C * D))[0])
+    torch.testing.assert_close(logits[:, 3], per_patch[:, 15:20].mean(1))
+
+
+def test_probe_ignores_padded_tail():
+    torch.manual_seed(0)
+    probe = ProbeHead(tiny_probe_config()).eval()
+    _, padding_mask = night_batch()   # night 1: patches 28.. padded → epochs 0..4 fully valid, epoch 5 mixed
+    embeddings = torch.randn(B, C, N, D)
+    changed = embeddings.clone()
+    changed[1, :, 28:] = 100 * torch.randn(C, N - 28, D)
+    with torch.no_grad():
+        before, after = probe(embeddings, padding_mask), probe(changed, padding_mask)
+        unpacked = probe(changed)
+    torch.testing.assert_close(after[:, :5], before[:, :5])
+    torch.testing.assert_close(after[0], before[0])
+    assert not torch.allclose(unpacked[1, :5], before[1, :5], atol=1e-4)   # without the mask the tail would leak in
+
+
+def test_probe_valid_lengths_trailing_padding_only():
+    padding_mask = torch.zeros(3, 40, dtype=torch.bool)
+    padding_mask[0, 30:] = True          # 2 padded patches at the end (patch length 5)
+    padding_mask[1, :10] = True          # leading padding is not honoured
+    padding_mask[2] = True               # all padding: all patches kept, as upstream
+    assert model.valid_lengths(padding_mask, 8).tolist() == [6, 8, 8]
+
+
+def test_probe_gradients_reach_every_parameter():
+    probe = ProbeHead(tiny_probe_config()).train()
+    embeddings = torch.randn(B, C, N, D)
+    _, padding_mask = night_batch()
+    probe(embeddings, padding_mask).sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in probe.parameters())
+
+
+def test_pretraining_step_runs_in_train_mode():
+    encoder, head = Encoder(tiny_config()).train(), PretrainHead(tiny_config())
+    signals, padding_mask = night_batch()
+    target, key_padding = encoder.patchify(signals, padding_mask)
+    reconstruction = head(encoder.encode(corrupt_values(target), key_padding))
+    loss = reconstruction_loss(reconstruction, target, key_padding)
+    loss.backward()
+    assert torch.isfinite(loss) and encoder.revin_weight.grad is not None and head.weight.grad is not None
+    assert encoder.layers[0].norm_attn.num_batches_tracked.item() == 1
