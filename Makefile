@@ -23,9 +23,12 @@ test: setup
 
 demo: setup
 	rm -rf $(DEMO)
-	$(PY) -m prepare.synthetic shhs $(DEMO)/nsrr/shhs --nights 6 --hours 2 --seed 1
+	@echo "== 1. a synthetic SHHS cohort in NSRR's layout (30 nights, 15 subjects), prepared as night stores"
+	$(PY) -m prepare.synthetic shhs $(DEMO)/nsrr/shhs --nights 30 --hours 2 --seed 1
 	$(PY) -m prepare shhs $(DEMO)/nsrr/shhs $(DEMO)/nights --workers 2
-	$(PY) -c "import pandas as pd; m = pd.read_csv('$(DEMO)/nights/manifest.csv'); print(m.to_string(index=False))"
+	$(PY) -c "import pandas as pd; m = pd.read_csv('$(DEMO)/nights/manifest.csv'); print(m.groupby('split').size().to_string())"
+	@echo "== 2. pretrain the tiny encoder (masked reconstruction) on the training split"
+	$(PY) train_pretrain.py --config configs/pretrain_tiny.yaml --run $(DEMO)/runs/pretrain --data.root $(DEMO)/nights
 
 bench: setup
 	$(PY) bench/prepare.py

@@ -18,26 +18,43 @@ after its last one; a night with no sleep epoch is kept whole.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
-from prepare.signals import EPOCH_SAMPLES, FS, SLOTS
+from prepare.signals import EPOCH_SAMPLES, SLOTS
 
 N_CHANNELS = len(SLOTS)
 
 
-def read_manifest(root: str | Path, split: str | None = None, datasets=None, visits=None) -> pd.DataFrame:
-    """Rows of `<root>/manifest.csv`, optionally only one split, some datasets, some visits."""
+@dataclass
+class DataConfig:
+    root: str = "data/nights"            # a `python -m prepare` output folder (holds manifest.csv)
+    datasets: list | None = None         # nights to use: dataset names, or 'name:visit' (e.g. [shhs, wsc, 'mros:1']); null = all
+    train_split: str = "train"           # manifest split used for training
+    val_split: str = "val"               # manifest split used for validation
+    window_s: float = 28800.0            # window length in seconds (8 h in the paper)
+    stride_s: float | None = None        # hop between the windows of a long night (null = window_s)
+    trim_wake_min: float | None = None   # keep at most this many minutes of wake before sleep onset / after final wake
+    num_workers: int = 2                 # DataLoader worker processes per training process
+
+
+def read_manifest(root: str | Path, split: str | None = None, datasets=None) -> pd.DataFrame:
+    """Rows of `<root>/manifest.csv`, optionally one split and a selection of datasets ('shhs') or dataset visits
+    ('mros:1'), so that the paper's splits (train on SHHS, WSC, MrOS visit 1; test on MESA, APPLES, MrOS visit 2) are
+    configs, not code."""
     manifest = pd.read_csv(Path(root) / "manifest.csv", dtype={"subject": str, "visit": str, "night_id": str})
     if split is not None:
         manifest = manifest[manifest["split"] == split]
     if datasets:
-        manifest = manifest[manifest["dataset"].isin(list(datasets))]
-    if visits:
-        manifest = manifest[manifest["visit"].isin([str(v) for v in visits])]
+        keep = pd.Series(False, index=manifest.index)
+        for selector in datasets:
+            name, _, visit = str(selector).partition(":")
+            keep |= (manifest["dataset"] == name) & ((manifest["visit"] == visit) if visit else True)
+        manifest = manifest[keep]
     return manifest.reset_index(drop=True)
 
 
@@ -119,18 +136,34 @@ class NightDataset(torch.utils.data.Dataset):
         self._open = {}     # night index -> (channels, stages), opened lazily in each worker
 
     @classmethod
-    def from_manifest(cls, root, split=None, datasets=None, visits=None, **kwargs) -> "NightDataset":
-        manifest = read_manifest(root, split, datasets, visits)
+    def from_manifest(cls, root, split=None, datasets=None, **kwargs) -> "NightDataset":
+        manifest = read_manifest(root, split, datasets)
         return cls([Path(root) / p for p in manifest["path"]], **kwargs)
+
+    @classmethod
+    def from_config(cls, cfg: DataConfig, split: str, **kwargs) -> "NightDataset":
+        return cls.from_manifest(cfg.root, split, cfg.datasets, window_s=cfg.window_s, stride_s=cfg.stride_s,
+                                 trim_wake_min=cfg.trim_wake_min, **kwargs)
 
     def __len__(self) -> int:
         return len(self.windows)
 
-    def __getitem__(self, index: int) -> dict:
-        night, start_epoch, last_epoch = self.windows[index]
+    def _night(self, night: int):
         if night not in self._open:
             self._open[night] = open_night(self.stores[night])[:2]
-        channels, stages = self._open[night]
+        return self._open[night]
+
+    def stages_of(self, index: int) -> torch.Tensor:
+        """The window's stages [L / 3750] int64 (-1 where padded or unscored), without reading its signals."""
+        night, start_epoch, last_epoch = self.windows[index]
+        n_epochs = min(self.window_epochs, last_epoch - start_epoch)
+        window_stages = torch.full((self.window_epochs,), -1, dtype=torch.int64)
+        window_stages[:n_epochs] = torch.from_numpy(self._night(night)[1][start_epoch: start_epoch + n_epochs].astype(np.int64))
+        return window_stages
+
+    def __getitem__(self, index: int) -> dict:
+        night, start_epoch, last_epoch = self.windows[index]
+        channels, stages = self._night(night)
         n_epochs = min(self.window_epochs, last_epoch - start_epoch)
         start, n = start_epoch * EPOCH_SAMPLES, n_epochs * EPOCH_SAMPLES
         signals = np.zeros((N_CHANNELS, self.window_samples), np.float32)    # [7, L]
@@ -138,7 +171,5 @@ class NightDataset(torch.utils.data.Dataset):
             signals[c, :n] = channel[start: start + n]
         padding_mask = np.ones(self.window_samples, bool)                    # [L]
         padding_mask[:n] = False
-        window_stages = np.full(self.window_epochs, -1, np.int64)            # [L / 3750]
-        window_stages[:n_epochs] = stages[start_epoch: start_epoch + n_epochs]
         return {"signals": torch.from_numpy(signals), "padding_mask": torch.from_numpy(padding_mask),
-                "stages": torch.from_numpy(window_stages), "night": night, "start": start}
+                "stages": self.stages_of(index), "night": night, "start": start}

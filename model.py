@@ -54,6 +54,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.distributed as dist
+import torch.distributed.nn as dist_nn
 import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
@@ -61,18 +63,18 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 @dataclass
 class ModelConfig:
-    n_channels: int = 7
+    n_channels: int = 7                  # ECG, EOG, EMG, EEG, SPO2, THOR, ABDO
     patch_len: int = 750                 # 6 s at 125 Hz; 5 patches = one 30-s epoch
     max_patches: int = 4800              # rows of the learned positional table (8 h)
-    d_model: int = 512
-    n_layers: int = 3
-    n_heads: int = 4
-    d_ff: int = 2048
-    dropout: float = 0.1
+    d_model: int = 512                   # embedding width
+    n_layers: int = 3                    # transformer layers
+    n_heads: int = 4                     # attention heads (head dim d_model / n_heads)
+    d_ff: int = 2048                     # feed-forward width
+    dropout: float = 0.1                 # dropout on embeddings, attention output and feed-forward
     residual_attention: bool = True      # each layer adds the previous layer's pre-softmax scores to its own
     attention: str = "sdpa"              # "sdpa" (F.scaled_dot_product_attention) | "math" (explicit scores: reference)
     revin_stats: str = "window"          # "window" (upstream: padding enters mean/std) | "valid" (padding excluded)
-    revin_eps: float = 1e-5
+    revin_eps: float = 1e-5              # added to the RevIN standard deviation
 
 
 @dataclass
@@ -166,8 +168,31 @@ class SelfAttention(nn.Module):
 
 def token_batch_norm(norm: nn.BatchNorm1d, x: Tensor) -> Tensor:
     """BatchNorm1d(D) over tokens: x [S, N, D], per-feature statistics over all S·N tokens (padded ones included, as
-    upstream). The same statistics as upstream's transpose to [S, D, N], without the transposes."""
-    return norm(x.reshape(-1, x.shape[-1])).view_as(x)
+    upstream). The same statistics as upstream's transpose to [S, D, N], without the transposes. Under DDP the
+    training statistics are synchronised over all processes (the paper trained with synchronised BatchNorm)."""
+    tokens = x.reshape(-1, x.shape[-1])                                                  # [S·N, D]
+    if norm.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return synced_batch_norm(norm, tokens).view_as(x)
+    return norm(tokens).view_as(x)
+
+
+def synced_batch_norm(norm: nn.BatchNorm1d, tokens: Tensor) -> Tensor:
+    """Training-mode BatchNorm whose statistics are the sums over every process (any device and backend, gloo
+    included, where torch.nn.SyncBatchNorm needs a GPU). all_reduce from torch.distributed.nn carries gradients
+    back to every process, so DDP's averaged gradients equal those of one process holding the whole batch."""
+    D = tokens.shape[-1]
+    t = tokens.float()                                                                   # [M, D]
+    stats = torch.cat([t.sum(0), (t * t).sum(0), t.new_full((1,), t.shape[0])])         # [2D + 1]
+    stats = dist_nn.all_reduce(stats)                                                    # summed over processes
+    count = stats[-1]
+    mean = stats[:D] / count                                                             # [D]
+    var = (stats[D:2 * D] / count - mean * mean).clamp_min(0)                            # population variance [D]
+    with torch.no_grad():   # running statistics as nn.BatchNorm1d keeps them (unbiased variance)
+        norm.running_mean.lerp_(mean, norm.momentum)
+        norm.running_var.lerp_(var * count / (count - 1).clamp_min(1), norm.momentum)
+        norm.num_batches_tracked += 1
+    normalised = (t - mean) * torch.rsqrt(var + norm.eps) * norm.weight + norm.bias      # [M, D]
+    return normalised.to(tokens.dtype)
 
 
 class EncoderLayer(nn.Module):
@@ -390,3 +415,106 @@ def reconstruction_loss(reconstruction: Tensor, target: Tensor, key_padding: Ten
     # where() rather than a product, so that non-finite predictions at ignored patches cannot leak in
     total = torch.where(counted, squared_error, 0.0).sum()
     return total / (counted.sum() * P).clamp_min(1)
+
+
+@dataclass
+class PretrainConfig:
+    corruption: str = "jitter_zero"      # "jitter_zero" (the paper: element-wise zero + jitter) | "patch_mask" (MAE-style)
+    p_zero: float = 0.05                 # jitter_zero: probability that a value is zeroed
+    p_jitter: float = 0.05               # jitter_zero: probability that a value gets Gaussian jitter
+    jitter_scale: float = 0.1            # jitter_zero: jitter std as a fraction of the batch's max |value|
+    mask_ratio: float = 0.4              # patch_mask: fraction of (night, channel, patch) patches zeroed; loss on those
+
+
+class Pretrainer(nn.Module):
+    """Encoder + pretrain head; forward returns the reconstruction loss, so that DDP wraps one module."""
+
+    def __init__(self, cfg: ModelConfig, objective: PretrainConfig = PretrainConfig()):
+        super().__init__()
+        assert objective.corruption in ("jitter_zero", "patch_mask"), objective.corruption
+        self.objective = objective
+        self.encoder = Encoder(cfg)
+        self.head = PretrainHead(cfg)
+
+    def forward(self, signals: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        """signals [B, C, T], padding_mask [B, T] bool or None -> scalar loss. Corruption only in training mode."""
+        patches, key_padding = self.encoder.patchify(signals, padding_mask)              # [B, C, N, P], [B, N]
+        corrupted, loss_mask = patches, None
+        if self.training and self.objective.corruption == "jitter_zero":
+            o = self.objective
+            corrupted = corrupt_values(patches, o.p_zero, o.p_jitter, o.jitter_scale)
+        elif self.training:
+            corrupted, loss_mask = mask_patches(patches, self.objective.mask_ratio, key_padding)
+        reconstruction = self.head(self.encoder.encode(corrupted, key_padding))          # [B, C, N, P]
+        return reconstruction_loss(reconstruction, patches, key_padding, loss_mask)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Run folders (DESIGN.md §11): config.yaml + ckpt_final.pt (or ckpt.pt while a run is going), trained here or imported
+
+
+def read_checkpoint(run_dir) -> tuple[dict, dict]:
+    """(resolved config as a dict, checkpoint dict) of a run folder; weights only, never pickled code."""
+    import yaml
+    from pathlib import Path
+    run_dir = Path(run_dir)
+    ckpt_path = next((p for p in (run_dir / "ckpt_final.pt", run_dir / "ckpt.pt") if p.exists()), None)
+    if ckpt_path is None or not (run_dir / "config.yaml").exists():
+        raise FileNotFoundError(f"{run_dir}: not a run folder (needs config.yaml and ckpt_final.pt or ckpt.pt)")
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    return config, torch.load(ckpt_path, map_location="cpu", weights_only=True)
+
+
+def load_encoder(run_dir) -> Encoder:
+    """The encoder of a pretraining (or probe, or imported) run, in eval mode: `encoder.embed(signals, padding_mask)`."""
+    config, ckpt = read_checkpoint(run_dir)
+    encoder = Encoder(ModelConfig(**config["model"]))
+    state = {k.removeprefix("encoder."): v for k, v in ckpt["model"].items() if k.startswith("encoder.")}
+    encoder.load_state_dict(state)
+    return encoder.eval()
+
+
+def load_probe(run_dir) -> ProbeHead:
+    """The probe of a probe (or imported) run, in eval mode: `probe(embeddings, padding_mask) -> logits [B, E, 5]`."""
+    config, ckpt = read_checkpoint(run_dir)
+    probe = ProbeHead(ProbeConfig(**config["probe"]))
+    state = {k.removeprefix("probe."): v for k, v in ckpt["model"].items() if k.startswith("probe.")}
+    probe.load_state_dict(state)
+    return probe.eval()
+
+
+@torch.no_grad()
+def stage_night(encoder: Encoder, probe: ProbeHead, signals, window_samples: int, stride_samples: int | None = None,
+                batch_size: int = 4, device="cpu") -> Tensor:
+    """Stage a whole night of any length: stage probabilities per 30-s epoch [T // 3750, classes].
+
+    signals [C, T] (float32, array or tensor). Windows of `window_samples` start every `stride_samples` (default: the
+    window), the last one aligned to the night's last full epoch; a night shorter than a window is zero-padded and
+    masked. Where windows overlap, an epoch's probabilities are the mean over the windows that saw it."""
+    epoch_samples = probe.cfg.patches_per_epoch * encoder.cfg.patch_len                 # 3750
+    signals = torch.as_tensor(signals, dtype=torch.float32)
+    C, T = signals.shape
+    n_epochs = T // epoch_samples
+    window_epochs = window_samples // epoch_samples
+    stride_epochs = (stride_samples or window_samples) // epoch_samples
+    if n_epochs <= window_epochs:
+        starts = [0]
+    else:
+        starts = list(range(0, n_epochs - window_epochs, stride_epochs)) + [n_epochs - window_epochs]
+    total = torch.zeros(n_epochs, probe.cfg.n_classes)                                  # [E, classes]
+    seen = torch.zeros(n_epochs, 1)
+    for i in range(0, len(starts), batch_size):
+        batch_starts = starts[i:i + batch_size]
+        windows = torch.zeros(len(batch_starts), C, window_samples)                     # [b, C, L]
+        padding = torch.ones(len(batch_starts), window_samples, dtype=torch.bool)       # [b, L]
+        for j, start in enumerate(batch_starts):
+            n = min(window_epochs, n_epochs - start) * epoch_samples
+            windows[j, :, :n] = signals[:, start * epoch_samples: start * epoch_samples + n]
+            padding[j, :n] = False
+        windows, padding = windows.to(device), padding.to(device)
+        probs = probe(encoder.embed(windows, padding), padding).softmax(dim=-1).cpu()  # [b, E_w, classes]
+        for j, start in enumerate(batch_starts):
+            n = min(window_epochs, n_epochs - start)
+            total[start:start + n] += probs[j, :n]
+            seen[start:start + n] += 1
+    return total / seen.clamp_min(1)

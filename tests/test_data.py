@@ -1,6 +1,5 @@
 """data.py: windows, padding masks, stage alignment, wake trimming, and the memmap reader vs zarr."""
 import numpy as np
-import pytest
 import torch
 import zarr
 

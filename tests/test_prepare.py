@@ -1,5 +1,4 @@
 """python -m prepare end to end on synthetic cohorts in every dataset's native layout, bad input, and resume."""
-import json
 import os
 import shutil
 import signal

@@ -1,0 +1,119 @@
+"""Configs: one YAML file in configs/ → nested dataclasses; any field overridable as `--section.field value`.
+
+Each script declares its config as a dataclass of sections (e.g. `model`, `data`, `train`). Values given on the
+command line are parsed as YAML (`--train.max_steps 50`, `--data.datasets [shhs,wsc]`, `--data.stride_s null`), then
+checked against the field's type. The help text of a field is its trailing comment in the dataclass source, so
+`--help` lists every field with its default and meaning without a second copy of the documentation.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import re
+from pathlib import Path
+
+import yaml
+
+
+def field_comments(cls) -> dict[str, str]:
+    """{field: trailing '# comment'} from the dataclass source."""
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return {}
+    return {m.group(1): m.group(2).strip() for m in re.finditer(r"^\s+(\w+)\s*:[^#\n]*#\s*(.*)$", source, re.M)}
+
+
+def describe(config_cls) -> str:
+    """Every overridable field, its default and its comment, for --help."""
+    lines = []
+    for section in dataclasses.fields(config_cls):
+        section_cls = section.default_factory().__class__
+        comments = field_comments(section_cls)
+        for f in dataclasses.fields(section_cls):
+            default = getattr(section.default_factory(), f.name)
+            option = f"--{section.name}.{f.name} {default!r}"
+            lines.append(f"  {option:<40} {comments.get(f.name, '')}")
+    return "\n".join(lines)
+
+
+def _coerce(value, annotation: str, name: str):
+    """Check a YAML-parsed value against the field's annotation (a string: `from __future__ import annotations`)."""
+    kinds = {"int": int, "float": (int, float), "bool": bool, "str": str, "list": (list, tuple)}
+    allowed = [k.strip() for k in annotation.replace("Optional[", "").rstrip("]").split("|")]
+    if value is None:
+        if "None" in allowed:
+            return None
+        raise SystemExit(f"config: {name} cannot be null")
+    for kind in allowed:
+        base = kind.split("[")[0]
+        if base in kinds and isinstance(value, kinds[base]) and not (base in ("int", "float") and isinstance(value, bool)):
+            return float(value) if base == "float" else (list(value) if base == "list" else value)
+    raise SystemExit(f"config: {name} must be {annotation}, got {value!r}")
+
+
+def build(config_cls, values: dict):
+    """Nested dict → config dataclass; unknown sections or fields are errors that list the valid ones."""
+    sections = {f.name: f for f in dataclasses.fields(config_cls)}
+    kwargs = {}
+    for section_name, section_values in (values or {}).items():
+        if section_name not in sections:
+            raise SystemExit(f"config: unknown section {section_name!r} (sections: {', '.join(sections)})")
+        section_cls = sections[section_name].default_factory().__class__
+        fields = {f.name: f for f in dataclasses.fields(section_cls)}
+        for key in section_values or {}:
+            if key not in fields:
+                raise SystemExit(f"config: unknown field {section_name}.{key} (fields: {', '.join(fields)})")
+        kwargs[section_name] = section_cls(**{
+            key: _coerce(value, str(fields[key].type), f"{section_name}.{key}")
+            for key, value in (section_values or {}).items()})
+    return config_cls(**kwargs)
+
+
+def overrides(extra: list[str]) -> dict:
+    """['--a.b', '1', '--c.d', 'x'] → {'a': {'b': 1}, 'c': {'d': 'x'}} (values parsed as YAML)."""
+    values, i = {}, 0
+    while i < len(extra):
+        key = extra[i]
+        if not key.startswith("--") or "." not in key:
+            raise SystemExit(f"unknown argument {key!r}: config overrides look like --section.field value")
+        if "=" in key:
+            key, raw = key.split("=", 1)
+            i += 1
+        elif i + 1 < len(extra):
+            raw = extra[i + 1]
+            i += 2
+        else:
+            raise SystemExit(f"{key} needs a value")
+        section, field = key[2:].split(".", 1)
+        values.setdefault(section, {})[field] = yaml.safe_load(raw)
+    return values
+
+
+def merge(base: dict, extra: dict) -> dict:
+    merged = {k: dict(v or {}) for k, v in (base or {}).items()}
+    for section, fields in extra.items():
+        merged.setdefault(section, {}).update(fields)
+    return merged
+
+
+def load(config_cls, path: str | Path | None, extra_args: list[str] = ()):
+    values = yaml.safe_load(Path(path).read_text()) if path else {}
+    return build(config_cls, merge(values, overrides(list(extra_args))))
+
+
+def save(config, path: str | Path) -> None:
+    """The resolved config, written next to checkpoints and logs (atomically)."""
+    path = Path(path)
+    temp = path.with_name(f".{path.name}.tmp")
+    temp.write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
+    temp.replace(path)
+
+
+def parser(config_cls, description: str, prog: str) -> argparse.ArgumentParser:
+    """An argparse parser whose epilog lists every config field; parse with parse_known_args and pass the rest
+    to load()."""
+    return argparse.ArgumentParser(
+        prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="config fields (default, meaning); override any as --section.field value:\n" + describe(config_cls))

@@ -1,0 +1,465 @@
+"""Evaluate a probe run: stage every selected night whole, then score the hypnograms against the technologists'.
+
+    python evaluate.py --run runs/probe --out runs/probe/eval                          # test split, all datasets
+    python evaluate.py --run runs/probe --datasets mesa,apples,mros:2 --split all --out eval/external
+
+Each night is staged completely by `model.stage_night`: windows of --window_s (default: the run's data.window_s)
+every --stride_s (default: half a window), the stage probabilities of an epoch averaged over the windows that saw it.
+Epochs the technologists left unscored (stage -1: movement, artefact, no annotation) are excluded everywhere.
+
+Metrics over 30-s epochs, classes 0 W, 1 N1, 2 N2, 3 N3, 4 REM (formulas in the functions below):
+  kappa      Cohen's κ = (p_o − p_e) / (1 − p_e) from the confusion matrix
+  accuracy   p_o, the fraction of epochs on the diagonal
+  macro_f1   mean of the per-class F1 over the classes present in the truth or the prediction (a class absent from
+             both has F1 = 0/0 and is left out: sklearn's f1_score(average='macro') without a `labels` argument)
+  auroc      one-vs-rest, Mann-Whitney rank formula with average ranks for ties (= sklearn's roc_auc_score)
+  auprc      one-vs-rest average precision Σ (R_n − R_{n−1}) P_n over distinct thresholds (= sklearn's
+             average_precision_score)
+  confusion  counts, rows = truth, columns = prediction
+They are computed pooled (all epochs of all selected nights together), per dataset and per night. The 95 % intervals
+(`*_ci`) come from a bootstrap over NIGHTS (resample nights with replacement, recompute the pooled metric, take the
+2.5th and 97.5th percentiles; seeded): for kappa, accuracy, macro_f1 and each class's F1. AUROC and AUPRC get none
+(each resample would re-sort every epoch).
+
+Writes into --out (DESIGN.md §11):
+  results.json      {"pooled": {...}, "datasets": {name: {...}}}: kappa, accuracy, macro_f1, f1_per_class, auroc,
+                    auprc, confusion, n_nights, n_epochs (scored epochs), classes, and the *_ci intervals;
+                    per-class values are {"W": …, "N1": …, …}; undefined values (e.g. κ when p_e = 1) are null
+  per_night.csv     night_id, dataset, n_epochs, kappa, accuracy, macro_f1
+  predictions.csv   one row per scored epoch: night_id, dataset, epoch, true, pred, p_W, p_N1, p_N2, p_N3, p_REM
+  results.md        ours beside the paper's numbers (configs/paper_results.yaml), per dataset and pooled
+  confusion.png, hypnogram_<night_id>.png   (matplotlib; skipped with a note if it is not installed)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import yaml
+from tqdm import tqdm
+
+from data import DataConfig, open_night, read_manifest
+from model import load_encoder, load_probe, stage_night
+from prepare.signals import EPOCH_SAMPLES
+
+STAGES = ["W", "N1", "N2", "N3", "REM"]          # class index = stage code in the night stores
+K = len(STAGES)
+PAPER_RESULTS = Path(__file__).resolve().parent / "configs" / "paper_results.yaml"
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Metrics: small pure numpy functions. The confusion-matrix ones accept a stack [..., K, K] so that the bootstrap
+# evaluates all its resamples at once.
+
+
+def confusion_matrix(true, pred, n_classes: int = K) -> np.ndarray:
+    """Counts [K, K], rows = truth, columns = prediction. Epochs with true < 0 (unscored) are dropped."""
+    true, pred = np.asarray(true, np.int64), np.asarray(pred, np.int64)
+    keep = true >= 0
+    return np.bincount(true[keep] * n_classes + pred[keep], minlength=n_classes * n_classes).reshape(n_classes, n_classes)
+
+
+def accuracy(cm: np.ndarray) -> np.ndarray:
+    """p_o = Σ_k cm[k, k] / n. NaN for an empty matrix."""
+    cm = np.asarray(cm, float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.trace(cm, axis1=-2, axis2=-1) / cm.sum(axis=(-2, -1))
+
+
+def kappa(cm: np.ndarray) -> np.ndarray:
+    """Cohen's κ = (p_o − p_e) / (1 − p_e), p_o = Σ_k cm[k, k] / n, p_e = Σ_k (row_k / n)(col_k / n): agreement beyond
+    what the two marginals give by chance. NaN when p_e = 1 (truth and prediction one and the same single class)."""
+    cm = np.asarray(cm, float)
+    n = cm.sum(axis=(-2, -1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        p_o = np.trace(cm, axis1=-2, axis2=-1) / n
+        p_e = (cm.sum(axis=-1) * cm.sum(axis=-2)).sum(axis=-1) / n**2
+        return (p_o - p_e) / (1 - p_e)
+
+
+def f1_per_class(cm: np.ndarray) -> np.ndarray:
+    """F1_k = 2 TP / (2 TP + FP + FN) for each class k (one vs rest) [..., K]; NaN (0/0) for a class absent from both
+    the truth and the prediction."""
+    cm = np.asarray(cm, float)
+    tp = np.diagonal(cm, axis1=-2, axis2=-1)
+    fn = cm.sum(axis=-1) - tp                     # true k, predicted otherwise
+    fp = cm.sum(axis=-2) - tp                     # predicted k, truly otherwise
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return 2 * tp / (2 * tp + fp + fn)
+
+
+def macro_f1(cm: np.ndarray) -> np.ndarray:
+    """Mean of F1_k over the classes present in the truth or the prediction (the NaN ones are left out)."""
+    f1 = f1_per_class(cm)
+    present = ~np.isnan(f1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(present, f1, 0).sum(axis=-1) / present.sum(axis=-1)
+
+
+def average_ranks(x: np.ndarray) -> np.ndarray:
+    """Ranks 1..n of x, tied values sharing the mean of their ranks."""
+    values, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
+    first = np.cumsum(counts) - counts + 1                 # rank of the first member of each tie group
+    return (first + (counts - 1) / 2)[inverse]
+
+
+def auroc(scores, positive) -> float:
+    """One-vs-rest AUROC = P(score_pos > score_neg) + ½ P(tie), by the Mann-Whitney formula
+    (Σ ranks of the positives − n₊(n₊+1)/2) / (n₊ n₋) with average ranks. NaN without positives or negatives."""
+    scores, positive = np.asarray(scores, float), np.asarray(positive, bool)
+    n_pos, n_neg = positive.sum(), (~positive).sum()
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    rank_sum = average_ranks(scores)[positive].sum()
+    return float((rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def average_precision(scores, positive) -> float:
+    """AUPRC as average precision, Σ_n (R_n − R_{n−1}) P_n over the distinct thresholds t_n taken from the highest
+    score down (R_0 = 0), P_n and R_n the precision and recall of "score ≥ t_n". NaN without positives."""
+    scores, positive = np.asarray(scores, float), np.asarray(positive, bool)
+    if positive.sum() == 0:
+        return float("nan")
+    order = np.argsort(-scores, kind="stable")
+    scores, positive = scores[order], positive[order]
+    tp = np.cumsum(positive)                                                   # [n] true positives above each cut
+    last = np.r_[np.flatnonzero(np.diff(scores)), len(scores) - 1]             # last index of each distinct score
+    precision = tp[last] / (last + 1)
+    recall = tp[last] / tp[-1]
+    return float(np.sum(np.diff(recall, prepend=0) * precision))
+
+
+def bootstrap_ci(night_cms: np.ndarray, n_boot: int, seed: int) -> dict:
+    """95 % percentile intervals over nights: resample the nights with replacement n_boot times, pool each resample's
+    confusion matrices and recompute. night_cms [nights, K, K] -> {metric: [lo, hi]}; per-class F1 as [K, 2]."""
+    if n_boot <= 0 or len(night_cms) == 0:
+        return {}
+    rng = np.random.default_rng(seed)
+    n = len(night_cms)
+    picks = rng.integers(0, n, size=(n_boot, n))                                           # [B, nights]
+    times = np.stack([np.bincount(p, minlength=n) for p in picks])                         # [B, nights] multiplicity
+    pooled = np.einsum("bn,nij->bij", times, night_cms.astype(float))                      # [B, K, K]
+
+    def interval(values):                                                                   # [B] or [B, K]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)     # a class absent from every resample: NaN interval
+            return np.nanpercentile(values, [2.5, 97.5], axis=0).T                          # [2] or [K, 2]
+    return {"kappa": interval(kappa(pooled)), "accuracy": interval(accuracy(pooled)),
+            "macro_f1": interval(macro_f1(pooled)), "f1_per_class": interval(f1_per_class(pooled))}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Staging the nights
+
+
+def load_run(run_dir: Path):
+    """(encoder, probe, run config dict) of a probe run; exits with one line if the folder is not one."""
+    config_path = run_dir / "config.yaml"
+    run_config = yaml.safe_load(config_path.read_text()) if config_path.exists() else None
+    if not isinstance(run_config, dict) or "probe" not in run_config or "model" not in run_config:
+        raise SystemExit(f"evaluate.py: {run_dir} is not a probe run (needs config.yaml with model: and probe: "
+                         "sections, and ckpt_final.pt)")
+    try:
+        return load_encoder(run_dir), load_probe(run_dir), run_config
+    except (FileNotFoundError, KeyError, RuntimeError) as e:          # no checkpoint, or weights that do not fit
+        raise SystemExit(f"evaluate.py: {run_dir} is not a probe run: {str(e).splitlines()[0]}")
+
+
+def select_nights(root: Path, split: str, datasets: list | None) -> pd.DataFrame:
+    if not (root / "manifest.csv").exists():
+        raise SystemExit(f"evaluate.py: {root}/manifest.csv not found (--data.root must be a prepare output folder)")
+    nights = read_manifest(root, None if split == "all" else split, datasets)
+    if nights.empty:
+        raise SystemExit(f"evaluate.py: no night in {root}/manifest.csv matches split={split} "
+                         f"datasets={','.join(datasets) if datasets else 'all'}")
+    return nights
+
+
+def stage_all(nights: pd.DataFrame, root: Path, encoder, probe, window_s: float, stride_s: float,
+              batch_size: int, device: str) -> list[dict]:
+    """Per night: {night_id, dataset, visit, stages [E] int64 (-1 unscored), probs [E, K] float32}."""
+    window = int(round(window_s / 30)) * EPOCH_SAMPLES
+    stride = int(round(stride_s / 30)) * EPOCH_SAMPLES
+    encoder, probe = encoder.to(device), probe.to(device)
+    staged = []
+    for row in tqdm(nights.itertuples(), total=len(nights), desc="staging nights", unit="night"):
+        channels, stages, _ = open_night(root / row.path)
+        signals = np.stack([np.asarray(c, np.float32) for c in channels])                   # [7, T]
+        probs = stage_night(encoder, probe, signals, window, stride, batch_size, device).numpy()   # [T // 3750, K]
+        n = min(len(probs), len(stages))            # both are T // 3750; guard against a store that disagrees
+        staged.append({"night_id": str(row.night_id), "dataset": row.dataset, "visit": str(row.visit),
+                       "stages": np.asarray(stages[:n], np.int64), "probs": probs[:n].astype(np.float32)})
+    return staged
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Scoring
+
+
+def night_confusion(night: dict) -> np.ndarray:
+    return confusion_matrix(night["stages"], night["probs"].argmax(axis=1))
+
+
+def per_class(values) -> dict:
+    return {stage: values[k] for k, stage in enumerate(STAGES)}
+
+
+def score(nights: list[dict], n_boot: int, seed: int) -> dict:
+    """Pooled metrics of a group of nights (all their scored epochs together) with bootstrap intervals over nights."""
+    night_cms = np.stack([night_confusion(n) for n in nights])                             # [nights, K, K]
+    cm = night_cms.sum(axis=0)                                                              # [K, K]
+    true = np.concatenate([n["stages"] for n in nights])
+    probs = np.concatenate([n["probs"] for n in nights])
+    scored = true >= 0
+    true, probs = true[scored], probs[scored]                                               # [E], [E, K]
+    result = {
+        "n_nights": len(nights), "n_epochs": int(cm.sum()), "classes": STAGES,
+        "kappa": kappa(cm), "accuracy": accuracy(cm), "macro_f1": macro_f1(cm),
+        "f1_per_class": per_class(f1_per_class(cm)),
+        "auroc": per_class([auroc(probs[:, k], true == k) for k in range(K)]),
+        "auprc": per_class([average_precision(probs[:, k], true == k) for k in range(K)]),
+        "confusion": cm.tolist(),
+    }
+    ci = bootstrap_ci(night_cms, n_boot, seed)
+    for name in ("kappa", "accuracy", "macro_f1"):
+        result[f"{name}_ci"] = ci[name].tolist() if ci else None
+    result["f1_per_class_ci"] = per_class(ci["f1_per_class"].tolist()) if ci else None
+    return result
+
+
+def per_night_table(nights: list[dict]) -> pd.DataFrame:
+    rows = []
+    for night in nights:
+        cm = night_confusion(night)
+        rows.append({"night_id": night["night_id"], "dataset": night["dataset"], "n_epochs": int(cm.sum()),
+                     "kappa": kappa(cm), "accuracy": accuracy(cm), "macro_f1": macro_f1(cm)})
+    return pd.DataFrame(rows, columns=["night_id", "dataset", "n_epochs", "kappa", "accuracy", "macro_f1"])
+
+
+def predictions_table(nights: list[dict]) -> pd.DataFrame:
+    """One row per scored epoch, so that anyone can recompute every metric."""
+    parts = []
+    for night in nights:
+        epochs = np.flatnonzero(night["stages"] >= 0)
+        probs = night["probs"][epochs]                                                      # [E_scored, K]
+        part = pd.DataFrame({"night_id": night["night_id"], "dataset": night["dataset"], "epoch": epochs,
+                             "true": night["stages"][epochs], "pred": probs.argmax(axis=1)})
+        for k, stage in enumerate(STAGES):
+            part[f"p_{stage}"] = probs[:, k]
+        parts.append(part)
+    return pd.concat(parts, ignore_index=True)
+
+
+def to_json(value):
+    """numpy → plain Python; NaN → null (JSON has no NaN)."""
+    if isinstance(value, dict):
+        return {k: to_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [to_json(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return None if np.isnan(value) else float(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The report: ours beside the paper's
+
+
+def paper_kappa(paper: dict, dataset: str, visits: set[str]) -> tuple[float | None, str]:
+    """The paper's κ for a dataset (for a single visit where the paper distinguishes visits) and its note."""
+    entry = paper.get("datasets", {}).get(dataset)
+    if entry is None:
+        return None, ""
+    by_visit = entry.get("visits")
+    if by_visit:
+        if len(visits) != 1 or next(iter(visits)) not in {str(v) for v in by_visit}:
+            return None, f"the paper reports {dataset} per visit; select one (e.g. --datasets {dataset}:2)"
+        entry = {str(v): e for v, e in by_visit.items()}[next(iter(visits))]
+    return entry.get("kappa"), entry.get("note", "")
+
+
+def paper_pooled_kappa(paper: dict, nights: list[dict]) -> tuple[float | None, str]:
+    """The paper's κ for its held-out pool, if every selected night belongs to the pool's datasets/visits."""
+    pool = paper.get("held_out_pool", {})
+    selectors = [str(s).partition(":") for s in pool.get("datasets", [])]
+    inside = all(any(n["dataset"] == name and (not visit or n["visit"] == visit) for name, _, visit in selectors)
+                 for n in nights)
+    return (pool.get("kappa"), pool.get("note", "")) if selectors and inside else (None, "")
+
+
+def fmt(value, ci=None, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return "—"
+    text = f"{value:.{digits}f}"
+    if ci and None not in ci and not any(np.isnan(ci)):
+        text += f" [{ci[0]:.3f}, {ci[1]:.3f}]"
+    return text
+
+
+def results_markdown(results: dict, nights: list[dict], paper: dict, settings: dict) -> str:
+    lines = ["# Sleep staging results", "",
+             "Settings: " + ", ".join(f"{k} `{v}`" for k, v in settings.items()), "",
+             "| | nights | epochs | κ (95 % CI) | paper κ | accuracy (95 % CI) | macro-F1 (95 % CI) |",
+             "|---|---|---|---|---|---|---|"]
+    notes = []
+    groups = [("pooled", results["pooled"], paper_pooled_kappa(paper, nights))]
+    for name, r in results["datasets"].items():
+        visits = {n["visit"] for n in nights if n["dataset"] == name}
+        groups.append((name, r, paper_kappa(paper, name, visits)))
+    for name, r, (paper_k, note) in groups:
+        lines.append(f"| {name} | {r['n_nights']} | {r['n_epochs']} | {fmt(r['kappa'], r['kappa_ci'])} | "
+                     f"{fmt(paper_k, digits=2)} | {fmt(r['accuracy'], r['accuracy_ci'])} | {fmt(r['macro_f1'], r['macro_f1_ci'])} |")
+        if note:
+            notes.append(f"- {name}: {note}")
+    lines += ["", "Per class (pooled over the selected nights):", "",
+              "| | " + " | ".join(STAGES) + " |", "|---" * (K + 1) + "|"]
+    for metric in ("f1_per_class", "auroc", "auprc"):
+        lines.append(f"| {metric} | " + " | ".join(fmt(results["pooled"][metric][s]) for s in STAGES) + " |")
+    lines += ["", f"The paper's numbers come from the paper (Fox et al. 2025, SLEEP; {PAPER_RESULTS.name}) and apply "
+              "only to the real cohorts it used (its splits, its test sets); beside results on other nights (e.g. the "
+              "synthetic demo cohort) they are a reference, not a comparison. Intervals: bootstrap over nights.", ""]
+    if paper.get("note"):
+        lines += [" ".join(paper["note"].split()), ""]
+    return "\n".join(lines + notes) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Figures (matplotlib imported lazily: the metrics do not need it)
+
+
+def plot_confusion(cm: np.ndarray, path: Path, plt) -> None:
+    """Row-normalised (each true stage sums to 1) with the counts written in the cells."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        norm = cm / cm.sum(axis=1, keepdims=True)
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    image = ax.imshow(np.nan_to_num(norm), cmap="Blues", vmin=0, vmax=1)
+    for i in range(K):
+        for j in range(K):
+            share = norm[i, j]
+            ax.text(j, i, f"{0 if np.isnan(share) else share:.2f}\n({cm[i, j]})", ha="center", va="center",
+                    fontsize=8, color="white" if share > 0.5 else "black")
+    ax.set(xticks=range(K), yticks=range(K), xticklabels=STAGES, yticklabels=STAGES,
+           xlabel="predicted", ylabel="true", title="confusion (rows normalised; counts)")
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_hypnogram(night: dict, path: Path, plt) -> None:
+    """True vs predicted hypnogram (W on top, then REM, N1, N2, N3) over the hypnodensity (stacked probabilities)."""
+    level = np.array([4, 2, 1, 0, 3])                       # stage code -> height: W 4, REM 3, N1 2, N2 1, N3 0
+    n = len(night["stages"])
+    hours = np.arange(n + 1) * 30 / 3600                    # epoch edges: the last epoch gets its full width
+
+    def steps(values):                                      # [n] -> [n + 1] for a "post" step plot over the edges
+        return np.append(values, values[-1:], axis=0)
+    true = np.where(night["stages"] >= 0, level[night["stages"].clip(0)], np.nan)   # gaps where unscored
+    pred = level[night["probs"].argmax(axis=1)]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(11, 5), sharex=True, height_ratios=[1.3, 1])
+    top.step(hours, steps(true), where="post", color="black", lw=1.2, label="technologist")
+    top.step(hours, steps(pred) + 0.08, where="post", color="tab:red", lw=1, alpha=0.8, label="PFTSleep")
+    top.set(yticks=range(5), yticklabels=["N3", "N2", "N1", "REM", "W"], title=f"{night['night_id']} ({night['dataset']})")
+    top.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
+    bottom.stackplot(hours, steps(night["probs"]).T, labels=STAGES, step="post")
+    bottom.set(ylim=(0, 1), xlim=(0, hours[-1]), ylabel="probability", xlabel="hours from start of recording")
+    bottom.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_figures(out: Path, cm: np.ndarray, nights: list[dict], n_hypnograms: int) -> list[Path]:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no PNGs (pip install matplotlib)")
+        return []
+    paths = [out / "confusion.png"]
+    plot_confusion(cm, paths[0], plt)
+    for night in nights[:n_hypnograms]:
+        paths.append(out / f"hypnogram_{re.sub(r'[^A-Za-z0-9._-]', '_', night['night_id'])}.png")
+        plot_hypnogram(night, paths[-1], plt)
+    return paths
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="evaluate.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", type=Path, required=True, help="probe run folder (config.yaml + ckpt_final.pt)")
+    parser.add_argument("--out", type=Path, required=True, help="folder for results.json, CSVs, results.md and PNGs")
+    parser.add_argument("--data.root", dest="data_root", type=Path,
+                        help="prepare output folder holding manifest.csv (default: the run's data.root)")
+    parser.add_argument("--datasets", help="comma-separated dataset names or name:visit, e.g. mesa,apples,mros:2 "
+                                           "(default: every dataset in the manifest); results are grouped by dataset name, so "
+                                           "select one MrOS visit to compare with the paper's per-visit κ")
+    parser.add_argument("--split", default="test", choices=["test", "val", "train", "all"],
+                        help="manifest split to evaluate; 'all' ignores the split, e.g. for an external test cohort "
+                             "(default: test)")
+    parser.add_argument("--window_s", type=float, help="window length in seconds (default: the run's data.window_s)")
+    parser.add_argument("--stride_s", type=float,
+                        help="hop between windows in seconds, at least 30; overlapping epochs average their "
+                             "probabilities (default: half a window)")
+    parser.add_argument("--batch_size", type=int, default=4, help="windows per forward pass (default: 4)")
+    parser.add_argument("--bootstrap", type=int, default=1000,
+                        help="bootstrap resamples of the nights for the 95 %% intervals; 0 = none (default: 1000)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (default: 0)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--png-nights", dest="png_nights", type=int, default=3,
+                        help="hypnogram PNGs for the first this many nights (default: 3)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    encoder, probe, run_config = load_run(args.run)
+    data = {**vars(DataConfig()), **(run_config.get("data") or {})}          # an imported run may have no data:
+    root = args.data_root or Path(data["root"])
+    window_s = args.window_s or data["window_s"]
+    stride_s = args.stride_s or window_s / 2
+    if window_s < 30 or stride_s < 30:
+        raise SystemExit(f"evaluate.py: --window_s ({window_s}) and --stride_s ({stride_s}) must be at least 30")
+    datasets = [d.strip() for d in args.datasets.split(",") if d.strip()] if args.datasets else None
+
+    nights = stage_all(select_nights(root, args.split, datasets), root, encoder, probe, window_s, stride_s,
+                       args.batch_size, args.device)
+    results = {"pooled": score(nights, args.bootstrap, args.seed), "datasets": {}}
+    for name in sorted({n["dataset"] for n in nights}):
+        results["datasets"][name] = score([n for n in nights if n["dataset"] == name], args.bootstrap, args.seed)
+    results = to_json(results)
+
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    per_night_table(nights).to_csv(out / "per_night.csv", index=False, float_format="%.6g")
+    predictions_table(nights).to_csv(out / "predictions.csv", index=False, float_format="%.6g")
+    paper = yaml.safe_load(PAPER_RESULTS.read_text()) if PAPER_RESULTS.exists() else {}
+    settings = {"run": args.run, "data.root": root, "split": args.split, "datasets": args.datasets or "all",
+                "window_s": window_s, "stride_s": stride_s, "bootstrap": args.bootstrap, "seed": args.seed}
+    report = results_markdown(results, nights, paper, settings)
+    (out / "results.md").write_text(report)
+    figures = write_figures(out, np.array(results["pooled"]["confusion"]), nights, args.png_nights)
+
+    print(report)
+    for path in figures:
+        print(path)
+    print(f"wrote {out}/results.json, per_night.csv, predictions.csv, results.md")
+    return results
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

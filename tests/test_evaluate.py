@@ -1,0 +1,224 @@
+"""evaluate.py: every metric against an independent reference on hand-made cases, the bootstrap, and the CLI end to end
+on a tiny random probe run and three tiny night stores."""
+import itertools
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+import evaluate as ev
+from model import Encoder, ModelConfig, ProbeConfig, ProbeHead
+from prepare import store
+
+EPOCH = 3750
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Metrics
+
+
+def test_kappa_textbook_examples():
+    # the classic 2×2 example: p_o = 35/50 = 0.7, p_e = (25·30 + 25·20)/50² = 0.5, κ = (0.7 − 0.5)/(1 − 0.5) = 0.4
+    assert ev.kappa(np.array([[20, 5], [10, 15]])) == pytest.approx(0.4)
+    # 3×3 by hand: n = 100, p_o = 0.70, rows (40, 30, 30), columns (45, 30, 25),
+    # p_e = (40·45 + 30·30 + 30·25)/100² = 0.345, κ = (0.70 − 0.345)/(1 − 0.345) = 0.355/0.655
+    cm = np.array([[30, 5, 5], [10, 20, 0], [5, 5, 20]])
+    assert ev.kappa(cm) == pytest.approx(0.355 / 0.655)
+    assert ev.accuracy(cm) == pytest.approx(0.70)
+    assert ev.kappa(np.eye(5) * 7) == pytest.approx(1.0)
+    assert np.isnan(ev.kappa(np.diag([9, 0, 0, 0, 0])))               # p_e = 1: undefined
+
+
+def test_confusion_matrix_rows_are_truth_and_unscored_epochs_are_dropped():
+    true = np.array([0, 0, 1, 2, 4, -1, -1, 3])
+    pred = np.array([0, 1, 1, 2, 2, 4, 0, 3])
+    cm = ev.confusion_matrix(true, pred)
+    expected = np.zeros((5, 5), int)
+    for t, p in zip(true, pred):
+        if t >= 0:
+            expected[t, p] += 1
+    assert cm.tolist() == expected.tolist() and cm.sum() == 6 and cm[0, 1] == 1
+
+
+def test_f1_per_class_and_macro():
+    true = np.array([0, 0, 0, 1, 1, 2, 2, 2, 2, 4, -1])
+    pred = np.array([0, 0, 1, 1, 2, 2, 2, 2, 0, 1, 3])                # class 3 only in an unscored epoch
+    scored = true >= 0
+    reference = []
+    for k in range(5):
+        tp = np.sum((true == k) & (pred == k) & scored)
+        fp = np.sum((true != k) & (pred == k) & scored)
+        fn = np.sum((true == k) & (pred != k) & scored)
+        precision = tp / (tp + fp) if tp + fp else 0.0
+        recall = tp / (tp + fn) if tp + fn else 0.0
+        reference.append(2 * precision * recall / (precision + recall) if precision + recall else
+                         (np.nan if tp + fp + fn == 0 else 0.0))
+    f1 = ev.f1_per_class(ev.confusion_matrix(true, pred))
+    # W: tp 2 fp 1 fn 1 → 2/3; N1: tp 1 fp 2 fn 1 → 0.4; N2: tp 3 fp 1 fn 1 → 0.75; N3 absent → NaN; REM: tp 0 → 0
+    assert np.allclose(f1, [2 / 3, 0.4, 0.75, np.nan, 0.0], equal_nan=True)
+    assert np.allclose(f1, reference, equal_nan=True)
+    # macro: mean over the classes present in truth or prediction (W, N1, N2, REM), N3 left out
+    assert ev.macro_f1(ev.confusion_matrix(true, pred)) == pytest.approx((2 / 3 + 0.4 + 0.75 + 0.0) / 4)
+
+
+def brute_force_auroc(scores, positive):
+    pos, neg = scores[positive], scores[~positive]
+    wins = sum(1.0 if p > n else 0.5 if p == n else 0.0 for p, n in itertools.product(pos, neg))
+    return wins / (len(pos) * len(neg))
+
+
+def brute_force_average_precision(scores, positive):
+    total, previous_recall = 0.0, 0.0
+    for t in sorted(set(scores), reverse=True):
+        chosen = scores >= t
+        precision = (chosen & positive).sum() / chosen.sum()
+        recall = (chosen & positive).sum() / positive.sum()
+        total += (recall - previous_recall) * precision
+        previous_recall = recall
+    return total
+
+
+def test_auroc_and_auprc_with_ties_match_brute_force():
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        n = rng.integers(5, 40)
+        scores = rng.integers(0, 6, n) / 5                             # few distinct values: many ties
+        positive = rng.random(n) < 0.4
+        if positive.all() or not positive.any():
+            continue
+        assert ev.auroc(scores, positive) == pytest.approx(brute_force_auroc(scores, positive))
+        assert ev.average_precision(scores, positive) == pytest.approx(brute_force_average_precision(scores, positive))
+    # by hand: positives 0.8, 0.4; negatives 0.4, 0.1 → pairs: 1, 1, ½ (tie), 1 → 3.5/4
+    scores, positive = np.array([0.8, 0.4, 0.4, 0.1]), np.array([True, True, False, False])
+    assert ev.auroc(scores, positive) == pytest.approx(0.875)
+    # thresholds 0.8: P 1, R ½; 0.4: P ⅔, R 1; 0.1: R unchanged → ½·1 + ½·⅔
+    assert ev.average_precision(scores, positive) == pytest.approx(0.5 + 1 / 3)
+    assert np.isnan(ev.auroc(scores, np.zeros(4, bool))) and np.isnan(ev.average_precision(scores, np.zeros(4, bool)))
+
+
+def test_bootstrap_is_seeded_and_brackets_the_pooled_value():
+    rng = np.random.default_rng(0)
+    night_cms = np.stack([ev.confusion_matrix(t, np.where(rng.random(50) < 0.7, t, rng.integers(0, 5, 50)))
+                          for t in rng.integers(0, 5, (12, 50))])        # 12 nights of 50 epochs, ~75 % agreement
+    a, b = ev.bootstrap_ci(night_cms, 200, seed=0), ev.bootstrap_ci(night_cms, 200, seed=0)
+    c = ev.bootstrap_ci(night_cms, 200, seed=1)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert not np.array_equal(a["kappa"], c["kappa"])
+    pooled = ev.kappa(night_cms.sum(0))
+    assert a["kappa"][0] < pooled < a["kappa"][1] and a["f1_per_class"].shape == (5, 2)
+    # one resample by hand: nights picked (0, 0, 3, …) pool to the sum of their matrices
+    picks = np.random.default_rng(0).integers(0, 12, size=(200, 12))
+    kappas = [ev.kappa(night_cms[p].sum(0)) for p in picks]
+    assert np.allclose(a["kappa"], np.percentile(kappas, [2.5, 97.5]))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The CLI end to end
+
+
+def make_probe_run(run_dir, data_root):
+    torch.manual_seed(0)
+    model_cfg = ModelConfig(d_model=16, n_layers=1, n_heads=2, d_ff=32, max_patches=120)
+    probe_cfg = ProbeConfig(d_model=16, hidden_size=8, n_layers=1, dropout=0.0)
+    encoder, probe = Encoder(model_cfg), ProbeHead(probe_cfg)
+    run_dir.mkdir(parents=True)
+    state = {**{f"encoder.{k}": v for k, v in encoder.state_dict().items()},
+             **{f"probe.{k}": v for k, v in probe.state_dict().items()}}
+    torch.save({"model": state}, run_dir / "ckpt_final.pt")
+    config = {"model": vars(model_cfg), "probe": vars(probe_cfg),
+              "data": {"root": str(data_root), "datasets": None, "window_s": 20 * 30.0, "stride_s": None}}
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+
+
+def make_night(root, dataset, name, n_epochs, seed):
+    rng = np.random.default_rng(seed)
+    signals = rng.normal(0, 20, (7, n_epochs * EPOCH)).astype(np.float16)              # [7, T]
+    stages = rng.integers(0, 5, n_epochs).astype(np.int8)                               # [T // 3750]
+    stages[[0, n_epochs // 2]] = -1                                                     # unscored epochs
+    attrs = {"night_id": name, "dataset": dataset, "subject": name, "visit": "1", "fs": 125, "epoch_s": 30,
+             "duration_s": n_epochs * 30, "n_scored": int((stages >= 0).sum()), "channels": list("ABCDEFG"),
+             "present": [True] * 7}
+    store.write_night(store.store_path(root, dataset, name), signals, stages, attrs)
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)        # a tiny GRU on several threads of a busy machine can be 50× slower than on one
+    tmp = tmp_path_factory.mktemp("eval")
+    root, run, out = tmp / "nights", tmp / "run", tmp / "out"
+    make_night(root, "shhs", "shhs1-0001", 30, seed=1)        # two stitched 20-epoch windows (starts 0 and 10)
+    make_night(root, "shhs", "shhs1-0002", 12, seed=2)        # one padded window
+    make_night(root, "mesa", "mesa-0003", 25, seed=3)
+    store.write_manifest(root)
+    make_probe_run(run, root)
+    results = ev.main(["--run", str(run), "--split", "all", "--bootstrap", "50", "--png-nights", "2",
+                       "--out", str(out)])
+    yield root, run, out, results
+    torch.set_num_threads(threads)
+
+
+def test_cli_writes_the_contract_files(evaluated):
+    root, run, out, results = evaluated
+    on_disk = json.loads((out / "results.json").read_text())
+    assert on_disk == results and set(on_disk) == {"pooled", "datasets"} and set(on_disk["datasets"]) == {"shhs", "mesa"}
+    keys = {"kappa", "accuracy", "macro_f1", "f1_per_class", "auroc", "auprc", "confusion", "n_nights", "n_epochs",
+            "kappa_ci", "accuracy_ci", "macro_f1_ci"}
+    for group in [on_disk["pooled"], *on_disk["datasets"].values()]:
+        assert keys <= set(group) and len(group["kappa_ci"]) == 2 and np.array(group["confusion"]).shape == (5, 5)
+    assert on_disk["pooled"]["n_nights"] == 3 and on_disk["datasets"]["shhs"]["n_nights"] == 2
+    assert on_disk["pooled"]["n_epochs"] == 30 + 12 + 25 - 6
+
+    per_night = pd.read_csv(out / "per_night.csv")
+    assert list(per_night.columns) == ["night_id", "dataset", "n_epochs", "kappa", "accuracy", "macro_f1"]
+    assert sorted(per_night["n_epochs"]) == [10, 23, 28]
+    report = (out / "results.md").read_text()
+    assert "0.60" in report and "Fox et al. 2025" in report          # MESA's paper κ beside ours
+    for name in ["confusion.png", "hypnogram_mesa-0003.png", "hypnogram_shhs1-0001.png"]:
+        assert (out / name).stat().st_size > 0
+
+
+def test_predictions_csv_reproduces_the_metrics(evaluated):
+    root, run, out, results = evaluated
+    predictions = pd.read_csv(out / "predictions.csv", dtype={"night_id": str})
+    assert list(predictions.columns) == ["night_id", "dataset", "epoch", "true", "pred",
+                                         "p_W", "p_N1", "p_N2", "p_N3", "p_REM"]
+    assert len(predictions) == results["pooled"]["n_epochs"] and (predictions["true"] >= 0).all()
+    # exactly the scored epochs of each night, each once
+    manifest = pd.read_csv(root / "manifest.csv")
+    assert predictions.groupby("night_id").size().to_dict() == dict(zip(manifest["night_id"], manifest["n_scored"]))
+    assert not predictions.duplicated(["night_id", "epoch"]).any()
+    probs = predictions[["p_W", "p_N1", "p_N2", "p_N3", "p_REM"]].to_numpy()
+    assert np.allclose(probs.sum(1), 1, atol=1e-4) and (probs.argmax(1) == predictions["pred"]).all()
+    # κ by the textbook formula from the CSV alone
+    t, p = predictions["true"].to_numpy(), predictions["pred"].to_numpy()
+    p_o = np.mean(t == p)
+    p_e = sum(np.mean(t == k) * np.mean(p == k) for k in range(5))
+    assert (p_o - p_e) / (1 - p_e) == pytest.approx(results["pooled"]["kappa"])
+    assert results["pooled"]["auroc"]["W"] == pytest.approx(brute_force_auroc(probs[:, 0], t == 0), abs=1e-5)
+
+
+def test_stitched_probabilities_are_stage_night(evaluated):
+    root, run, out, results = evaluated
+    from data import open_night
+    from model import load_encoder, load_probe, stage_night
+    channels, stages, _ = open_night(root / "shhs" / "shhs1-0001.zarr")
+    probs = stage_night(load_encoder(run), load_probe(run), np.stack([np.asarray(c, np.float32) for c in channels]),
+                        20 * EPOCH, 10 * EPOCH).numpy()
+    predictions = pd.read_csv(out / "predictions.csv")
+    night = predictions[predictions["night_id"] == "shhs1-0001"]
+    assert np.allclose(night[["p_W", "p_N1", "p_N2", "p_N3", "p_REM"]].to_numpy(), probs[night["epoch"]], atol=1e-5)
+
+
+def test_cli_refuses_a_non_probe_run_and_an_empty_selection(evaluated, tmp_path):
+    root, run, out, results = evaluated
+    pretrain = tmp_path / "pretrain"
+    pretrain.mkdir()
+    (pretrain / "config.yaml").write_text(yaml.safe_dump({"model": {}, "data": {}}))
+    with pytest.raises(SystemExit, match="not a probe run"):
+        ev.main(["--run", str(pretrain), "--out", str(tmp_path / "o")])
+    with pytest.raises(SystemExit, match="no night"):
+        ev.main(["--run", str(run), "--datasets", "apples", "--split", "all", "--out", str(tmp_path / "o")])

@@ -1,0 +1,112 @@
+"""train_probe.py: wake trimming, CutMix, focal loss, the embedding cache, and a short run end to end."""
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import train_pretrain
+import train_probe
+from model import load_encoder, load_probe
+from prepare import synthetic
+from prepare.__main__ import main as prepare_main
+
+W, N1, N2, N3, R = 0, 1, 2, 3, 4
+
+
+def test_trim_wake_follows_the_papers_rule():
+    # 10 W before onset, 4 N2, 2 REM, 8 W after: W (18) > N2 (4), so 14 wake epochs go, the evening ones first.
+    stages = torch.tensor([W] * 10 + [N2, N2, W, N2, N2, R, R] + [W] * 8)
+    trimmed = train_probe.trim_wake(stages)
+    assert trimmed[:10].tolist() == [-1] * 10
+    assert trimmed[10:17].tolist() == stages[10:17].tolist()          # wake inside sleep is never touched
+    assert trimmed[17:].tolist() == [W] * 4 + [-1] * 4                 # 4 of the morning wake go, the latest ones
+    assert (trimmed == W).sum() == 4 + 1 == (stages == N2).sum() + 1
+    balanced = torch.tensor([W, W, N2, N2, N2, W])
+    assert torch.equal(train_probe.trim_wake(balanced), balanced)      # wake not the largest class: unchanged
+
+
+def test_cutmix_moves_epochs_with_their_labels_and_keeps_padding():
+    torch.manual_seed(0)
+    B, C, E, k, D = 3, 2, 4, 5, 3
+    # every patch embedding carries its (night, epoch) identity, so we can follow where it went
+    ids = torch.arange(B * E).view(B, 1, E, 1, 1).float().expand(B, C, E, k, D)
+    embeddings = ids.reshape(B, C, E * k, D).clone()
+    stages = torch.arange(B * E).view(B, E) % 5
+    n_valid = torch.tensor([4, 4, 2])
+    mixed, mixed_stages = train_probe.cutmix_epochs(embeddings, stages, n_valid, p=1.0, patches_per_epoch=k)
+    moved = mixed.reshape(B, C, E, k, D)[:, 0, :, 0, 0].long()         # [B, E] source (night·E + epoch)
+    assert torch.equal(mixed_stages, stages.flatten()[moved])           # labels travel with their epochs
+    assert torch.equal(moved[2, 2:], torch.tensor([10, 11]))           # padded epochs stay
+    valid_sources = sorted(moved[:, :][torch.arange(E)[None] < n_valid[:, None]].tolist())
+    assert valid_sources == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]             # a permutation of the valid epochs
+    assert not torch.equal(moved, torch.arange(B * E).view(B, E))
+    same, same_stages = train_probe.cutmix_epochs(embeddings, stages, n_valid, p=0.0, patches_per_epoch=k)
+    assert same is embeddings and same_stages is stages
+
+
+def test_focal_loss_matches_its_formula_and_ignores_unscored():
+    logits = torch.tensor([[[2.0, 0.5, 0.1, -1.0, 0.0], [0.0, 0.0, 3.0, 0.0, 0.0], [9.0, 9.0, 9.0, 9.0, 9.0]]])
+    stages = torch.tensor([[0, 1, -1]])
+    p = F.softmax(logits[0, :2], dim=-1)
+    p_true = torch.stack([p[0, 0], p[1, 1]])
+    expected = (-(1 - p_true) ** 2 * p_true.log()).mean()
+    assert train_probe.focal_loss(logits, stages, 2.0, None).item() == pytest.approx(expected.item(), rel=1e-6)
+    ce = F.cross_entropy(logits[0, :2], stages[0, :2])
+    assert train_probe.focal_loss(logits, stages, 0.0, None).item() == pytest.approx(ce.item(), rel=1e-6)
+    weights = torch.tensor([1.0, 3.0, 1.0, 1.0, 1.0])
+    weighted = F.cross_entropy(logits[0, :2], stages[0, :2], weight=weights)
+    assert train_probe.focal_loss(logits, stages, 0.0, weights).item() == pytest.approx(weighted.item(), rel=1e-6)
+
+
+SMALL_ENCODER = ["--config", "configs/pretrain_tiny.yaml", "--model.d_model", "32", "--model.d_ff", "64",
+                 "--model.max_patches", "300", "--data.window_s", "1800", "--data.stride_s", "1800",
+                 "--data.num_workers", "0", "--data.val_split", "train", "--train.batch_size", "4"]
+SMALL_PROBE = ["--config", "configs/probe_tiny.yaml", "--probe.hidden_size", "16", "--probe.n_layers", "1", "--probe.dropout", "0",
+               "--data.window_s", "1800", "--data.stride_s", "1800", "--data.num_workers", "0",
+               "--data.val_split", "train", "--train.batch_size", "4", "--train.log_every", "1"]
+
+
+@pytest.fixture(scope="module")
+def encoder_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("probe")
+    synthetic.write_cohort("shhs", root / "src", nights=4, hours=1, seed=9)
+    prepare_main(["shhs", str(root / "src"), str(root / "nights")])
+    train_pretrain.main([*SMALL_ENCODER, "--data.root", str(root / "nights"), "--run", str(root / "encoder"),
+                         "--train.max_steps", "2"])
+    return root
+
+
+def test_probe_run_and_cache_equal_live_encoder(encoder_run, tmp_path):
+    nights, encoder_dir = encoder_run / "nights", encoder_run / "encoder"
+    run = tmp_path / "probe"
+    train_probe.main([*SMALL_PROBE, "--data.root", str(nights), "--encoder", str(encoder_dir), "--run", str(run),
+                      "--train.max_steps", "3"])
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines if "loss" in m] == [1, 2, 3] and "val_kappa" in lines[-1]
+    caches = list((encoder_dir / "embeddings").glob("*.zarr"))
+    assert len(caches) == 1 and (caches[0] / "complete").exists()
+    # the cached embeddings are the live encoder's, and the probe on them gives the live logits
+    encoder, probe = load_encoder(run), load_probe(run)
+    nights_set = train_probe.labelled_nights(train_probe.config.load(
+        train_probe.Config, "configs/probe_tiny.yaml", ["--data.root", str(nights), "--data.window_s", "1800",
+                                                        "--data.stride_s", "1800"]), "train")
+    import zarr
+    cache = zarr.open_array(caches[0], mode="r")
+    for index in (0, len(nights_set) - 1):
+        item = nights_set[index]
+        with torch.no_grad():
+            live = encoder.embed(item["signals"][None], item["padding_mask"][None])
+            cached = torch.from_numpy(cache[index].astype(np.float32))[None]
+            assert torch.allclose(cached, live, atol=2e-2 * live.abs().max().item())   # float16 storage
+            live_logits = probe(live, item["padding_mask"][None])
+            cached_logits = probe(cached, item["padding_mask"][None])
+        assert live_logits.shape == (1, 60, 5)                         # one prediction per 30-s epoch
+        assert torch.allclose(cached_logits, live_logits, atol=1e-2)
+        assert (cached_logits.argmax(-1) == live_logits.argmax(-1)).float().mean() > 0.95
+    # a second run reuses the cache instead of recomputing it
+    before = caches[0].joinpath("complete").stat().st_mtime
+    train_probe.main([*SMALL_PROBE, "--data.root", str(nights), "--encoder", str(encoder_dir), "--run",
+                      str(tmp_path / "again"), "--train.max_steps", "1"])
+    assert caches[0].joinpath("complete").stat().st_mtime == before

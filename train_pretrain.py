@@ -1,0 +1,289 @@
+"""Self-supervised pretraining of the PFTSleep encoder: reconstruct corrupted full-night patches. One visible loop.
+
+    python train_pretrain.py --config configs/pretrain_tiny.yaml --run runs/tiny --data.root demo/nights
+    torchrun --nproc_per_node 2 train_pretrain.py --config configs/pretrain_paper.yaml --run-dir runs/paper --data.root OUT
+    torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29500 train_pretrain.py …
+(under torchrun spell --run as --run-dir: torchrun takes `--run` for an abbreviation of its own --run-path)
+    python train_pretrain.py --config … --run runs/paper --resume          # continue from runs/paper/ckpt.pt
+
+Writes RUN/config.yaml (the resolved config), RUN/metrics.jsonl (one JSON object per logging step: step, loss, lr,
+grad_norm, …; and val_loss at validation steps), RUN/ckpt.pt (latest, every train.ckpt_every steps) and
+RUN/ckpt_final.pt. Checkpoints hold model, optimiser, scheduler, step, epoch and RNG states and are written atomically,
+so a run killed at any moment and resumed with --resume ends with the same parameters as an uninterrupted one.
+
+Under torchrun: one process per GPU (NCCL) or per CPU process group member (gloo), DDP with synchronised BatchNorm,
+gradient accumulation with no_sync() on all but the last micro-step. bf16 autocast on CUDA (no GradScaler), fp32 on CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+import config
+from data import DataConfig, NightDataset
+from model import ModelConfig, PretrainConfig, Pretrainer
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 3                  # nights per process per micro-step (the paper: 3)
+    grad_accum: int = 8                  # micro-steps per optimiser step (the paper: 8)
+    epochs: int = 100                    # passes over the training windows (the paper: 100)
+    max_steps: int | None = None         # optimiser steps in all; the one-cycle schedule spans them (null = epochs)
+    max_lr: float = 0.01                 # one-cycle peak learning rate (the paper: 0.01; starts at max_lr / 25)
+    pct_start: float = 0.3               # fraction of the steps spent warming up to max_lr
+    weight_decay: float = 1e-4           # AdamW weight decay (the paper: 1e-4)
+    grad_clip: float = 0.0               # clip the gradient norm to this (0 = off, as in the paper)
+    bf16: bool = True                    # bf16 autocast on CUDA (ignored on CPU)
+    compile: bool = False                # torch.compile the model
+    seed: int = 0                        # seeds the window order, dropout and corruption
+    log_every: int = 10                  # optimiser steps between metrics.jsonl lines
+    eval_every: int = 500                # optimiser steps between validation passes (and at the end)
+    ckpt_every: int = 500                # optimiser steps between checkpoints (and at the end)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def parse_args(argv=None) -> tuple[argparse.Namespace, Config]:
+    parser = config.parser(Config, __doc__, "train_pretrain.py")
+    parser.add_argument("--config", type=Path, help="YAML config (configs/pretrain_paper.yaml, configs/pretrain_tiny.yaml)")
+    # --run-dir too: torchrun (2.13) rejects a script argument spelled --run as an abbreviation of its --run-path
+    parser.add_argument("--run", "--run-dir", type=Path, required=True,
+                        help="run folder for config, metrics and checkpoints (under torchrun: --run-dir, or put -- "
+                             "before the script's arguments)")
+    parser.add_argument("--resume", action="store_true", help="continue from RUN/ckpt.pt (its config wins over --config)")
+    args, extra = parser.parse_known_args(argv)
+    source = args.run / "config.yaml" if args.resume and (args.run / "ckpt.pt").exists() else args.config
+    return args, config.load(Config, source, extra)
+
+
+def setup_distributed() -> tuple[int, int, torch.device]:
+    """(rank, world size, device) — torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain python is one process."""
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl")
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def epoch_order(n_windows: int, epoch: int, seed: int, rank: int, world: int, per_step: int) -> list[int]:
+    """This process's windows for one epoch: one shared shuffle (seeded by seed and epoch), cut to whole optimiser
+    steps over all processes, then dealt round-robin (as DistributedSampler does)."""
+    order = torch.randperm(n_windows, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    usable = n_windows // (world * per_step) * (world * per_step)
+    return order[:usable][rank::world].tolist()
+
+
+def mean_over_processes(values: list[float], device) -> list[float]:
+    if not dist.is_initialized():
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return (tensor / dist.get_world_size()).tolist()
+
+
+@torch.no_grad()
+def validate(model, dataset, cfg: Config, rank: int, world: int, device, autocast) -> float | None:
+    """Mean reconstruction loss over the validation windows (no corruption: the model is in eval mode)."""
+    if dataset is None or len(dataset) == 0:
+        return None
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=device)                       # [sum of losses, windows]
+    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.train.batch_size, num_workers=cfg.data.num_workers,
+                                         sampler=list(range(rank, len(dataset), world)))
+    for batch in loader:
+        with autocast:
+            loss = model(batch["signals"].to(device), batch["padding_mask"].to(device))
+        total += torch.tensor([loss.item() * len(batch["signals"]), len(batch["signals"])], device=device)
+    if dist.is_initialized():
+        dist.all_reduce(total)
+    model.train()
+    return (total[0] / total[1]).item()
+
+
+def rng_states(device) -> dict:
+    """Every process's RNG state (a collective under torchrun), so that a resumed run draws the same dropout and
+    corruption in every process as an uninterrupted one."""
+    states = {"rng_cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["rng_cuda"] = torch.cuda.get_rng_state(device)
+    if not dist.is_initialized():
+        return {key: [value] for key, value in states.items()}
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, states)
+    return {key: [g[key] for g in gathered] for key in states}
+
+
+def restore_rng(ckpt: dict, rank: int, world: int, device) -> None:
+    if len(ckpt["rng_cpu"]) != world:   # resumed on another number of processes: keep fresh seeds
+        return
+    torch.set_rng_state(ckpt["rng_cpu"][rank])
+    if device.type == "cuda" and "rng_cuda" in ckpt:
+        torch.cuda.set_rng_state(ckpt["rng_cuda"][rank], device)
+
+
+def save_checkpoint(path: Path, raw_model, optimizer, scheduler, cfg: Config, progress: dict, rng: dict) -> None:
+    """Atomic: write a temporary file, then rename over the old checkpoint."""
+    state = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             **progress, **rng, "config": dataclasses.asdict(cfg)}
+    temp = path.with_name(f".{path.name}.tmp")
+    torch.save(state, temp)
+    temp.replace(path)
+
+
+def main(argv=None) -> None:
+    args, cfg = parse_args(argv)
+    rank, world, device = setup_distributed()
+    master = rank == 0
+    tc = cfg.train
+    torch.manual_seed(tc.seed * 1000 + rank)            # dropout and corruption differ between processes
+
+    train_set = NightDataset.from_config(cfg.data, cfg.data.train_split)
+    val_set = NightDataset.from_config(cfg.data, cfg.data.val_split)
+    per_step = tc.batch_size * tc.grad_accum               # windows per process per optimiser step
+    steps_per_epoch = len(train_set) // (world * per_step)
+    if steps_per_epoch == 0:
+        raise SystemExit(f"{len(train_set)} training windows in {cfg.data.root} are fewer than one optimiser step "
+                         f"needs ({world} processes × batch {tc.batch_size} × accumulation {tc.grad_accum})")
+    total_steps = tc.max_steps or tc.epochs * steps_per_epoch
+
+    model = Pretrainer(cfg.model, cfg.pretrain).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.max_lr / 25, weight_decay=tc.weight_decay)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=tc.max_lr, total_steps=total_steps,
+                                                    pct_start=tc.pct_start)
+    progress = {"step": 0, "epoch": 0, "step_in_epoch": 0}
+    if args.resume and (args.run / "ckpt.pt").exists():
+        ckpt = torch.load(args.run / "ckpt.pt", map_location=device, weights_only=True)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        progress = {key: ckpt[key] for key in progress}
+        restore_rng(ckpt, rank, world, device)
+    raw_model = model
+    if world > 1:
+        # BatchNorm statistics are synchronised in the forward (model.token_batch_norm), so no buffer broadcasts
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                        broadcast_buffers=False)
+    if tc.compile:
+        model = torch.compile(model)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and tc.bf16 else nullcontext())
+
+    metrics_path = args.run / "metrics.jsonl"
+    if master:
+        args.run.mkdir(parents=True, exist_ok=True)
+        config.save(cfg, args.run / "config.yaml")
+        keep_metrics_until(metrics_path, progress["step"])   # a resumed run rewrites what came after its checkpoint
+        print(f"pretraining {sum(p.numel() for p in raw_model.parameters()):,} parameters on {world} × {device.type}; "
+              f"{len(train_set)} training windows, {len(val_set)} validation windows, {total_steps} optimiser steps")
+    bar = tqdm(total=total_steps, initial=progress["step"], desc="pretrain", disable=not master)
+    started, window_count, loss_sum, steps_since_log = time.time(), 0, 0.0, 0
+
+    while progress["step"] < total_steps:
+        order = epoch_order(len(train_set), progress["epoch"], tc.seed, rank, world, per_step)
+        loader = torch.utils.data.DataLoader(
+            train_set, batch_size=tc.batch_size, sampler=order[progress["step_in_epoch"] * per_step:],
+            num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda", drop_last=True,
+            generator=torch.Generator())   # its own generator: creating a loader must not move the global RNG
+        for micro, batch in enumerate(loader):
+            signals = batch["signals"].to(device, non_blocking=True)                      # [B, 7, T]
+            padding_mask = batch["padding_mask"].to(device, non_blocking=True)            # [B, T]
+            last_micro = (micro + 1) % tc.grad_accum == 0
+            # DDP: only the last micro-step of an optimiser step all-reduces gradients
+            sync = nullcontext() if last_micro or world == 1 else model.no_sync()
+            with sync:
+                with autocast:
+                    loss = model(signals, padding_mask) / tc.grad_accum
+                loss.backward()
+            loss_sum += loss.item()
+            window_count += len(signals)
+            if not last_micro:
+                continue
+
+            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), tc.grad_clip or math.inf)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            progress["step"] += 1
+            progress["step_in_epoch"] += 1
+            step = progress["step"]
+            steps_since_log += 1
+            bar.update()
+
+            if step % tc.log_every == 0 or step == total_steps:
+                loss_mean, = mean_over_processes([loss_sum / steps_since_log], device)
+                elapsed = time.time() - started
+                record = {"step": step, "epoch": progress["epoch"], "loss": loss_mean, "lr": scheduler.get_last_lr()[0],
+                          "grad_norm": grad_norm.item(), "windows_per_s": window_count * world / elapsed}
+                if master:
+                    bar.set_postfix(loss=f"{loss_mean:.4f}")
+                    append_metrics(metrics_path, record)
+                started, window_count, loss_sum, steps_since_log = time.time(), 0, 0.0, 0
+            if step % tc.eval_every == 0 or step == total_steps:
+                val_loss = validate(raw_model, val_set, cfg, rank, world, device, autocast)
+                if master and val_loss is not None:
+                    append_metrics(metrics_path, {"step": step, "val_loss": val_loss})
+                    bar.write(f"step {step}: val_loss {val_loss:.4f}")
+            if step % tc.ckpt_every == 0 or step == total_steps:
+                rng = rng_states(device)
+                if master:
+                    save_checkpoint(args.run / "ckpt.pt", raw_model, optimizer, scheduler, cfg, progress, rng)
+            if step == total_steps:
+                break
+        else:
+            progress["epoch"] += 1
+            progress["step_in_epoch"] = 0
+            continue
+        break
+
+    bar.close()
+    rng = rng_states(device)
+    if master:
+        save_checkpoint(args.run / "ckpt_final.pt", raw_model, optimizer, scheduler, cfg, progress, rng)
+        losses = [m["loss"] for m in map(json.loads, metrics_path.read_text().splitlines()) if "loss" in m]
+        print(f"done: {progress['step']} steps, training loss {losses[0]:.4f} (first log) → {losses[-1]:.4f} (last); "
+              f"run folder {args.run}")
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def append_metrics(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def keep_metrics_until(path: Path, step: int) -> None:
+    """Drop metrics.jsonl lines after `step` (left by a run that was killed after its last checkpoint)."""
+    if not path.exists():
+        return
+    lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    temp = path.with_name(f".{path.name}.tmp")
+    temp.write_text("".join(line + "\n" for line in lines))
+    temp.replace(path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,420 @@
+"""Train the sleep-stage probe on the frozen embeddings of a pretrained encoder. One visible loop.
+
+    python train_probe.py --config configs/probe_tiny.yaml --encoder runs/pretrain --run runs/probe --data.root OUT
+    torchrun --nproc_per_node 2 train_probe.py --config configs/probe_paper.yaml --encoder runs/paper --run-dir runs/probe
+    python train_probe.py … --resume                      # continue from RUN/ckpt.pt
+
+The encoder (`--encoder`: a train_pretrain.py run or an import_upstream.py run) stays frozen: eval mode, no gradients,
+so its embeddings of a window never change and are computed once and cached (float16 zarr under
+ENCODER/embeddings/, one array per split, keyed by a hash of the encoder checkpoint and the window settings);
+probe epochs then cost only the GRU. Writes RUN/config.yaml (with the encoder's model section, so that the run folder is
+self-contained), RUN/metrics.jsonl, RUN/ckpt.pt and RUN/ckpt_final.pt (encoder + probe weights), the same conventions as
+train_pretrain.py, whose DDP and checkpoint plumbing this script reuses.
+
+Paper recipe (configs/probe_paper.yaml): focal loss γ = 2, no class weights, long pre/post-sleep wake excluded from
+the loss, CutMix of 30-s epochs across the nights of a batch (p = 0.5), AdamW + one-cycle to 0.01, batch 4 × 8, 30 epochs.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+import config
+import evaluate
+from data import DataConfig, NightDataset, read_manifest
+from model import ModelConfig, ProbeConfig, ProbeHead, load_encoder, read_checkpoint
+from train_pretrain import (append_metrics, epoch_order, keep_metrics_until, mean_over_processes, restore_rng,
+                            rng_states, save_checkpoint, setup_distributed)
+
+N_CLASSES = 5
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 4                  # windows per process per micro-step (the paper: 4)
+    grad_accum: int = 8                  # micro-steps per optimiser step (the paper: 8)
+    epochs: int = 30                     # passes over the training windows (the paper: 30)
+    max_steps: int | None = None         # optimiser steps in all; the one-cycle schedule spans them (null = epochs)
+    max_lr: float = 0.01                 # one-cycle peak learning rate (the paper: 0.01)
+    pct_start: float = 0.3               # fraction of the steps spent warming up to max_lr
+    weight_decay: float = 1e-3           # AdamW weight decay (the paper: 1e-3)
+    grad_clip: float = 0.0               # clip the gradient norm to this (0 = off)
+    focal_gamma: float = 2.0             # focal loss exponent (0 = cross-entropy; the paper: 2)
+    class_weights: bool = False          # weight the loss by inverse class frequency of the training split
+    trim_wake: bool = True               # exclude long pre/post-sleep wake from the loss (the paper's rule, see below)
+    cutmix_p: float = 0.5                # probability per batch of shuffling 30-s epochs across its nights
+    cache_embeddings: bool = True        # compute the frozen encoder's embeddings once (float16 zarr) and reuse them
+    bf16: bool = True                    # bf16 autocast on CUDA (ignored on CPU)
+    seed: int = 0                        # seeds the window order, dropout and CutMix
+    log_every: int = 10                  # optimiser steps between metrics.jsonl lines
+    eval_every: int = 200                # optimiser steps between validation passes (and at the end)
+    ckpt_every: int = 200                # optimiser steps between checkpoints (and at the end)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)    # copied from the encoder run; not for overriding
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def parse_args(argv=None) -> tuple[argparse.Namespace, Config]:
+    parser = config.parser(Config, __doc__, "train_probe.py")
+    parser.add_argument("--config", type=Path, help="YAML config (configs/probe_paper.yaml, configs/probe_tiny.yaml)")
+    parser.add_argument("--encoder", type=Path, required=True, help="run folder of the pretrained (or imported) encoder")
+    parser.add_argument("--run", "--run-dir", type=Path, required=True,
+                        help="run folder for config, metrics and checkpoints (under torchrun: --run-dir)")
+    parser.add_argument("--resume", action="store_true", help="continue from RUN/ckpt.pt (its config wins over --config)")
+    args, extra = parser.parse_known_args(argv)
+    source = args.run / "config.yaml" if args.resume and (args.run / "ckpt.pt").exists() else args.config
+    cfg = config.load(Config, source, extra)
+    encoder_model, _ = read_checkpoint(args.encoder)
+    cfg.model = ModelConfig(**encoder_model["model"])
+    cfg.probe.n_channels, cfg.probe.d_model = cfg.model.n_channels, cfg.model.d_model
+    return args, cfg
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# labels: wake trimming, CutMix, focal loss
+
+
+def trim_wake(stages: torch.Tensor) -> torch.Tensor:
+    """The paper's rule (upstream, after L-SeqSleepNet): when wake is the most frequent stage of a window, the wake
+    before sleep onset and after the final awakening is dropped from the loss (set to -1), earliest first, until no
+    more of it is left than epochs of the second most frequent stage. stages [E] -> [E]."""
+    counts = torch.bincount(stages[stages >= 0], minlength=N_CLASSES)
+    second = counts[1:].max()
+    if counts[0] <= second:
+        return stages
+    asleep = torch.nonzero(stages >= 1).flatten()
+    if len(asleep) == 0:
+        return stages
+    evening = int(((stages[: asleep[0]] == 0)).sum())             # wake (and unscored) before sleep onset
+    morning = int(((stages[asleep[-1] + 1:] == 0)).sum())
+    excess = evening + morning - int(second)
+    if excess <= 0:
+        return stages
+    stages = stages.clone()
+    from_evening = min(excess, evening)
+    before_onset = torch.nonzero(stages[: asleep[0]] == 0).flatten()
+    stages[before_onset[:from_evening]] = -1
+    after_last = torch.nonzero(stages[asleep[-1] + 1:] == 0).flatten() + asleep[-1] + 1
+    if excess > from_evening:
+        stages[after_last[len(after_last) - (excess - from_evening):]] = -1
+    return stages
+
+
+def cutmix_epochs(embeddings: torch.Tensor, stages: torch.Tensor, n_valid_epochs: torch.Tensor, p: float,
+                  patches_per_epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """With probability p, shuffle the 30-s epochs (their 5 patch embeddings and their label) across all nights and
+    positions of the batch — the paper's cross-class "CutMix across batch and patches", applied to the frozen
+    embeddings rather than the raw signal. Padded epochs stay where they are.
+    embeddings [B, C, N, D], stages [B, E], n_valid_epochs [B] -> (embeddings, stages)."""
+    if p <= 0 or torch.rand(1).item() >= p:
+        return embeddings, stages
+    B, C, N, D = embeddings.shape
+    E = stages.shape[1]
+    blocks = embeddings[:, :, : E * patches_per_epoch].reshape(B, C, E, patches_per_epoch, D)   # [B, C, E, 5, D]
+    valid = torch.arange(E, device=stages.device)[None, :] < n_valid_epochs[:, None]              # [B, E]
+    b, e = torch.nonzero(valid, as_tuple=True)
+    order = torch.randperm(len(b), device=stages.device)
+    mixed_blocks, mixed_stages = blocks.clone(), stages.clone()
+    mixed_blocks[b, :, e] = blocks[b[order], :, e[order]]
+    mixed_stages[b, e] = stages[b[order], e[order]]
+    mixed = embeddings.clone()
+    mixed[:, :, : E * patches_per_epoch] = mixed_blocks.reshape(B, C, E * patches_per_epoch, D)
+    return mixed, mixed_stages
+
+
+def focal_loss(logits: torch.Tensor, stages: torch.Tensor, gamma: float, weights: torch.Tensor | None) -> torch.Tensor:
+    """Mean of (1 - p_t)^γ · CE over scored epochs (stage -1 ignored). logits [B, E, 5], stages [B, E]."""
+    logits, stages = logits.reshape(-1, logits.shape[-1]).float(), stages.reshape(-1)
+    scored = stages >= 0
+    if not scored.any():
+        return logits.sum() * 0.0
+    log_p = F.log_softmax(logits[scored], dim=-1)                                       # [M, 5]
+    log_p_true = log_p.gather(1, stages[scored, None]).squeeze(1)                      # [M]
+    loss = -(1 - log_p_true.exp()) ** gamma * log_p_true
+    if weights is not None:
+        w = weights[stages[scored]]
+        return (loss * w).sum() / w.sum()
+    return loss.mean()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# data: windows with their embeddings (cached) or their signals
+
+
+class ProbeWindows(torch.utils.data.Dataset):
+    """NightDataset windows for the probe: item = {embeddings [C, N, D] float32 (when cached) or signals [C, L],
+    padding_mask [L], stages [E], n_valid_epochs}."""
+
+    def __init__(self, nights: NightDataset, cache=None):
+        self.nights, self.cache = nights, cache
+
+    def __len__(self) -> int:
+        return len(self.nights)
+
+    def __getitem__(self, index: int) -> dict:
+        night, start, last = self.nights.windows[index]
+        n_valid_epochs = min(self.nights.window_epochs, last - start)
+        if self.cache is None:
+            item = self.nights[index]
+        else:
+            item = {"embeddings": torch.from_numpy(self.cache[index].astype(np.float32)),
+                    "stages": self.nights.stages_of(index)}
+        item["n_valid_epochs"] = n_valid_epochs
+        return item
+
+
+def padding_from_counts(n_valid_epochs: torch.Tensor, window_samples: int, epoch_samples: int) -> torch.Tensor:
+    """[B] valid epochs -> padding mask [B, L] (True = padded), as the data loader would have given it."""
+    return torch.arange(window_samples, device=n_valid_epochs.device)[None, :] >= (n_valid_epochs * epoch_samples)[:, None]
+
+
+def cache_key(encoder_dir: Path, nights: NightDataset) -> str:
+    """Embeddings depend on the encoder's weights and on exactly which windows were cut."""
+    ckpt = next(p for p in (encoder_dir / "ckpt_final.pt", encoder_dir / "ckpt.pt") if p.exists())
+    digest = hashlib.sha256(ckpt.read_bytes())
+    digest.update(json.dumps([[str(nights.stores[n]), s, e] for n, s, e in nights.windows]).encode())
+    digest.update(str(nights.window_samples).encode())
+    return digest.hexdigest()[:16]
+
+
+@torch.no_grad()
+def embedding_cache(encoder, nights: NightDataset, encoder_dir: Path, cfg: Config, rank: int, world: int, device,
+                    autocast):
+    """Embeddings of every window as a float16 zarr array [n_windows, C, N, D] under ENCODER/embeddings/KEY.zarr,
+    computed once (each process its share) and reused by every later probe run on the same windows."""
+    import zarr
+    path = encoder_dir / "embeddings" / f"{cache_key(encoder_dir, nights)}.zarr"
+    done = path / "complete"
+    if not done.exists():
+        n_patches = nights.window_samples // cfg.model.patch_len
+        shape = (len(nights), cfg.model.n_channels, n_patches, cfg.model.d_model)
+        if rank == 0:
+            zarr.open_array(path, mode="w", shape=shape, chunks=(1, *shape[1:]), dtype="float16", zarr_format=3)
+        if world > 1:
+            dist.barrier()
+        array = zarr.open_array(path, mode="r+")
+        mine = list(range(rank, len(nights), world))
+        loader = torch.utils.data.DataLoader(nights, batch_size=cfg.train.batch_size, sampler=mine,
+                                             num_workers=cfg.data.num_workers)
+        position = 0
+        for batch in tqdm(loader, desc="caching embeddings", disable=rank != 0):
+            with autocast:
+                embeddings = encoder.embed(batch["signals"].to(device), batch["padding_mask"].to(device))
+            for row in embeddings.float().cpu().numpy():
+                array[mine[position]] = row.astype(np.float16)
+                position += 1
+        if world > 1:
+            dist.barrier()
+        if rank == 0:
+            done.write_text("ok\n")   # written last: an interrupted cache is recomputed, never half-used
+    if world > 1:
+        dist.barrier()
+    return zarr.open_array(path, mode="r")
+
+
+def class_weights(nights: NightDataset) -> torch.Tensor:
+    """Inverse class frequency over the training windows, normalised to mean 1."""
+    counts = torch.zeros(N_CLASSES)
+    for index in range(len(nights)):
+        stages = nights.stages_of(index)
+        counts += torch.bincount(stages[stages >= 0], minlength=N_CLASSES)
+    weights = counts.sum() / counts.clamp_min(1)
+    return weights / weights.mean()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def labelled_nights(cfg: Config, split: str) -> NightDataset:
+    manifest = read_manifest(cfg.data.root, split, cfg.data.datasets)
+    manifest = manifest[manifest["n_scored"] > 0]
+    return NightDataset([Path(cfg.data.root) / p for p in manifest["path"]], window_s=cfg.data.window_s,
+                        stride_s=cfg.data.stride_s, trim_wake_min=cfg.data.trim_wake_min)
+
+
+def probe_inputs(batch: dict, encoder, cfg: Config, device, autocast, trim: bool):
+    """(embeddings [B, C, N, D], padding_mask [B, L], stages [B, E], n_valid_epochs [B]) on the device."""
+    n_valid = batch["n_valid_epochs"].to(device)
+    epoch_samples = cfg.model.patch_len * cfg.probe.patches_per_epoch
+    window_samples = batch["stages"].shape[1] * epoch_samples
+    padding_mask = padding_from_counts(n_valid, window_samples, epoch_samples)
+    if "embeddings" in batch:
+        embeddings = batch["embeddings"].to(device, non_blocking=True)
+    else:
+        with torch.no_grad(), autocast:
+            embeddings = encoder.embed(batch["signals"].to(device, non_blocking=True), padding_mask).float()
+    stages = batch["stages"].to(device)
+    if trim:
+        stages = torch.stack([trim_wake(s) for s in stages])
+    return embeddings, padding_mask, stages, n_valid
+
+
+@torch.no_grad()
+def validate(probe, encoder, dataset, cfg: Config, rank, world, device, autocast, weights) -> dict | None:
+    """Loss and accuracy over the validation windows, and the confusion counts for κ."""
+    if dataset is None or len(dataset) == 0:
+        return None
+    probe.eval()
+    confusion = torch.zeros(N_CLASSES, N_CLASSES, dtype=torch.float64, device=device)
+    loss_sum = torch.zeros(2, dtype=torch.float64, device=device)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.train.batch_size, num_workers=cfg.data.num_workers,
+                                         sampler=list(range(rank, len(dataset), world)))
+    for batch in loader:
+        embeddings, padding_mask, stages, _ = probe_inputs(batch, encoder, cfg, device, autocast, trim=False)
+        with autocast:
+            logits = probe(embeddings, padding_mask)
+        loss = focal_loss(logits, stages, cfg.train.focal_gamma, weights)
+        scored = stages >= 0
+        loss_sum += torch.tensor([loss.item() * scored.sum().item(), scored.sum().item()], device=device)
+        pairs = stages[scored] * N_CLASSES + logits.argmax(-1)[scored]
+        confusion += torch.bincount(pairs, minlength=N_CLASSES ** 2).view(N_CLASSES, N_CLASSES).to(confusion)
+    if dist.is_initialized():
+        dist.all_reduce(confusion)
+        dist.all_reduce(loss_sum)
+    probe.train()
+    confusion = confusion.cpu().numpy()
+    return {"val_loss": (loss_sum[0] / loss_sum[1]).item(), "val_accuracy": float(evaluate.accuracy(confusion)),
+            "val_kappa": float(evaluate.kappa(confusion))}
+
+
+def main(argv=None) -> None:
+    args, cfg = parse_args(argv)
+    rank, world, device = setup_distributed()
+    master = rank == 0
+    tc = cfg.train
+    torch.manual_seed(tc.seed * 1000 + rank)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and tc.bf16 else nullcontext())
+
+    encoder = load_encoder(args.encoder).to(device).requires_grad_(False)               # frozen, eval mode
+    window_patches = int(cfg.data.window_s * 125) // cfg.model.patch_len
+    if window_patches > cfg.model.max_patches:
+        raise SystemExit(f"data.window_s {cfg.data.window_s} gives {window_patches} patches; the encoder has "
+                         f"positions for {cfg.model.max_patches}")
+    train_nights, val_nights = labelled_nights(cfg, cfg.data.train_split), labelled_nights(cfg, cfg.data.val_split)
+    train_cache = val_cache = None
+    if tc.cache_embeddings:
+        train_cache = embedding_cache(encoder, train_nights, args.encoder, cfg, rank, world, device, autocast)
+        val_cache = embedding_cache(encoder, val_nights, args.encoder, cfg, rank, world, device, autocast) \
+            if len(val_nights) else None
+    train_set, val_set = ProbeWindows(train_nights, train_cache), ProbeWindows(val_nights, val_cache)
+    weights = class_weights(train_nights).to(device) if tc.class_weights else None
+
+    per_step = tc.batch_size * tc.grad_accum
+    steps_per_epoch = len(train_set) // (world * per_step)
+    if steps_per_epoch == 0:
+        raise SystemExit(f"{len(train_set)} labelled training windows are fewer than one optimiser step needs "
+                         f"({world} processes × batch {tc.batch_size} × accumulation {tc.grad_accum})")
+    total_steps = tc.max_steps or tc.epochs * steps_per_epoch
+
+    probe = ProbeHead(cfg.probe).to(device)
+    optimizer = torch.optim.AdamW(probe.parameters(), lr=tc.max_lr / 25, weight_decay=tc.weight_decay)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=tc.max_lr, total_steps=total_steps,
+                                                    pct_start=tc.pct_start)
+    progress = {"step": 0, "epoch": 0, "step_in_epoch": 0}
+    if args.resume and (args.run / "ckpt.pt").exists():
+        ckpt = torch.load(args.run / "ckpt.pt", map_location=device, weights_only=True)
+        probe.load_state_dict({k.removeprefix("probe."): v for k, v in ckpt["model"].items() if k.startswith("probe.")})
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        progress = {key: ckpt[key] for key in progress}
+        restore_rng(ckpt, rank, world, device)
+    model = DistributedDataParallel(probe, device_ids=[device.index] if device.type == "cuda" else None) \
+        if world > 1 else probe
+    # the checkpoint holds encoder + probe, so that the probe run alone is a complete model (load_encoder/load_probe)
+    checkpointed = torch.nn.ModuleDict({"encoder": encoder, "probe": probe})
+
+    metrics_path = args.run / "metrics.jsonl"
+    if master:
+        args.run.mkdir(parents=True, exist_ok=True)
+        config.save(cfg, args.run / "config.yaml")
+        keep_metrics_until(metrics_path, progress["step"])
+        print(f"probe: {sum(p.numel() for p in probe.parameters()):,} parameters on {world} × {device.type}; "
+              f"{len(train_set)} training windows, {len(val_set)} validation windows, {total_steps} optimiser steps")
+    bar = tqdm(total=total_steps, initial=progress["step"], desc="probe", disable=not master)
+    started, loss_sum, steps_since_log = time.time(), 0.0, 0
+
+    while progress["step"] < total_steps:
+        order = epoch_order(len(train_set), progress["epoch"], tc.seed, rank, world, per_step)
+        loader = torch.utils.data.DataLoader(
+            train_set, batch_size=tc.batch_size, sampler=order[progress["step_in_epoch"] * per_step:],
+            num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda", drop_last=True,
+            generator=torch.Generator())
+        for micro, batch in enumerate(loader):
+            embeddings, padding_mask, stages, n_valid = probe_inputs(batch, encoder, cfg, device, autocast, tc.trim_wake)
+            embeddings, stages = cutmix_epochs(embeddings, stages, n_valid, tc.cutmix_p, cfg.probe.patches_per_epoch)
+            last_micro = (micro + 1) % tc.grad_accum == 0
+            sync = nullcontext() if last_micro or world == 1 else model.no_sync()
+            with sync:
+                with autocast:
+                    logits = model(embeddings, padding_mask)                            # [B, E, 5]
+                loss = focal_loss(logits, stages, tc.focal_gamma, weights) / tc.grad_accum
+                loss.backward()
+            loss_sum += loss.item()
+            if not last_micro:
+                continue
+
+            grad_norm = torch.nn.utils.clip_grad_norm_(probe.parameters(), tc.grad_clip or math.inf)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            progress["step"] += 1
+            progress["step_in_epoch"] += 1
+            step = progress["step"]
+            steps_since_log += 1
+            bar.update()
+
+            if step % tc.log_every == 0 or step == total_steps:
+                loss_mean, = mean_over_processes([loss_sum / steps_since_log], device)
+                record = {"step": step, "epoch": progress["epoch"], "loss": loss_mean, "lr": scheduler.get_last_lr()[0],
+                          "grad_norm": grad_norm.item(), "s_per_step": (time.time() - started) / steps_since_log}
+                if master:
+                    bar.set_postfix(loss=f"{loss_mean:.4f}")
+                    append_metrics(metrics_path, record)
+                started, loss_sum, steps_since_log = time.time(), 0.0, 0
+            if step % tc.eval_every == 0 or step == total_steps:
+                scores = validate(probe, encoder, val_set, cfg, rank, world, device, autocast, weights)
+                if master and scores is not None:
+                    append_metrics(metrics_path, {"step": step, **scores})
+                    bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+            if step % tc.ckpt_every == 0 or step == total_steps:
+                rng = rng_states(device)
+                if master:
+                    save_checkpoint(args.run / "ckpt.pt", checkpointed, optimizer, scheduler, cfg, progress, rng)
+            if step == total_steps:
+                break
+        else:
+            progress["epoch"] += 1
+            progress["step_in_epoch"] = 0
+            continue
+        break
+
+    bar.close()
+    rng = rng_states(device)
+    if master:
+        save_checkpoint(args.run / "ckpt_final.pt", checkpointed, optimizer, scheduler, cfg, progress, rng)
+        print(f"done: {progress['step']} steps; run folder {args.run}")
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
