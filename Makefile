@@ -29,10 +29,15 @@ demo: setup
 	$(PY) -c "import pandas as pd; m = pd.read_csv('$(DEMO)/nights/manifest.csv'); print(m.groupby('split').size().to_string())"
 	@echo "== 2. pretrain the tiny encoder (masked reconstruction) on the training split"
 	$(PY) train_pretrain.py --config configs/pretrain_tiny.yaml --run $(DEMO)/runs/pretrain --data.root $(DEMO)/nights
+	@echo "== 3. train the sleep-stage probe on the frozen encoder's embeddings"
+	$(PY) train_probe.py --config configs/probe_tiny.yaml --encoder $(DEMO)/runs/pretrain --run $(DEMO)/runs/probe --data.root $(DEMO)/nights
+	@echo "== 4. stage the held-out (test split) nights and score them"
+	$(PY) evaluate.py --run $(DEMO)/runs/probe --out $(DEMO)/eval
 
 bench: setup
 	$(PY) bench/prepare.py
 	$(PY) bench/loader.py
+	$(PY) bench/pretrain.py --config tiny --hours 1
 
 clean:
 	rm -rf $(VENV) $(DEMO) .pytest_cache

@@ -61,6 +61,9 @@ from torch import Tensor
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 
+PAD_V_FOR_FUSED = {"cpu": False}          # per device type (default True): see SelfAttention.sdpa_attention
+
+
 @dataclass
 class ModelConfig:
     n_channels: int = 7                  # ECG, EOG, EMG, EEG, SPO2, THOR, ABDO
@@ -156,7 +159,14 @@ class SelfAttention(nn.Module):
             # True = attend. Fully padded sequences attend everywhere (SDPA would give NaN) and are zeroed below.
             all_padded = key_padding.all(-1)                                             # [S]
             attn_mask = (~key_padding | all_padded[:, None])[:, None, None, :]           # [S, 1, 1, N]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=1.0)    # [S, H, N, d]
+        # Fused kernels want one head dim for q, k and v: on GPUs pad v with zeros to ℓ·d and drop the padding after,
+        # so that no layer falls back to materialising [S, H, N, N] scores (2.6 GB per layer at 8 h). On CPU the fused
+        # backward at head dim 384 is slower than the fallback (bench/pretrain.py, 2 h: 16.7 s vs 19.2 s CPU time per
+        # step, 2.67 vs 2.47 GB), and nobody trains 8-h windows there, so CPU keeps the fallback.
+        width = v.shape[-1]
+        pad = q.shape[-1] - width if PAD_V_FOR_FUSED.get(q.device.type, True) else 0
+        padded_v = F.pad(v, (0, pad)) if pad else v                                      # [S, H, N, ℓ·d]
+        out = F.scaled_dot_product_attention(q, k, padded_v, attn_mask=attn_mask, scale=1.0)[..., :width]  # [S, H, N, d]
         if all_padded is not None:
             out = out.masked_fill(all_padded[:, None, None, None], 0.0)
         return out, (q, k)

@@ -41,7 +41,7 @@ class TrainConfig:
     batch_size: int = 3                  # nights per process per micro-step (the paper: 3)
     grad_accum: int = 8                  # micro-steps per optimiser step (the paper: 8)
     epochs: int = 100                    # passes over the training windows (the paper: 100)
-    max_steps: int | None = None         # optimiser steps in all; the one-cycle schedule spans them (null = epochs)
+    max_steps: int | None = None         # optimiser steps in all (null = epochs; 0 = save the untrained model)
     max_lr: float = 0.01                 # one-cycle peak learning rate (the paper: 0.01; starts at max_lr / 25)
     pct_start: float = 0.3               # fraction of the steps spent warming up to max_lr
     weight_decay: float = 1e-4           # AdamW weight decay (the paper: 1e-4)
@@ -168,11 +168,11 @@ def main(argv=None) -> None:
     if steps_per_epoch == 0:
         raise SystemExit(f"{len(train_set)} training windows in {cfg.data.root} are fewer than one optimiser step "
                          f"needs ({world} processes × batch {tc.batch_size} × accumulation {tc.grad_accum})")
-    total_steps = tc.max_steps or tc.epochs * steps_per_epoch
+    total_steps = tc.max_steps if tc.max_steps is not None else tc.epochs * steps_per_epoch   # 0: an untrained baseline
 
     model = Pretrainer(cfg.model, cfg.pretrain).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.max_lr / 25, weight_decay=tc.weight_decay)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=tc.max_lr, total_steps=total_steps,
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=tc.max_lr, total_steps=max(total_steps, 1),
                                                     pct_start=tc.pct_start)
     progress = {"step": 0, "epoch": 0, "step_in_epoch": 0}
     if args.resume and (args.run / "ckpt.pt").exists():
@@ -262,9 +262,10 @@ def main(argv=None) -> None:
     rng = rng_states(device)
     if master:
         save_checkpoint(args.run / "ckpt_final.pt", raw_model, optimizer, scheduler, cfg, progress, rng)
-        losses = [m["loss"] for m in map(json.loads, metrics_path.read_text().splitlines()) if "loss" in m]
-        print(f"done: {progress['step']} steps, training loss {losses[0]:.4f} (first log) → {losses[-1]:.4f} (last); "
-              f"run folder {args.run}")
+        losses = [m["loss"] for m in map(json.loads, metrics_path.read_text().splitlines()) if "loss" in m] \
+            if metrics_path.exists() else []
+        summary = f", training loss {losses[0]:.4f} (first log) → {losses[-1]:.4f} (last)" if losses else ""
+        print(f"done: {progress['step']} steps{summary}; run folder {args.run}")
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

@@ -47,7 +47,7 @@ class TrainConfig:
     batch_size: int = 4                  # windows per process per micro-step (the paper: 4)
     grad_accum: int = 8                  # micro-steps per optimiser step (the paper: 8)
     epochs: int = 30                     # passes over the training windows (the paper: 30)
-    max_steps: int | None = None         # optimiser steps in all; the one-cycle schedule spans them (null = epochs)
+    max_steps: int | None = None         # optimiser steps in all (null = epochs; 0 = save the untrained model)
     max_lr: float = 0.01                 # one-cycle peak learning rate (the paper: 0.01)
     pct_start: float = 0.3               # fraction of the steps spent warming up to max_lr
     weight_decay: float = 1e-3           # AdamW weight decay (the paper: 1e-3)
@@ -322,11 +322,11 @@ def main(argv=None) -> None:
     if steps_per_epoch == 0:
         raise SystemExit(f"{len(train_set)} labelled training windows are fewer than one optimiser step needs "
                          f"({world} processes × batch {tc.batch_size} × accumulation {tc.grad_accum})")
-    total_steps = tc.max_steps or tc.epochs * steps_per_epoch
+    total_steps = tc.max_steps if tc.max_steps is not None else tc.epochs * steps_per_epoch   # 0: an untrained baseline
 
     probe = ProbeHead(cfg.probe).to(device)
     optimizer = torch.optim.AdamW(probe.parameters(), lr=tc.max_lr / 25, weight_decay=tc.weight_decay)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=tc.max_lr, total_steps=total_steps,
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=tc.max_lr, total_steps=max(total_steps, 1),
                                                     pct_start=tc.pct_start)
     progress = {"step": 0, "epoch": 0, "step_in_epoch": 0}
     if args.resume and (args.run / "ckpt.pt").exists():

@@ -96,7 +96,9 @@ def test_shorter_inputs_use_the_first_rows_of_the_positional_table():
 
 @pytest.mark.parametrize("residual_attention", [True, False])
 @pytest.mark.parametrize("padded", [False, True])
-def test_sdpa_path_equals_math_path(residual_attention, padded):
+@pytest.mark.parametrize("pad_v", [False, True])     # True: the GPU variant (v zero-padded to the q/k head dim)
+def test_sdpa_path_equals_math_path(residual_attention, padded, pad_v, monkeypatch):
+    monkeypatch.setitem(model.PAD_V_FOR_FUSED, "cpu", pad_v)
     math_encoder = eval_encoder(attention="math", residual_attention=residual_attention)
     sdpa_encoder = Encoder(tiny_config(attention="sdpa", residual_attention=residual_attention)).eval()
     sdpa_encoder.load_state_dict(math_encoder.state_dict())
