@@ -33,6 +33,10 @@ demo: setup
 	$(PY) train_probe.py --config configs/probe_tiny.yaml --encoder $(DEMO)/runs/pretrain --run $(DEMO)/runs/probe --data.root $(DEMO)/nights
 	@echo "== 4. stage the held-out (test split) nights and score them"
 	$(PY) evaluate.py --run $(DEMO)/runs/probe --out $(DEMO)/eval
+	@echo "== 5. stage a user's EDF (a synthetic one here) with predict.py"
+	$(PY) -m prepare.synthetic edf $(DEMO)/user --nights 1 --hours 2.5 --seed 99
+	$(PY) predict.py $(DEMO)/user/night-001.edf --run $(DEMO)/runs/probe --out $(DEMO)/predict
+	@ls $(DEMO)/predict
 
 bench: setup
 	$(PY) bench/prepare.py
