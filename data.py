@@ -58,36 +58,32 @@ def read_manifest(root: str | Path, split: str | None = None, datasets=None) -> 
     return manifest.reset_index(drop=True)
 
 
-def _raw_chunk(array_dir: Path, chunk_key: str):
-    """Path of the array's single raw chunk, or None if the array is chunked or compressed otherwise."""
+def _is_raw(array_dir: Path) -> tuple[bool, list[int]]:
+    """(whether each chunk spans the whole last axis as raw little-endian bytes, the array's shape)."""
     meta = json.loads((array_dir / "zarr.json").read_text())
-    simple = (meta["chunk_grid"]["configuration"]["chunk_shape"][-1] == meta["shape"][-1]
-              and [c["name"] for c in meta["codecs"]] == ["bytes"]
-              and meta["codecs"][0].get("configuration", {}).get("endian", "little") == "little")
-    return (array_dir / "c" / chunk_key) if simple else None
+    raw = (meta["chunk_grid"]["configuration"]["chunk_shape"][-1] == meta["shape"][-1]
+           and [c["name"] for c in meta["codecs"]] == ["bytes"]
+           and meta["codecs"][0].get("configuration", {}).get("endian", "little") == "little")
+    return raw, meta["shape"]
 
 
 def open_night(store: str | Path) -> tuple[list, np.ndarray, dict]:
     """(channels, stages, attrs): `channels` is 7 array-likes [T] float16 (memmaps where possible)."""
+    import zarr   # only for stores written with other chunking or compression (the slow path)
     store = Path(store)
     attrs = json.loads((store / "zarr.json").read_text())["attributes"]
-    meta = json.loads((store / "signals" / "zarr.json").read_text())
-    n_samples = meta["shape"][1]
-    channels = []
-    for c in range(N_CHANNELS):
-        raw = _raw_chunk(store / "signals", f"{c}/0")
-        if raw is None:
-            import zarr   # slow path: only for stores written with other chunking/compression
-            channels = list(zarr.open_array(store / "signals", mode="r")[:])
-            break
+    raw, (_, n_samples) = _is_raw(store / "signals")
+    if raw:
         # zarr skips chunks equal to the fill value: an absent channel may have no file at all.
-        channels.append(np.memmap(raw, dtype="<f2", mode="r", shape=(n_samples,)) if raw.exists()
-                        else np.zeros(n_samples, np.float16))
-    raw_stages = _raw_chunk(store / "stages", "0")
-    if raw_stages is not None and raw_stages.exists():
-        stages = np.fromfile(raw_stages, dtype=np.int8)
+        chunks = [store / "signals" / "c" / str(c) / "0" for c in range(N_CHANNELS)]
+        channels = [np.memmap(chunk, dtype="<f2", mode="r", shape=(n_samples,)) if chunk.exists()
+                    else np.zeros(n_samples, np.float16) for chunk in chunks]
     else:
-        import zarr
+        channels = list(zarr.open_array(store / "signals", mode="r")[:])
+    stages_chunk = store / "stages" / "c" / "0"
+    if _is_raw(store / "stages")[0] and stages_chunk.exists():
+        stages = np.fromfile(stages_chunk, dtype=np.int8)
+    else:
         stages = zarr.open_array(store / "stages", mode="r")[:]
     return channels, stages, attrs
 

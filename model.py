@@ -51,9 +51,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
+import yaml
 import torch.distributed as dist
 import torch.distributed.nn as dist_nn
 import torch.nn.functional as F
@@ -465,8 +467,6 @@ class Pretrainer(nn.Module):
 
 def read_checkpoint(run_dir) -> tuple[dict, dict]:
     """(resolved config as a dict, checkpoint dict) of a run folder; weights only, never pickled code."""
-    import yaml
-    from pathlib import Path
     run_dir = Path(run_dir)
     ckpt_path = next((p for p in (run_dir / "ckpt_final.pt", run_dir / "ckpt.pt") if p.exists()), None)
     if ckpt_path is None or not (run_dir / "config.yaml").exists():
