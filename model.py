@@ -54,11 +54,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn as nn
-import yaml
 import torch.distributed as dist
 import torch.distributed.nn as dist_nn
+import torch.nn as nn
 import torch.nn.functional as F
+import yaml
 from torch import Tensor
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
