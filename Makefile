@@ -35,13 +35,15 @@ demo: setup
 	$(PY) evaluate.py --run $(DEMO)/runs/probe --out $(DEMO)/eval
 	@echo "== 5. stage a user's EDF (a synthetic one here) with predict.py"
 	$(PY) -m prepare.synthetic edf $(DEMO)/user --nights 1 --hours 2.5 --seed 99
-	$(PY) predict.py $(DEMO)/user/night-001.edf --run $(DEMO)/runs/probe --out $(DEMO)/predict
+	$(PY) predict.py $(DEMO)/user/night-001.edf --run $(DEMO)/runs/probe --out $(DEMO)/predict --edf-annotations
+	@echo "== done: results in $(DEMO)/eval (results.md, PNGs), the user's night in $(DEMO)/predict:"
 	@ls $(DEMO)/predict
 
 bench: setup
 	$(PY) bench/prepare.py
 	$(PY) bench/loader.py
 	$(PY) bench/pretrain.py --config tiny --hours 1
+	$(PY) bench/predict.py
 
 clean:
 	rm -rf $(VENV) $(DEMO) .pytest_cache

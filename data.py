@@ -14,6 +14,11 @@ aligned to the night's last full epoch (so it overlaps its neighbour instead of 
 Wake trimming (`trim_wake_min`, off by default): before windowing, a night is cut to start at most
 that many minutes before its first sleep epoch (N1/N2/N3/REM) and end at most that many minutes
 after its last one; a night with no sleep epoch is kept whole.
+
+Channel dropout (`drop_channels`, the `train.channel_dropout` switch of both training scripts): a
+channel the night store marks absent is zeros, and so is a channel missing from a user's EDF at
+prediction time (predict.py). Training with some present channels dropped the same way lets the
+model see such windows; tests/test_data.py and bench/channel_dropout.py measure the effect.
 """
 from __future__ import annotations
 
@@ -111,8 +116,9 @@ class NightDataset(torch.utils.data.Dataset):
     """Windows over night stores.
 
     Item: {"signals": float32 [7, L], "padding_mask": bool [L] (True = padded), "stages": int64
-    [L / 3750] (-1 for padded or unscored epochs), "night": index into `self.stores`, "start": first
-    sample of the window in the night}. L = window_s × 125.
+    [L / 3750] (-1 for padded or unscored epochs), "present": bool [7] (False = the store marks the
+    channel absent; its signal is zeros), "night": index into `self.stores`, "start": first sample
+    of the window in the night}. L = window_s × 125.
     """
 
     def __init__(self, stores, window_s: float = 8 * 3600, stride_s: float | None = None,
@@ -129,7 +135,7 @@ class NightDataset(torch.utils.data.Dataset):
             first, last = sleep_span(stages, trim_wake_min)
             for start in window_starts(first, last, self.window_epochs, stride_epochs):
                 self.windows.append((night, start, last))
-        self._open = {}     # night index -> (channels, stages), opened lazily in each worker
+        self._open = {}     # night index -> (channels, stages, present), opened lazily in each worker
 
     @classmethod
     def from_manifest(cls, root, split=None, datasets=None, **kwargs) -> "NightDataset":
@@ -146,8 +152,14 @@ class NightDataset(torch.utils.data.Dataset):
 
     def _night(self, night: int):
         if night not in self._open:
-            self._open[night] = open_night(self.stores[night])[:2]
+            channels, stages, attrs = open_night(self.stores[night])
+            present = torch.tensor(attrs.get("present", [True] * N_CHANNELS), dtype=torch.bool)
+            self._open[night] = channels, stages, present
         return self._open[night]
+
+    def present_of(self, index: int) -> torch.Tensor:
+        """Which of the 7 channels the window's night holds [7] bool (an absent one is stored as zeros)."""
+        return self._night(self.windows[index][0])[2]
 
     def stages_of(self, index: int) -> torch.Tensor:
         """The window's stages [L / 3750] int64 (-1 where padded or unscored), without reading its signals."""
@@ -159,7 +171,7 @@ class NightDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict:
         night, start_epoch, last_epoch = self.windows[index]
-        channels, stages = self._night(night)
+        channels, stages, present = self._night(night)
         n_epochs = min(self.window_epochs, last_epoch - start_epoch)
         start, n = start_epoch * EPOCH_SAMPLES, n_epochs * EPOCH_SAMPLES
         signals = np.zeros((N_CHANNELS, self.window_samples), np.float32)    # [7, L]
@@ -168,4 +180,14 @@ class NightDataset(torch.utils.data.Dataset):
         padding_mask = np.ones(self.window_samples, bool)                    # [L]
         padding_mask[:n] = False
         return {"signals": torch.from_numpy(signals), "padding_mask": torch.from_numpy(padding_mask),
-                "stages": self.stages_of(index), "night": night, "start": start}
+                "stages": self.stages_of(index), "present": present, "night": night, "start": start}
+
+
+def drop_channels(present: torch.Tensor, p: float) -> torch.Tensor:
+    """Channel dropout: present [B, C] bool -> the channels kept [B, C], each present one dropped with probability
+    p (torch's global RNG, so a resumed run draws the same). A window never loses its last present channel: where
+    every present one would go, it keeps them all."""
+    if p <= 0:
+        return present
+    kept = present & (torch.rand(present.shape, device=present.device) >= p)            # [B, C]
+    return torch.where(kept.any(dim=1, keepdim=True), kept, present)

@@ -6,6 +6,8 @@
 Each night is staged completely by `model.stage_night`: windows of --window_s (default: the run's data.window_s)
 every --stride_s (default: half a window), the stage probabilities of an epoch averaged over the windows that saw it.
 Epochs the technologists left unscored (stage -1: movement, artefact, no annotation) are excluded everywhere.
+--absent EEG (or THOR,ABDO) zeroes those slots in every night first, as predict.py feeds a slot an EDF lacks: the
+κ a user gets without them (bench/channel_dropout.py tabulates it per slot).
 
 Metrics over 30-s epochs, classes 0 W, 1 N1, 2 N2, 3 N3, 4 REM (formulas in the functions below):
   kappa      Cohen's κ = (p_o − p_e) / (1 − p_e) from the confusion matrix
@@ -47,7 +49,7 @@ from tqdm import tqdm
 
 from data import DataConfig, open_night, read_manifest
 from model import load_encoder, load_probe, stage_night
-from prepare.signals import EPOCH_SAMPLES
+from prepare.signals import EPOCH_SAMPLES, SLOTS
 
 STAGES = ["W", "N1", "N2", "N3", "REM"]          # class index = stage code in the night stores
 K = len(STAGES)
@@ -182,8 +184,9 @@ def select_nights(root: Path, split: str, datasets: list | None) -> pd.DataFrame
 
 
 def stage_all(nights: pd.DataFrame, root: Path, encoder, probe, window_s: float, stride_s: float,
-              batch_size: int, device: str) -> list[dict]:
-    """Per night: {night_id, dataset, visit, stages [E] int64 (-1 unscored), probs [E, K] float32}."""
+              batch_size: int, device: str, absent: tuple[str, ...] = ()) -> list[dict]:
+    """Per night: {night_id, dataset, visit, stages [E] int64 (-1 unscored), probs [E, K] float32}. Slots named in
+    `absent` are zeroed, as predict.py feeds a channel missing from an EDF."""
     window = int(round(window_s / 30)) * EPOCH_SAMPLES
     stride = int(round(stride_s / 30)) * EPOCH_SAMPLES
     encoder, probe = encoder.to(device), probe.to(device)
@@ -191,6 +194,7 @@ def stage_all(nights: pd.DataFrame, root: Path, encoder, probe, window_s: float,
     for row in tqdm(nights.itertuples(), total=len(nights), desc="staging nights", unit="night"):
         channels, stages, _ = open_night(root / row.path)
         signals = np.stack([np.asarray(c, np.float32) for c in channels])                   # [7, T]
+        signals[[SLOTS.index(slot) for slot in absent]] = 0.0
         probs = stage_night(encoder, probe, signals, window, stride, batch_size, device).numpy()   # [T // 3750, K]
         n = min(len(probs), len(stages))            # both are T // 3750; guard against a store that disagrees
         staged.append({"night_id": str(row.night_id), "dataset": row.dataset, "visit": str(row.visit),
@@ -413,6 +417,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--stride_s", type=float,
                         help="hop between windows in seconds, at least 30; overlapping epochs average their "
                              "probabilities (default: half a window)")
+    parser.add_argument("--absent", default="",
+                        help="comma-separated slots to zero in every night, e.g. EEG or THOR,ABDO: how the model does "
+                             f"when an EDF lacks them (slots: {', '.join(SLOTS)}; default: none)")
     parser.add_argument("--batch_size", type=int, default=4, help="windows per forward pass (default: 4)")
     parser.add_argument("--bootstrap", type=int, default=1000,
                         help="bootstrap resamples of the nights for the 95 %% intervals; 0 = none (default: 1000)")
@@ -434,9 +441,12 @@ def main(argv=None) -> dict:
     if window_s < 30 or stride_s < 30:
         raise SystemExit(f"evaluate.py: --window_s ({window_s}) and --stride_s ({stride_s}) must be at least 30")
     datasets = [d.strip() for d in args.datasets.split(",") if d.strip()] if args.datasets else None
+    absent = tuple(slot.strip().upper() for slot in args.absent.split(",") if slot.strip())
+    if unknown := [slot for slot in absent if slot not in SLOTS]:
+        raise SystemExit(f"evaluate.py: --absent {','.join(unknown)}: not a slot (slots: {', '.join(SLOTS)})")
 
     nights = stage_all(select_nights(root, args.split, datasets), root, encoder, probe, window_s, stride_s,
-                       args.batch_size, args.device)
+                       args.batch_size, args.device, absent)
     results = {"pooled": score(nights, args.bootstrap, args.seed), "datasets": {}}
     for name in sorted({n["dataset"] for n in nights}):
         results["datasets"][name] = score([n for n in nights if n["dataset"] == name], args.bootstrap, args.seed)
@@ -449,7 +459,8 @@ def main(argv=None) -> dict:
     predictions_table(nights).to_csv(out / "predictions.csv", index=False, float_format="%.6g")
     paper = yaml.safe_load(PAPER_RESULTS.read_text()) if PAPER_RESULTS.exists() else {}
     settings = {"run": args.run, "data.root": root, "split": args.split, "datasets": args.datasets or "all",
-                "window_s": window_s, "stride_s": stride_s, "bootstrap": args.bootstrap, "seed": args.seed}
+                "window_s": window_s, "stride_s": stride_s, "absent": ",".join(absent) or "none",
+                "bootstrap": args.bootstrap, "seed": args.seed}
     report = results_markdown(results, nights, paper, settings)
     (out / "results.md").write_text(report)
     figures = write_figures(out, np.array(results["pooled"]["confusion"]), nights, args.png_nights)

@@ -288,9 +288,11 @@ class Encoder(nn.Module):
             key_padding = padding_mask[:, :N * P].reshape(B, N, P).all(dim=-1)          # [B, N]
         return patches, key_padding
 
-    def encode(self, patches: Tensor, key_padding: Tensor | None = None) -> Tensor:
+    def encode(self, patches: Tensor, key_padding: Tensor | None = None, sequences_per_pass: int | None = None) -> Tensor:
         """(possibly corrupted) normalised patches [B, C, N, P], key_padding [B, N] bool or None
-        -> embeddings [B, C, N, D]."""
+        -> embeddings [B, C, N, D]. sequences_per_pass (eval mode only): run the transformer over that many
+        channel sequences at a time, which bounds inference memory (the encoder on an 8-h night at the paper config, CPU:
+        2.06 -> 1.09 GB peak RSS, same time); exact, because in eval mode every sequence is computed on its own."""
         B, C, N, P = patches.shape
         x = torch.einsum("bcnp,cdp->bcnd", patches, self.patch_weight)                   # [B, C, N, D]
         x = x + self.patch_bias[:, None, :]
@@ -298,14 +300,22 @@ class Encoder(nn.Module):
         x = x.reshape(B * C, N, -1)                       # [B·C, N, D]: every channel its own sequence, row b·C + c
         if key_padding is not None:
             key_padding = key_padding.repeat_interleave(C, dim=0)                        # [B·C, N]
+        if sequences_per_pass and not self.training:
+            parts = [self.transform(x[i:i + sequences_per_pass], None if key_padding is None else
+                                    key_padding[i:i + sequences_per_pass]) for i in range(0, B * C, sequences_per_pass)]
+            return torch.cat(parts).view(B, C, N, -1)                                    # [B, C, N, D]
+        return self.transform(x, key_padding).view(B, C, N, -1)                          # [B, C, N, D]
+
+    def transform(self, x: Tensor, key_padding: Tensor | None) -> Tensor:
+        """The transformer layers: x [S, N, D], key_padding [S, N] or None -> [S, N, D]."""
         prev = None
         for layer in self.layers:
-            x, prev = layer(x, key_padding, prev)                                        # [B·C, N, D]
-        return x.view(B, C, N, -1)                                                       # [B, C, N, D]
+            x, prev = layer(x, key_padding, prev)                                        # [S, N, D]
+        return x
 
-    def embed(self, signals: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+    def embed(self, signals: Tensor, padding_mask: Tensor | None = None, sequences_per_pass: int | None = None) -> Tensor:
         """signals [B, C, T] float32, padding_mask [B, T] bool (True = padded) or None -> embeddings [B, C, N, D]."""
-        return self.encode(*self.patchify(signals, padding_mask))
+        return self.encode(*self.patchify(signals, padding_mask), sequences_per_pass=sequences_per_pass)
 
     def forward(self, signals: Tensor, padding_mask: Tensor | None = None) -> Tensor:
         """Same as `embed`."""
@@ -448,15 +458,22 @@ class Pretrainer(nn.Module):
         self.encoder = Encoder(cfg)
         self.head = PretrainHead(cfg)
 
-    def forward(self, signals: Tensor, padding_mask: Tensor | None = None) -> Tensor:
-        """signals [B, C, T], padding_mask [B, T] bool or None -> scalar loss. Corruption only in training mode."""
+    def forward(self, signals: Tensor, padding_mask: Tensor | None = None, present: Tensor | None = None) -> Tensor:
+        """signals [B, C, T], padding_mask [B, T] bool or None, present [B, C] bool or None (None: all) -> scalar
+        loss. Corruption only in training mode. An absent channel (zeros: missing from the night, or dropped by
+        train.channel_dropout) still goes through the encoder, as it would at prediction time, but has nothing to
+        reconstruct, so it is left out of the loss."""
         patches, key_padding = self.encoder.patchify(signals, padding_mask)              # [B, C, N, P], [B, N]
+        B, C, N, _ = patches.shape
         corrupted, loss_mask = patches, None
         if self.training and self.objective.corruption == "jitter_zero":
             o = self.objective
             corrupted = corrupt_values(patches, o.p_zero, o.p_jitter, o.jitter_scale)
         elif self.training:
             corrupted, loss_mask = mask_patches(patches, self.objective.mask_ratio, key_padding)
+        if present is not None:
+            counted = present[:, :, None].expand(B, C, N)                                # [B, C, N]
+            loss_mask = counted if loss_mask is None else loss_mask & counted
         reconstruction = self.head(self.encoder.encode(corrupted, key_padding))          # [B, C, N, P]
         return reconstruction_loss(reconstruction, patches, key_padding, loss_mask)
 
@@ -522,7 +539,9 @@ def stage_night(encoder: Encoder, probe: ProbeHead, signals, window_samples: int
             windows[j, :, :n] = signals[:, start * epoch_samples: start * epoch_samples + n]
             padding[j, :n] = False
         windows, padding = windows.to(device), padding.to(device)
-        probs = probe(encoder.embed(windows, padding), padding).softmax(dim=-1).cpu()  # [b, E_w, classes]
+        # on CPU one channel sequence per encoder pass: half the peak memory, same speed (Encoder.encode)
+        embeddings = encoder.embed(windows, padding, sequences_per_pass=1 if windows.device.type == "cpu" else None)
+        probs = probe(embeddings, padding).softmax(dim=-1).cpu()                        # [b, E_w, classes]
         for j, start in enumerate(batch_starts):
             n = min(window_epochs, n_epochs - start)
             total[start:start + n] += probs[j, :n]

@@ -15,6 +15,9 @@ Per night <stem> (the EDF's name without .edf), written to a temporary name and 
                         stage (W/N1/N2/N3/R, the most probable), p_W, p_N1, p_N2, p_N3, p_REM
   <stem>.stats.json     sleep statistics of the predicted hypnogram (below), the run, the absent slots, warnings
   <stem>.png            hypnogram over hypnodensity (matplotlib; skipped with a note if it is not installed)
+  <stem>.stages.edf     with --edf-annotations: the predicted stages as an EDF+ annotation file ('Sleep stage W',
+                        'Sleep stage N1' … 'Sleep stage R', one annotation per run of equal stages, onsets from the
+                        recording start) that EDFbrowser, MNE or `python -m prepare edf --annotations` can read
 
 Sleep statistics (AASM-style; minutes unless noted; an epoch is 30 s = 0.5 min; sleep = N1, N2, N3 or R):
   TIB_min          time in bed: all recorded full epochs × 0.5 (lights-off/on are not in an EDF: the recording is TIB)
@@ -28,9 +31,13 @@ Sleep statistics (AASM-style; minutes unless noted; an epoch is 30 s = 0.5 min; 
   stage_pct_TST    N1, N2, N3, R as % of TST (null if TST = 0)
   awakenings       runs of >= MIN_AWAKENING_EPOCHS consecutive W epochs inside the SPT (2 epochs = 1 min)
 
-A bad EDF (unreadable or truncated header, missing required channel, unknown unit) prints one line naming the file
-and the cause; the batch goes on, and a summary lists the failures. Exit status 0 if at least one night was staged,
-1 if every night failed.
+EDFs from other vendors: labels and units in UTF-8 or Latin-1 ('µV'), any sampling rate (resampled to 125 Hz),
+physical dimensions V, mV or µV, and headers pyedflib refuses (prepare/edf.py is our own reader) are read as they are.
+An EDF+D (discontinuous) file is laid out on its records' own start times, the gaps interpolated and named in the
+night's warnings. A file with fewer data records than its header says is staged as far as it goes, with a warning
+(--strict: an error). Anything else that is wrong (unreadable header, every slot missing, unknown unit, records that
+overlap) prints one line naming the file and the cause; the batch goes on, and a summary lists the failures. Exit
+status 0 if at least one night was staged, 1 if every night failed.
 """
 from __future__ import annotations
 
@@ -174,6 +181,35 @@ def write_json(path: Path, value: dict) -> None:
     write_atomic(path, lambda tmp: tmp.write_text(json.dumps(value, indent=2) + "\n"))
 
 
+def stage_annotation_record(stages: np.ndarray) -> bytes:
+    """EDF+ TALs of a hypnogram: the record's time-keeping TAL, then one '+onset\x15duration\x14Sleep stage X\x14\x00'
+    per run of equal stages (the Sleep-EDF convention), padded with zeros to whole 2-byte samples."""
+    tals = [b"+0\x14\x14\x00"]
+    change = np.flatnonzero(np.diff(stages)) + 1
+    for start, stop in zip(np.concatenate([[0], change]), np.concatenate([change, [len(stages)]])):
+        text = f"+{start * EPOCH_S:g}\x15{(stop - start) * EPOCH_S:g}\x14Sleep stage {STAGES[stages[start]]}\x14\x00"
+        tals.append(text.encode("ascii"))
+    record = b"".join(tals)
+    return record + b"\x00" * (len(record) % 2)
+
+
+def write_stage_annotations(path: Path, stages: np.ndarray, start_time: str | None) -> None:
+    """An annotation-only EDF+C file (one data record of duration 0, as Sleep-EDF's hypnograms) of the stages."""
+    start = dt.datetime.fromisoformat(start_time) if start_time else dt.datetime(1985, 1, 1)   # EDF's epoch date
+    record = stage_annotation_record(stages)
+
+    def field(text, width: int) -> bytes:
+        return str(text).encode("ascii").ljust(width)[:width]
+
+    recording = f"Startdate {start.strftime('%d-%b-%Y').upper()} X X predict.py"
+    header = b"".join([field("0", 8), field("X X X X", 80), field(recording, 80), field(start.strftime("%d.%m.%y"), 8),
+                       field(start.strftime("%H.%M.%S"), 8), field(512, 8), field("EDF+C", 44), field(1, 8),
+                       field(0, 8), field(1, 4)])
+    header += b"".join([field("EDF Annotations", 16), field("", 80), field("", 8), field(-1, 8), field(1, 8),
+                        field(-32768, 8), field(32767, 8), field("", 80), field(len(record) // 2, 8), field("", 32)])
+    write_atomic(path, lambda tmp: tmp.write_bytes(header + record))
+
+
 def plot_night(path: Path, probs: np.ndarray, title: str, plt) -> None:
     """Predicted hypnogram (W on top, then R, N1, N2, N3) over the hypnodensity (stacked probabilities)."""
     level = np.array([4, 2, 1, 0, 3])                       # stage code -> height
@@ -195,8 +231,11 @@ def predict_one(edf: Path, out: Path | None, run, opts, args, plt) -> list[Path]
     encoder, probe, window_s = run
     signals, attrs = read_night(edf, opts)
     absent = [slot for slot, ok in zip(SLOTS, attrs["present"]) if not ok]
+    if len(absent) == len(SLOTS):
+        raise NightFailed(f"no usable channel: {'; '.join(attrs['warnings'])}")
     if absent:
-        print(f"warning: {edf}: absent slots {', '.join(absent)} (fed as zeros): {'; '.join(attrs['warnings'])}")
+        reasons = [warning for warning in attrs["warnings"] if warning.startswith("slot ")]
+        print(f"warning: {edf}: absent slots {', '.join(absent)} (fed as zeros): {'; '.join(reasons)}")
     window = int(round(window_s / EPOCH_S)) * EPOCH_SAMPLES
     stride = int(round((args.stride_s or window_s / 2) / EPOCH_S)) * EPOCH_SAMPLES
     probs = stage_night(encoder, probe, signals, window, max(stride, EPOCH_SAMPLES), args.batch_size,
@@ -211,6 +250,12 @@ def predict_one(edf: Path, out: Path | None, run, opts, args, plt) -> list[Path]
                             "window_s": window_s, "stride_s": stride / FS, **stats,
                             "absent_slots": absent, "source_labels": attrs["source_labels"],
                             "warnings": attrs["warnings"]})
+    for warning in attrs["warnings"]:
+        if not warning.startswith("slot "):                       # slot warnings were printed with the absent slots
+            print(f"warning: {edf}: {warning}")
+    if args.edf_annotations:
+        written.append(stem.with_name(stem.name + ".stages.edf"))
+        write_stage_annotations(written[-1], probs.argmax(axis=1), attrs["start_time"])
     if plt is not None:
         written.append(stem.with_name(stem.name + ".png"))
         plot_night(written[-1], probs, edf.name, plt)
@@ -230,8 +275,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="YAML mapping slot -> EDF label or 'A - B' derivation (null = absent), e.g. "
                              "{EEG: C4-M1, EOG: E1 - M2}; slots left out use the built-in alias table")
     parser.add_argument("--out", type=Path, help="output folder (default: next to each EDF)")
+    parser.add_argument("--edf-annotations", action="store_true",
+                        help="also write <stem>.stages.edf, the predicted stages as EDF+ annotations")
     parser.add_argument("--require-all", action="store_true",
                         help="fail a night if any of the 7 slots is absent (default: absent slots are zeros, warned)")
+    parser.add_argument("--strict", action="store_true",
+                        help="fail a night whose EDF holds fewer data records than its header says (default: stage "
+                             "the records that are there and say so in a warning)")
     parser.add_argument("--stride_s", type=float, default=None,
                         help="seconds between window starts (default: half the run's data.window_s)")
     parser.add_argument("--zero-phase", action="store_true",
@@ -259,6 +309,7 @@ def main(argv=None) -> int:
     # build_options validates the map exactly as `python -m prepare` does
     opts = build_options(SimpleNamespace(channels=args.channels, require="all" if args.require_all else "none",
                                          zero_phase=args.zero_phase, clean_spo2=False))
+    opts.allow_truncated = not args.strict
     fused_attention_on_cpu()
     encoder, probe, window_s = load_run(args.run)
     run = (encoder.to(args.device), probe.to(args.device), window_s)

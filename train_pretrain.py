@@ -32,7 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import config
-from data import DataConfig, NightDataset
+from data import DataConfig, NightDataset, drop_channels
 from model import ModelConfig, PretrainConfig, Pretrainer
 
 
@@ -46,6 +46,7 @@ class TrainConfig:
     pct_start: float = 0.3               # fraction of the steps spent warming up to max_lr
     weight_decay: float = 1e-4           # AdamW weight decay (the paper: 1e-4)
     grad_clip: float = 0.0               # clip the gradient norm to this (0 = off, as in the paper)
+    channel_dropout: float = 0.0         # zero each present channel of a window with this probability (0 = off, as the paper)
     bf16: bool = True                    # bf16 autocast on CUDA (ignored on CPU)
     compile: bool = False                # torch.compile the model
     seed: int = 0                        # seeds the window order, dropout and corruption
@@ -116,7 +117,7 @@ def validate(model, dataset, cfg: Config, rank: int, world: int, device, autocas
                                          sampler=list(range(rank, len(dataset), world)))
     for batch in loader:
         with autocast:
-            loss = model(batch["signals"].to(device), batch["padding_mask"].to(device))
+            loss = model(batch["signals"].to(device), batch["padding_mask"].to(device), batch["present"].to(device))
         total += torch.tensor([loss.item() * len(batch["signals"]), len(batch["signals"])], device=device)
     if dist.is_initialized():
         dist.all_reduce(total)
@@ -210,12 +211,14 @@ def main(argv=None) -> None:
         for micro, batch in enumerate(loader):
             signals = batch["signals"].to(device, non_blocking=True)                      # [B, 7, T]
             padding_mask = batch["padding_mask"].to(device, non_blocking=True)            # [B, T]
+            present = drop_channels(batch["present"], tc.channel_dropout).to(device)      # [B, 7]
+            signals = signals * present[:, :, None]                                       # dropped = absent = zeros
             last_micro = (micro + 1) % tc.grad_accum == 0
             # DDP: only the last micro-step of an optimiser step all-reduces gradients
             sync = nullcontext() if last_micro or world == 1 else model.no_sync()
             with sync:
                 with autocast:
-                    loss = model(signals, padding_mask) / tc.grad_accum
+                    loss = model(signals, padding_mask, present) / tc.grad_accum
                 loss.backward()
             loss_sum += loss.item()
             window_count += len(signals)

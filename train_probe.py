@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 import config
 import evaluate
-from data import DataConfig, NightDataset, read_manifest
+from data import DataConfig, NightDataset, drop_channels, read_manifest
 from model import ModelConfig, ProbeConfig, ProbeHead, load_encoder, read_checkpoint
 from train_pretrain import (append_metrics, epoch_order, keep_metrics_until, mean_over_processes, restore_rng,
                             rng_states, save_checkpoint, setup_distributed)
@@ -56,6 +56,7 @@ class TrainConfig:
     class_weights: bool = False          # weight the loss by inverse class frequency of the training split
     trim_wake: bool = True               # exclude long pre/post-sleep wake from the loss (the paper's rule, see below)
     cutmix_p: float = 0.5                # probability per batch of shuffling 30-s epochs across its nights
+    channel_dropout: float = 0.0         # replace each present channel of a window by an absent one with this probability
     cache_embeddings: bool = True        # compute the frozen encoder's embeddings once (float16 zarr) and reuse them
     bf16: bool = True                    # bf16 autocast on CUDA (ignored on CPU)
     seed: int = 0                        # seeds the window order, dropout and CutMix
@@ -176,7 +177,7 @@ class ProbeWindows(torch.utils.data.Dataset):
             item = self.nights[index]
         else:
             item = {"embeddings": torch.from_numpy(self.cache[index].astype(np.float32)),
-                    "stages": self.nights.stages_of(index)}
+                    "stages": self.nights.stages_of(index), "present": self.nights.present_of(index)}
         item["n_valid_epochs"] = n_valid_epochs
         return item
 
@@ -228,6 +229,35 @@ def embedding_cache(encoder, nights: NightDataset, encoder_dir: Path, cfg: Confi
     if world > 1:
         dist.barrier()
     return zarr.open_array(path, mode="r")
+
+
+@torch.no_grad()
+def absent_embeddings(encoder, padding_mask: torch.Tensor, autocast, memo: dict) -> torch.Tensor:
+    """What the frozen encoder makes of all-zero (absent) channels under each window's padding: padding_mask [B, L]
+    -> [B, C, N, D]. In eval mode the encoder treats every channel on its own, so a window with channel c zeroed
+    has exactly these embeddings in row c and its own in the others (tests/test_train_probe.py): channel dropout can
+    act on cached embeddings. Memoised by the number of valid samples (full windows and night ends: few values);
+    rounded through float16 like the cache, so a dropped channel looks exactly like one the store marks absent."""
+    rows = []
+    for mask in padding_mask:                                                            # [L]
+        key = int((~mask).sum())
+        if key not in memo:
+            if len(memo) >= 16:
+                memo.clear()
+            zeros = torch.zeros(1, encoder.cfg.n_channels, len(mask), device=mask.device)
+            with autocast:
+                memo[key] = encoder.embed(zeros, mask[None])[0].half().float()          # [C, N, D]
+        rows.append(memo[key])
+    return torch.stack(rows)                                                             # [B, C, N, D]
+
+
+def drop_channel_embeddings(embeddings, present, padding_mask, encoder, p: float, autocast, memo: dict):
+    """Channel dropout on embeddings [B, C, N, D]: each present channel (present [B, C]) becomes absent with
+    probability p, as a channel missing from a user's EDF is (zeros in, predict.py)."""
+    dropped = present & ~drop_channels(present, p)                                       # [B, C]
+    if not dropped.any():
+        return embeddings
+    return torch.where(dropped[:, :, None, None], absent_embeddings(encoder, padding_mask, autocast, memo), embeddings)
 
 
 def class_weights(nights: NightDataset) -> torch.Tensor:
@@ -350,6 +380,7 @@ def main(argv=None) -> None:
               f"{len(train_set)} training windows, {len(val_set)} validation windows, {total_steps} optimiser steps")
     bar = tqdm(total=total_steps, initial=progress["step"], desc="probe", disable=not master)
     started, loss_sum, steps_since_log = time.time(), 0.0, 0
+    absent_memo = {}                                                 # absent_embeddings per number of valid samples
 
     while progress["step"] < total_steps:
         order = epoch_order(len(train_set), progress["epoch"], tc.seed, rank, world, per_step)
@@ -359,6 +390,9 @@ def main(argv=None) -> None:
             generator=torch.Generator())
         for micro, batch in enumerate(loader):
             embeddings, padding_mask, stages, n_valid = probe_inputs(batch, encoder, cfg, device, autocast, tc.trim_wake)
+            if tc.channel_dropout > 0:
+                embeddings = drop_channel_embeddings(embeddings, batch["present"].to(device), padding_mask, encoder,
+                                                     tc.channel_dropout, autocast, absent_memo)
             embeddings, stages = cutmix_epochs(embeddings, stages, n_valid, tc.cutmix_p, cfg.probe.patches_per_epoch)
             last_micro = (micro + 1) % tc.grad_accum == 0
             sync = nullcontext() if last_micro or world == 1 else model.no_sync()

@@ -5,7 +5,8 @@ Random weights at the paper config (Encoder(ModelConfig()), ProbeHead(ProbeConfi
 noise, staged by model.stage_night with the paper's 8-h window (so an 8-h night is one window). The staging runs in
 a child process so that its peak RSS is its own (it includes importing torch and building the model, as a real
 `predict.py` run would); only the stage_night call is timed. Attention is fused on CPU as in predict.py
-(--unfused: model.py's CPU default, which materialises the [7, 4, N, N] scores). EDF reading and filtering are `bench/prepare.py`'s.
+(--unfused: model.py's CPU default, which materialises the scores), and stage_night runs the encoder one channel
+sequence at a time on CPU (Encoder.encode's sequences_per_pass). EDF reading and filtering are `bench/prepare.py`'s.
 
     python bench/predict.py [--hours 8] [--threads 2] [--timeout 300]
 """

@@ -47,6 +47,7 @@ class EdfHeader:
     header_bytes: int
     edf_plus: str = ""          # '', 'EDF+C' or 'EDF+D'
     truncated_records: int = 0  # records the header promised but the file lacks (allow_truncated only)
+    record_onsets: np.ndarray | None = None   # EDF+D with gaps: each record's start (s from `start`); else None
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -55,6 +56,9 @@ class EdfHeader:
 
     @property
     def duration_s(self) -> float:
+        """Seconds from the start to the end of the last record (gaps of an EDF+D file included)."""
+        if self.record_onsets is not None:
+            return float(self.record_onsets[-1]) + self.record_s
         return self.n_records * self.record_s
 
     def labels(self) -> list[str]:
@@ -62,10 +66,14 @@ class EdfHeader:
 
 
 def _field(raw: bytes, path: str, name: str) -> str:
+    """EDF headers are ASCII, but vendors write labels and units in UTF-8 ('EEG C4–M1') or Latin-1 ('µV', one byte
+    0xB5): keep them readable rather than fail. UTF-8 first (it rejects Latin-1 text with accents), then Latin-1
+    (which accepts any byte). A UTF-8 character cut by the 16-byte label width loses its dangling bytes."""
     try:
-        return raw.decode("ascii").strip()
-    except UnicodeDecodeError:
-        # Some vendors write Latin-1 labels (e.g. 'µV'); keep them readable rather than fail.
+        return raw.decode("utf-8").strip()
+    except UnicodeDecodeError as err:
+        if err.start >= len(raw) - 3 and err.reason == "unexpected end of data":
+            return raw[:err.start].decode("utf-8").strip()
         return raw.decode("latin-1").strip()
 
 
@@ -156,7 +164,40 @@ def read_header(path: str | os.PathLike, allow_truncated: bool = False) -> EdfHe
         header.n_records = available
     if header.n_records == 0:
         raise EdfError(f"{path}: no data records")
+    if header.edf_plus == "EDF+D":
+        _lay_out_discontinuous(header)
     return header
+
+
+def _lay_out_discontinuous(header: EdfHeader) -> None:
+    """EDF+D: records carry their own start time (the first TAL of each record's annotation signal). Contiguous
+    records are read as EDF+C; otherwise `record_onsets` places each record on the time axis and read_signal leaves
+    the gaps as NaN (prepare/ interpolates them and says so). Overlapping or unordered records are an error."""
+    path = header.path
+    ann = [s for s in header.signals if s.label == "EDF Annotations"]
+    if not ann:
+        raise EdfError(f"{path}: EDF+D (discontinuous) without an 'EDF Annotations' signal to time its records")
+    records = _records(header)
+    a = ann[0]
+    onsets = np.empty(header.n_records)
+    for i in range(header.n_records):
+        raw = records[i, a.offset: a.offset + a.samples_per_record].tobytes()
+        match = re.match(rb"([+-]\d+(?:\.\d*)?)\x14\x14", raw)
+        if match is None:
+            raise EdfError(f"{path}: EDF+D record {i} has no time-keeping annotation")
+        onsets[i] = float(match.group(1))
+    steps = np.diff(onsets)
+    tolerance = 1e-6 * max(1.0, header.record_s)
+    if (steps < header.record_s - tolerance).any():
+        i = int(np.flatnonzero(steps < header.record_s - tolerance)[0]) + 1
+        raise EdfError(f"{path}: EDF+D record {i} starts at {onsets[i]:g} s, before record {i - 1} ends "
+                       f"({onsets[i - 1] + header.record_s:g} s): records overlap or are out of order")
+    gaps = steps - header.record_s
+    if onsets[0] > tolerance or (gaps > tolerance).any():
+        header.record_onsets = onsets
+        n_gaps = int((gaps > tolerance).sum()) + int(onsets[0] > tolerance)
+        header.warnings.append(f"EDF+D: {n_gaps} gap(s), {gaps[gaps > tolerance].sum() + onsets[0]:g} s in all, "
+                               f"filled by interpolation")
 
 
 def _records(header: EdfHeader) -> np.ndarray:
@@ -176,7 +217,15 @@ def read_signal(header: EdfHeader, label: str) -> np.ndarray:
                        f"(digital {sig.dig_min}..{sig.dig_max}, physical {sig.phys_min}..{sig.phys_max})")
     digital = _records(header)[:, sig.offset: sig.offset + sig.samples_per_record].reshape(-1)
     gain = (sig.phys_max - sig.phys_min) / (sig.dig_max - sig.dig_min)
-    return (digital.astype(np.float64) - sig.dig_min) * gain + sig.phys_min
+    physical = (digital.astype(np.float64) - sig.dig_min) * gain + sig.phys_min
+    if header.record_onsets is None:
+        return physical
+    # EDF+D with gaps: each record at its own start, NaN in between   [round(duration × fs)]
+    n = sig.samples_per_record
+    laid_out = np.full(int(round(header.duration_s * sig.fs)), np.nan)
+    first = np.round(header.record_onsets * sig.fs).astype(np.int64)                     # [n_records]
+    laid_out[(first[:, None] + np.arange(n)[None, :]).reshape(-1)] = physical
+    return laid_out
 
 
 # One TAL: +onset [\x15 duration] \x14 text \x14 [text \x14 ...] \x00

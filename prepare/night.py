@@ -46,6 +46,8 @@ class Options:
     zero_phase: bool = False             # --zero-phase: sosfiltfilt instead of the paper's causal sosfilt
     clean_spo2: bool = False             # --clean-spo2: interpolate SpO2 outside 50-100 %
     max_overhang_epochs: int = 10        # scored epochs past the recording end that are cropped, not fatal
+    allow_truncated: bool = False        # a file with fewer data records than its header says: read what is there
+                                         # (predict.py, with a warning) instead of failing (prepare: training data)
 
 
 def read_stages(night: Night, header: edf.EdfHeader, n_epochs: int, opts: Options) -> tuple[np.ndarray, dict]:
@@ -84,7 +86,7 @@ def read_slot(header: edf.EdfHeader, slot: str, source: tuple[str, str | None], 
 
 
 def prepare_night(night: Night, table: dict, opts: Options) -> tuple[np.ndarray, np.ndarray, dict]:
-    header = edf.read_header(night.edf)
+    header = edf.read_header(night.edf, allow_truncated=opts.allow_truncated)
     n_samples = int(round(header.duration_s * FS))
     n_epochs = n_samples // EPOCH_SAMPLES
     if n_epochs == 0:

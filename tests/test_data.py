@@ -1,9 +1,10 @@
 """data.py: windows, padding masks, stage alignment, wake trimming, and the memmap reader vs zarr."""
 import numpy as np
+import pytest
 import torch
 import zarr
 
-from data import NightDataset, open_night, read_manifest, sleep_span, window_starts
+from data import NightDataset, drop_channels, open_night, read_manifest, sleep_span, window_starts
 from prepare import store
 
 EPOCH = 3750
@@ -97,3 +98,25 @@ def test_manifest_selection(tmp_path):
     assert set(read_manifest(tmp_path, split=split)["night_id"]) == {r["night_id"] for r in rows if r["split"] == split}
     dataset = NightDataset.from_manifest(tmp_path, window_s=90)
     assert len(dataset) == 3
+
+
+def test_items_say_which_channels_are_present(tmp_path):
+    path, _, _ = make_store(tmp_path, "partial", 10, absent=(4, 6))
+    item = NightDataset([path], window_s=10 * 30)[0]
+    assert item["present"].tolist() == [True, True, True, True, False, True, False]
+    assert not item["signals"][4].any() and not item["signals"][6].any()
+
+
+def test_channel_dropout_rate_and_never_the_last_channel():
+    torch.manual_seed(0)
+    present = torch.ones(20000, 7, dtype=torch.bool)
+    present[:, 4] = False                                            # absent in the store: never comes back
+    kept = drop_channels(present, 0.3)
+    assert not kept[:, 4].any()
+    assert (present & ~kept)[:, [0, 1, 2, 3, 5, 6]].float().mean().item() == pytest.approx(0.3, abs=0.01)
+    assert kept.any(dim=1).all()
+    assert drop_channels(present, 0.0) is present
+    assert torch.equal(drop_channels(present, 1.0), present)         # all would go: the window keeps them all
+    one = torch.zeros(1000, 7, dtype=torch.bool)
+    one[:, 2] = True
+    assert torch.equal(drop_channels(one, 0.9), one)                 # a single present channel always stays

@@ -222,3 +222,22 @@ def test_cli_refuses_a_non_probe_run_and_an_empty_selection(evaluated, tmp_path)
         ev.main(["--run", str(pretrain), "--out", str(tmp_path / "o")])
     with pytest.raises(SystemExit, match="no night"):
         ev.main(["--run", str(run), "--datasets", "apples", "--split", "all", "--out", str(tmp_path / "o")])
+
+
+def test_absent_slot_is_zeroed_in_every_night(evaluated, tmp_path):
+    root, run, out, results = evaluated
+    from data import open_night
+    from model import load_encoder, load_probe, stage_night
+    absent = ev.main(["--run", str(run), "--split", "all", "--bootstrap", "0", "--absent", "eeg,ABDO",
+                      "--png-nights", "0", "--out", str(tmp_path / "absent")])
+    channels, _, _ = open_night(root / "shhs" / "shhs1-0001.zarr")
+    signals = np.stack([np.asarray(c, np.float32) for c in channels])
+    signals[[3, 6]] = 0                                                  # EEG and ABDO
+    probs = stage_night(load_encoder(run), load_probe(run), signals, 20 * EPOCH, 10 * EPOCH).numpy()
+    predictions = pd.read_csv(tmp_path / "absent" / "predictions.csv")
+    night = predictions[predictions["night_id"] == "shhs1-0001"]
+    assert np.allclose(night[["p_W", "p_N1", "p_N2", "p_N3", "p_REM"]].to_numpy(), probs[night["epoch"]], atol=1e-5)
+    assert absent["pooled"]["n_epochs"] == results["pooled"]["n_epochs"]
+    assert "absent `EEG,ABDO`" in (tmp_path / "absent" / "results.md").read_text()
+    with pytest.raises(SystemExit, match=r"--absent EYE: not a slot \(slots: ECG, EOG"):
+        ev.main(["--run", str(run), "--absent", "eye", "--out", str(tmp_path / "o")])

@@ -307,3 +307,34 @@ def test_pretraining_step_runs_in_train_mode():
     loss.backward()
     assert torch.isfinite(loss) and encoder.revin_weight.grad is not None and head.weight.grad is not None
     assert encoder.layers[0].norm_attn.num_batches_tracked.item() == 1
+
+
+def test_absent_channels_are_left_out_of_the_reconstruction_loss():
+    torch.manual_seed(0)
+    pretrainer = model.Pretrainer(tiny_config()).eval()                # eval: no corruption, no dropout
+    randomise_norms(pretrainer)
+    signals, padding_mask = night_batch()
+    present = torch.tensor([[True, False, True], [True, True, False]])
+    loss = pretrainer(signals, padding_mask, present)
+    patches, key_padding = pretrainer.encoder.patchify(signals, padding_mask)
+    reconstruction = pretrainer.head(pretrainer.encoder.encode(patches, key_padding))
+    squared = (reconstruction - patches).pow(2).sum(-1)                 # [B, C, N]
+    counted = present[:, :, None] & ~key_padding[:, None, :]
+    assert loss.item() == pytest.approx((squared[counted].sum() / (counted.sum() * P)).item(), rel=1e-5)
+    # channels are independent in eval mode: what an absent channel holds changes nothing
+    noisy = signals.clone()
+    noisy[0, 1] = torch.randn(T) * 100
+    assert pretrainer(noisy, padding_mask, present).item() == pytest.approx(loss.item(), rel=1e-5)
+    assert pretrainer(signals, padding_mask, torch.ones(B, C, dtype=torch.bool)).item() == \
+        pytest.approx(pretrainer(signals, padding_mask).item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "math"])
+def test_one_sequence_per_pass_gives_the_same_embeddings(attention):
+    encoder = eval_encoder(attention=attention)
+    signals, padding_mask = night_batch()
+    with torch.no_grad():
+        whole = encoder.embed(signals, padding_mask)
+        for per_pass in (1, 2, 4):
+            torch.testing.assert_close(encoder.embed(signals, padding_mask, sequences_per_pass=per_pass), whole,
+                                       atol=1e-5, rtol=1e-5)

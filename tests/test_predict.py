@@ -157,7 +157,7 @@ def test_truncated_edf_is_one_line_error_and_all_failed_exits_1(tmp_path, run, c
     header_cut.write_bytes(raw[:400])                      # the per-signal header is cut short
     data_cut = tmp_path / "data_cut.edf"
     data_cut.write_bytes(raw[: len(raw) // 2])             # half the data records are missing
-    assert predict.main([str(header_cut), str(data_cut), "--run", str(run), "--device", "cpu"]) == 1
+    assert predict.main([str(header_cut), str(data_cut), "--run", str(run), "--strict", "--device", "cpu"]) == 1
     captured = capsys.readouterr()
     errors = captured.err.strip().splitlines()
     assert len(errors) == 2
@@ -176,3 +176,28 @@ def test_fused_cpu_attention_is_the_same_function(run, monkeypatch):
     predict.fused_attention_on_cpu()
     assert model.PAD_V_FOR_FUSED["cpu"] is True
     assert torch.allclose(stage_night(encoder, probe, signals, WINDOW_EPOCHS * 3750, 5 * 3750), unfused, atol=1e-5)
+
+
+def test_edf_annotation_export_reads_back_as_the_hypnogram(tmp_path, run):
+    import pyedflib
+    from prepare.annotations import read_hypnogram
+    edf = make_edf(tmp_path / "n.edf", 25 * 60 + 17)
+    assert predict.main([str(edf), "--run", str(run), "--edf-annotations", "--device", "cpu"]) == 0
+    table = pd.read_csv(tmp_path / "n.hypnogram.csv")
+    codes = [predict.STAGES.index(stage) for stage in table["stage"]]
+    exported = tmp_path / "n.stages.edf"
+    assert read_hypnogram(exported, edf_start=START).stages.tolist() == codes     # our reader, and pyedflib's:
+    with pyedflib.EdfReader(str(exported)) as reader:
+        onsets, durations, texts = reader.readAnnotations()
+        assert reader.getStartdatetime() == START
+    per_epoch = []
+    for onset, duration, text in zip(onsets, durations, texts):
+        assert onset == 30 * len(per_epoch) and text.startswith("Sleep stage ")
+        per_epoch += [text.removeprefix("Sleep stage ")] * int(duration // 30)
+    assert per_epoch == table["stage"].tolist()
+
+
+def test_stage_annotation_record_by_hand():
+    record = predict.stage_annotation_record(np.array([0, 0, 1, 4]))
+    assert record == (b"+0\x14\x14\x00" b"+0\x1560\x14Sleep stage W\x14\x00" b"+60\x1530\x14Sleep stage N1\x14\x00"
+                      b"+90\x1530\x14Sleep stage R\x14\x00" b"\x00")

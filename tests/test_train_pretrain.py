@@ -2,6 +2,7 @@
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -62,7 +63,10 @@ def test_two_gloo_processes_equal_one_process(nights, tmp_path):
     deterministic = ["--model.dropout", "0", "--pretrain.p_zero", "0", "--pretrain.p_jitter", "0",
                      "--train.max_steps", "3", "--train.grad_accum", "2"]
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29611",
+    with socket.socket() as probe:                  # a free port: a fixed one can be held by another job
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
                           "train_pretrain.py", *run_args(nights, tmp_path / "ddp", *deterministic, "--train.batch_size", "1",
                                                          run_flag="--run-dir")],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

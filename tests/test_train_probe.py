@@ -110,3 +110,50 @@ def test_probe_run_and_cache_equal_live_encoder(encoder_run, tmp_path):
     train_probe.main([*SMALL_PROBE, "--data.root", str(nights), "--encoder", str(encoder_dir), "--run",
                       str(tmp_path / "again"), "--train.max_steps", "1"])
     assert caches[0].joinpath("complete").stat().st_mtime == before
+
+
+def test_channel_dropout_on_embeddings_is_zeroing_the_channel(encoder_run):
+    encoder = load_encoder(encoder_run / "encoder")
+    L = 1800 * 125
+    signals = torch.randn(2, 7, L) * 30
+    padding_mask = torch.zeros(2, L, dtype=torch.bool)
+    padding_mask[1, 1200 * 125:] = True
+    signals[1, :, 1200 * 125:] = 0
+    memo = {}
+    absent = train_probe.absent_embeddings(encoder, padding_mask, train_probe.nullcontext(), memo)
+    assert absent.shape == (2, 7, 300, 32) and sorted(memo) == [1200 * 125, L]
+    with torch.no_grad():
+        embeddings = encoder.embed(signals, padding_mask)
+        zeroed = signals.clone()
+        zeroed[0, 3] = 0                                                # EEG of night 0, THOR of night 1
+        zeroed[1, 5] = 0
+        expected = encoder.embed(zeroed, padding_mask)
+    torch.manual_seed(0)
+    present = torch.ones(2, 7, dtype=torch.bool)
+    dropped = train_probe.drop_channel_embeddings(embeddings, present, padding_mask, encoder, 0.5,
+                                                  train_probe.nullcontext(), memo)
+    torch.manual_seed(0)                                                # the same draw, to know which rows went
+    kept_rows = train_probe.drop_channels(present, 0.5)
+    assert 0 < (~kept_rows).sum() < 14
+    for b in range(2):
+        for c in range(7):
+            source = embeddings[b, c] if kept_rows[b, c] else absent[b, c]
+            assert torch.equal(dropped[b, c], source)
+    # an absent embedding is what the encoder gives that window with the channel zeroed (float16 rounding aside)
+    for b, c in ((0, 3), (1, 5)):
+        assert torch.allclose(absent[b, c], expected[b, c], atol=1e-2 * expected[b, c].abs().max().item())
+    others = [c for c in range(7) if c != 3]
+    assert torch.allclose(expected[0, others], embeddings[0, others], atol=1e-5)   # the other channels do not move
+
+
+def test_probe_and_pretraining_run_with_channel_dropout(encoder_run, tmp_path):
+    nights = encoder_run / "nights"
+    train_pretrain.main([*SMALL_ENCODER, "--data.root", str(nights), "--run", str(tmp_path / "enc"),
+                         "--train.max_steps", "2", "--train.channel_dropout", "0.5"])
+    run = tmp_path / "probe"
+    train_probe.main([*SMALL_PROBE, "--data.root", str(nights), "--encoder", str(tmp_path / "enc"), "--run", str(run),
+                      "--train.max_steps", "2", "--train.channel_dropout", "0.5"])
+    for folder in (tmp_path / "enc", run):
+        assert "channel_dropout: 0.5" in (folder / "config.yaml").read_text()
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(m["loss"]) for m in lines if "loss" in m)
