@@ -210,3 +210,17 @@ def test_a_night_without_any_usable_channel_fails(tmp_path, run, capsys):
     assert predict.main([str(path), "--run", str(run), "--device", "cpu"]) == 1
     error, = capsys.readouterr().err.strip().splitlines()
     assert error.startswith(f"error: {path}: no usable channel: slot ECG: none of its labels is in the EDF")
+
+
+def test_edf_plus_d_without_record_times_is_a_one_line_error(tmp_path):
+    no_annotations = tmp_path / "no_ann.edf"
+    write_edf_plus(no_annotations, fs=100, record_s=10, onsets=[0, 10, 30])
+    patch(no_annotations, label_offset(1), b"Pleth", 16)                  # the annotation signal renamed away
+    with pytest.raises(edf.EdfError, match=rf"^{no_annotations}: EDF\+D \(discontinuous\) without an 'EDF Annotations'"):
+        edf.read_header(no_annotations)
+    no_tal = tmp_path / "no_tal.edf"
+    write_edf_plus(no_tal, fs=100, record_s=10, onsets=[0, 10, 30])
+    record_bytes = 2 * 1000 + 60
+    patch(no_tal, 768 + record_bytes + 2000, b"\x00" * 8, 8)               # record 1's time-keeping TAL wiped
+    with pytest.raises(edf.EdfError, match=rf"^{no_tal}: EDF\+D record 1 has no time-keeping annotation$"):
+        edf.read_header(no_tal)
