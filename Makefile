@@ -24,7 +24,7 @@ test: setup
 demo: setup
 	rm -rf $(DEMO)
 	@echo "== 1. a synthetic SHHS cohort in NSRR's layout (30 nights, 15 subjects), prepared as night stores"
-	$(PY) -m prepare.synthetic shhs $(DEMO)/nsrr/shhs --nights 30 --hours 2 --seed 1
+	$(PY) -m synthetic shhs $(DEMO)/nsrr/shhs --nights 30 --hours 2 --seed 1
 	$(PY) -m prepare shhs $(DEMO)/nsrr/shhs $(DEMO)/nights --workers 2
 	$(PY) -c "import pandas as pd; m = pd.read_csv('$(DEMO)/nights/manifest.csv'); print(m.groupby('split').size().to_string())"
 	@echo "== 2. pretrain the tiny encoder (masked reconstruction) on the training split"
@@ -34,7 +34,7 @@ demo: setup
 	@echo "== 4. stage the held-out (test split) nights and score them"
 	$(PY) evaluate.py --run $(DEMO)/runs/probe --out $(DEMO)/eval
 	@echo "== 5. stage a user's EDF (a synthetic one here) with predict.py"
-	$(PY) -m prepare.synthetic edf $(DEMO)/user --nights 1 --hours 2.5 --seed 99
+	$(PY) -m synthetic edf $(DEMO)/user --nights 1 --hours 2.5 --seed 99
 	$(PY) predict.py $(DEMO)/user/night-001.edf --run $(DEMO)/runs/probe --out $(DEMO)/predict --edf-annotations
 	@echo "== done: results in $(DEMO)/eval (results.md, PNGs), the user's night in $(DEMO)/predict:"
 	@ls $(DEMO)/predict

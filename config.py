@@ -98,17 +98,11 @@ def merge(base: dict, extra: dict) -> dict:
     return merged
 
 
-def load(config_cls, path: str | Path | None, extra_args: list[str] = ()):
-    values = yaml.safe_load(Path(path).read_text()) if path else {}
+def load(config_cls, source: str | Path | dict | None, extra_args: list[str] = ()):
+    """A config from a YAML file (or the dict of one, e.g. a run folder's config from runs.read_config), then the
+    command-line overrides. The resolved config is saved with every run by runs.save_config."""
+    values = source if isinstance(source, dict) else (yaml.safe_load(Path(source).read_text()) if source else {})
     return build(config_cls, merge(values, overrides(list(extra_args))))
-
-
-def save(config, path: str | Path) -> None:
-    """The resolved config, written next to checkpoints and logs (atomically)."""
-    path = Path(path)
-    temp = path.with_name(f".{path.name}.tmp")
-    temp.write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
-    temp.replace(path)
 
 
 def parser(config_cls, description: str, prog: str) -> argparse.ArgumentParser:

@@ -1,19 +1,19 @@
-"""Reading night stores: windows of signals, their padding mask and their 30-s stages.
+"""Windows over night stores: signals, their padding mask and their 30-s stages.
 
-A night store (prepare/store.py) keeps each channel as one uncompressed little-endian float16
-chunk, so a channel is one raw file that we open with `np.memmap`: DataLoader workers share the
-page cache, and a window costs little more than copying its bytes (bench/loader.py measures it
-against zarr's own reader and against compressed, hourly chunks). Stores written any other way
-(other chunking, compression) are read through zarr instead, more slowly but correctly.
+Night stores are read by prepare/store.py (`read_night`: each channel a memory-mapped raw file, so
+DataLoader workers share the page cache and a window costs little more than copying its bytes).
 
 Windows: `window_s` (8 h in the paper) cut from each night at `stride_s` (default: the window, so
 no overlap) in whole epochs. A night shorter than the window gives one window, zero-padded at the
 end and marked in `padding_mask`; a longer night gives windows that cover it all, the last one
 aligned to the night's last full epoch (so it overlaps its neighbour instead of being mostly padding).
+`window_starts` is the one windowing rule: training, evaluation and staging (stage.py) all use it.
 
-Wake trimming (`trim_wake_min`, off by default): before windowing, a night is cut to start at most
-that many minutes before its first sleep epoch (N1/N2/N3/REM) and end at most that many minutes
-after its last one; a night with no sleep epoch is kept whole.
+Cropping long wake (`data.crop_wake_min`, off by default): before windowing, a night is cut to
+start at most that many minutes before its first sleep epoch (N1/N2/N3/REM) and end at most that
+many minutes after its last one; a night with no sleep epoch is kept whole. (Not to be confused
+with train_probe.py's `train.loss_trim_wake`, which keeps the night and only leaves some wake
+epochs out of the probe's loss.)
 
 Channel dropout (`drop_channels`, the `train.channel_dropout` switch of both training scripts): a
 channel the night store marks absent is zeros, and so is a channel missing from a user's EDF at
@@ -22,15 +22,14 @@ model see such windows; tests/test_data.py and bench/channel_dropout.py measure 
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 
 from prepare.signals import EPOCH_SAMPLES, SLOTS
+from prepare.store import read_manifest, read_night
 
 N_CHANNELS = len(SLOTS)
 
@@ -43,64 +42,18 @@ class DataConfig:
     val_split: str = "val"               # manifest split used for validation
     window_s: float = 28800.0            # window length in seconds (8 h in the paper)
     stride_s: float | None = None        # hop between the windows of a long night (null = window_s)
-    trim_wake_min: float | None = None   # keep at most this many minutes of wake before sleep onset / after final wake
+    crop_wake_min: float | None = None   # crop each night to at most this many minutes of wake before sleep onset / after final wake
     num_workers: int = 2                 # DataLoader worker processes per training process
 
 
-def read_manifest(root: str | Path, split: str | None = None, datasets=None) -> pd.DataFrame:
-    """Rows of `<root>/manifest.csv`, optionally one split and a selection of datasets ('shhs') or dataset visits
-    ('mros:1'), so that the paper's splits (train on SHHS, WSC, MrOS visit 1; test on MESA, APPLES, MrOS visit 2) are
-    configs, not code."""
-    manifest = pd.read_csv(Path(root) / "manifest.csv", dtype={"subject": str, "visit": str, "night_id": str})
-    if split is not None:
-        manifest = manifest[manifest["split"] == split]
-    if datasets:
-        keep = pd.Series(False, index=manifest.index)
-        for selector in datasets:
-            name, _, visit = str(selector).partition(":")
-            keep |= (manifest["dataset"] == name) & ((manifest["visit"] == visit) if visit else True)
-        manifest = manifest[keep]
-    return manifest.reset_index(drop=True)
-
-
-def _is_raw(array_dir: Path) -> tuple[bool, list[int]]:
-    """(whether each chunk spans the whole last axis as raw little-endian bytes, the array's shape)."""
-    meta = json.loads((array_dir / "zarr.json").read_text())
-    raw = (meta["chunk_grid"]["configuration"]["chunk_shape"][-1] == meta["shape"][-1]
-           and [c["name"] for c in meta["codecs"]] == ["bytes"]
-           and meta["codecs"][0].get("configuration", {}).get("endian", "little") == "little")
-    return raw, meta["shape"]
-
-
-def open_night(store: str | Path) -> tuple[list, np.ndarray, dict]:
-    """(channels, stages, attrs): `channels` is 7 array-likes [T] float16 (memmaps where possible)."""
-    import zarr   # only for stores written with other chunking or compression (the slow path)
-    store = Path(store)
-    attrs = json.loads((store / "zarr.json").read_text())["attributes"]
-    raw, (_, n_samples) = _is_raw(store / "signals")
-    if raw:
-        # zarr skips chunks equal to the fill value: an absent channel may have no file at all.
-        chunks = [store / "signals" / "c" / str(c) / "0" for c in range(N_CHANNELS)]
-        channels = [np.memmap(chunk, dtype="<f2", mode="r", shape=(n_samples,)) if chunk.exists()
-                    else np.zeros(n_samples, np.float16) for chunk in chunks]
-    else:
-        channels = list(zarr.open_array(store / "signals", mode="r")[:])
-    stages_chunk = store / "stages" / "c" / "0"
-    if _is_raw(store / "stages")[0] and stages_chunk.exists():
-        stages = np.fromfile(stages_chunk, dtype=np.int8)
-    else:
-        stages = zarr.open_array(store / "stages", mode="r")[:]
-    return channels, stages, attrs
-
-
-def sleep_span(stages: np.ndarray, trim_wake_min: float | None) -> tuple[int, int]:
+def sleep_span(stages: np.ndarray, crop_wake_min: float | None) -> tuple[int, int]:
     """[first, last) epochs to keep after trimming long wake at both ends."""
-    if trim_wake_min is None:
+    if crop_wake_min is None:
         return 0, len(stages)
     asleep = np.flatnonzero(stages >= 1)
     if len(asleep) == 0:
         return 0, len(stages)
-    keep = int(round(trim_wake_min * 60 / 30))
+    keep = int(round(crop_wake_min * 60 / 30))
     return max(0, asleep[0] - keep), min(len(stages), asleep[-1] + 1 + keep)
 
 
@@ -122,7 +75,7 @@ class NightDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, stores, window_s: float = 8 * 3600, stride_s: float | None = None,
-                 trim_wake_min: float | None = None):
+                 crop_wake_min: float | None = None):
         self.stores = [Path(s) for s in stores]
         self.window_epochs = int(round(window_s / 30))
         self.window_samples = self.window_epochs * EPOCH_SAMPLES
@@ -131,8 +84,8 @@ class NightDataset(torch.utils.data.Dataset):
             raise ValueError(f"window_s ({window_s}) and stride_s ({stride_s}) must be at least 30 s")
         self.windows = []   # (night index, start epoch, end epoch of usable data)
         for night, store in enumerate(self.stores):
-            _, stages, _ = open_night(store)
-            first, last = sleep_span(stages, trim_wake_min)
+            _, stages, _ = read_night(store)
+            first, last = sleep_span(stages, crop_wake_min)
             for start in window_starts(first, last, self.window_epochs, stride_epochs):
                 self.windows.append((night, start, last))
         self._open = {}     # night index -> (channels, stages, present), opened lazily in each worker
@@ -145,14 +98,14 @@ class NightDataset(torch.utils.data.Dataset):
     @classmethod
     def from_config(cls, cfg: DataConfig, split: str, **kwargs) -> "NightDataset":
         return cls.from_manifest(cfg.root, split, cfg.datasets, window_s=cfg.window_s, stride_s=cfg.stride_s,
-                                 trim_wake_min=cfg.trim_wake_min, **kwargs)
+                                 crop_wake_min=cfg.crop_wake_min, **kwargs)
 
     def __len__(self) -> int:
         return len(self.windows)
 
     def _night(self, night: int):
         if night not in self._open:
-            channels, stages, attrs = open_night(self.stores[night])
+            channels, stages, attrs = read_night(self.stores[night])
             present = torch.tensor(attrs.get("present", [True] * N_CHANNELS), dtype=torch.bool)
             self._open[night] = channels, stages, present
         return self._open[night]

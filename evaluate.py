@@ -3,13 +3,13 @@
     python evaluate.py --run runs/probe --out runs/probe/eval                          # test split, all datasets
     python evaluate.py --run runs/probe --datasets mesa,apples,mros:2 --split all --out eval/external
 
-Each night is staged completely by `model.stage_night`: windows of --window_s (default: the run's data.window_s)
-every --stride_s (default: half a window), the stage probabilities of an epoch averaged over the windows that saw it.
+Each night is staged completely by `stage.stage_night`: windows of --window-s (default: the run's data.window_s)
+every --stride-s (default: half a window), the stage probabilities of an epoch averaged over the windows that saw it.
 Epochs the technologists left unscored (stage -1: movement, artefact, no annotation) are excluded everywhere.
 --absent EEG (or THOR,ABDO) zeroes those slots in every night first, as predict.py feeds a slot an EDF lacks: the
 κ a user gets without them (bench/channel_dropout.py tabulates it per slot).
 
-Metrics over 30-s epochs, classes 0 W, 1 N1, 2 N2, 3 N3, 4 REM (formulas in the functions below):
+Metrics over 30-s epochs, classes 0 W, 1 N1, 2 N2, 3 N3, 4 REM (formulas in metrics.py):
   kappa      Cohen's κ = (p_o − p_e) / (1 − p_e) from the confusion matrix
   accuracy   p_o, the fraction of epochs on the diagonal
   macro_f1   mean of the per-class F1 over the classes present in the truth or the prediction (a class absent from
@@ -23,7 +23,7 @@ They are computed pooled (all epochs of all selected nights together), per datas
 2.5th and 97.5th percentiles; seeded): for kappa, accuracy, macro_f1 and each class's F1. AUROC and AUPRC get none
 (each resample would re-sort every epoch).
 
-Writes into --out (DESIGN.md §11):
+Writes into --out (docs/design.md §11), each file atomically:
   results.json      {"pooled": {...}, "datasets": {name: {...}}}: kappa, accuracy, macro_f1, f1_per_class, auroc,
                     auprc, confusion, n_nights, n_epochs (scored epochs), classes, and the *_ci intervals;
                     per-class values are {"W": …, "N1": …, …}; undefined values (e.g. κ when p_e = 1) are null
@@ -38,7 +38,6 @@ import argparse
 import json
 import re
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -47,130 +46,27 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from data import DataConfig, open_night, read_manifest
-from model import load_encoder, load_probe, stage_night
+import runs
+import stage
+from data import DataConfig
+from metrics import K, accuracy, auroc, average_precision, bootstrap_ci, confusion_matrix, f1_per_class, kappa, macro_f1
+from prepare.annotations import STAGES
 from prepare.signals import EPOCH_SAMPLES, SLOTS
+from prepare.store import read_manifest, read_night
 
-STAGES = ["W", "N1", "N2", "N3", "REM"]          # class index = stage code in the night stores
-K = len(STAGES)
 PAPER_RESULTS = Path(__file__).resolve().parent / "configs" / "paper_results.yaml"
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Metrics: small pure numpy functions. The confusion-matrix ones accept a stack [..., K, K] so that the bootstrap
-# evaluates all its resamples at once.
-
-
-def confusion_matrix(true, pred, n_classes: int = K) -> np.ndarray:
-    """Counts [K, K], rows = truth, columns = prediction. Epochs with true < 0 (unscored) are dropped."""
-    true, pred = np.asarray(true, np.int64), np.asarray(pred, np.int64)
-    keep = true >= 0
-    return np.bincount(true[keep] * n_classes + pred[keep], minlength=n_classes * n_classes).reshape(n_classes, n_classes)
-
-
-def accuracy(cm: np.ndarray) -> np.ndarray:
-    """p_o = Σ_k cm[k, k] / n. NaN for an empty matrix."""
-    cm = np.asarray(cm, float)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.trace(cm, axis1=-2, axis2=-1) / cm.sum(axis=(-2, -1))
-
-
-def kappa(cm: np.ndarray) -> np.ndarray:
-    """Cohen's κ = (p_o − p_e) / (1 − p_e), p_o = Σ_k cm[k, k] / n, p_e = Σ_k (row_k / n)(col_k / n): agreement beyond
-    what the two marginals give by chance. NaN when p_e = 1 (truth and prediction one and the same single class)."""
-    cm = np.asarray(cm, float)
-    n = cm.sum(axis=(-2, -1))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        p_o = np.trace(cm, axis1=-2, axis2=-1) / n
-        p_e = (cm.sum(axis=-1) * cm.sum(axis=-2)).sum(axis=-1) / n**2
-        return (p_o - p_e) / (1 - p_e)
-
-
-def f1_per_class(cm: np.ndarray) -> np.ndarray:
-    """F1_k = 2 TP / (2 TP + FP + FN) for each class k (one vs rest) [..., K]; NaN (0/0) for a class absent from both
-    the truth and the prediction."""
-    cm = np.asarray(cm, float)
-    tp = np.diagonal(cm, axis1=-2, axis2=-1)
-    fn = cm.sum(axis=-1) - tp                     # true k, predicted otherwise
-    fp = cm.sum(axis=-2) - tp                     # predicted k, truly otherwise
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return 2 * tp / (2 * tp + fp + fn)
-
-
-def macro_f1(cm: np.ndarray) -> np.ndarray:
-    """Mean of F1_k over the classes present in the truth or the prediction (the NaN ones are left out)."""
-    f1 = f1_per_class(cm)
-    present = ~np.isnan(f1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(present, f1, 0).sum(axis=-1) / present.sum(axis=-1)
-
-
-def average_ranks(x: np.ndarray) -> np.ndarray:
-    """Ranks 1..n of x, tied values sharing the mean of their ranks."""
-    values, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
-    first = np.cumsum(counts) - counts + 1                 # rank of the first member of each tie group
-    return (first + (counts - 1) / 2)[inverse]
-
-
-def auroc(scores, positive) -> float:
-    """One-vs-rest AUROC = P(score_pos > score_neg) + ½ P(tie), by the Mann-Whitney formula
-    (Σ ranks of the positives − n₊(n₊+1)/2) / (n₊ n₋) with average ranks. NaN without positives or negatives."""
-    scores, positive = np.asarray(scores, float), np.asarray(positive, bool)
-    n_pos, n_neg = positive.sum(), (~positive).sum()
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    rank_sum = average_ranks(scores)[positive].sum()
-    return float((rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-
-
-def average_precision(scores, positive) -> float:
-    """AUPRC as average precision, Σ_n (R_n − R_{n−1}) P_n over the distinct thresholds t_n taken from the highest
-    score down (R_0 = 0), P_n and R_n the precision and recall of "score ≥ t_n". NaN without positives."""
-    scores, positive = np.asarray(scores, float), np.asarray(positive, bool)
-    if positive.sum() == 0:
-        return float("nan")
-    order = np.argsort(-scores, kind="stable")
-    scores, positive = scores[order], positive[order]
-    tp = np.cumsum(positive)                                                   # [n] true positives above each cut
-    last = np.r_[np.flatnonzero(np.diff(scores)), len(scores) - 1]             # last index of each distinct score
-    precision = tp[last] / (last + 1)
-    recall = tp[last] / tp[-1]
-    return float(np.sum(np.diff(recall, prepend=0) * precision))
-
-
-def bootstrap_ci(night_cms: np.ndarray, n_boot: int, seed: int) -> dict:
-    """95 % percentile intervals over nights: resample the nights with replacement n_boot times, pool each resample's
-    confusion matrices and recompute. night_cms [nights, K, K] -> {metric: [lo, hi]}; per-class F1 as [K, 2]."""
-    if n_boot <= 0 or len(night_cms) == 0:
-        return {}
-    rng = np.random.default_rng(seed)
-    n = len(night_cms)
-    picks = rng.integers(0, n, size=(n_boot, n))                                           # [B, nights]
-    times = np.stack([np.bincount(p, minlength=n) for p in picks])                         # [B, nights] multiplicity
-    pooled = np.einsum("bn,nij->bij", times, night_cms.astype(float))                      # [B, K, K]
-
-    def interval(values):                                                                   # [B] or [B, K]
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)     # a class absent from every resample: NaN interval
-            return np.nanpercentile(values, [2.5, 97.5], axis=0).T                          # [2] or [K, 2]
-    return {"kappa": interval(kappa(pooled)), "accuracy": interval(accuracy(pooled)),
-            "macro_f1": interval(macro_f1(pooled)), "f1_per_class": interval(f1_per_class(pooled))}
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Staging the nights
 
 
 def load_run(run_dir: Path):
     """(encoder, probe, run config dict) of a probe run; exits with one line if the folder is not one."""
-    config_path = run_dir / "config.yaml"
-    run_config = yaml.safe_load(config_path.read_text()) if config_path.exists() else None
-    if not isinstance(run_config, dict) or "probe" not in run_config or "model" not in run_config:
-        raise SystemExit(f"evaluate.py: {run_dir} is not a probe run (needs config.yaml with model: and probe: "
-                         "sections, and ckpt_final.pt)")
     try:
-        return load_encoder(run_dir), load_probe(run_dir), run_config
-    except (FileNotFoundError, KeyError, RuntimeError) as e:          # no checkpoint, or weights that do not fit
-        raise SystemExit(f"evaluate.py: {run_dir} is not a probe run: {str(e).splitlines()[0]}")
+        run = runs.read_run(run_dir)
+        if "probe" not in run.config or "model" not in run.config:
+            raise KeyError("no probe: section in config.yaml")
+        return run.encoder(), run.probe(), run.config
+    except (OSError, ValueError, KeyError, RuntimeError) as e:     # no folder/checkpoint, or weights that do not fit
+        raise SystemExit(f"evaluate.py: {run_dir} is not a probe run (needs config.yaml with model: and probe: "
+                         f"sections, and ckpt_final.pt): {str(e).splitlines()[0]}")
 
 
 def select_nights(root: Path, split: str, datasets: list | None) -> pd.DataFrame:
@@ -192,10 +88,10 @@ def stage_all(nights: pd.DataFrame, root: Path, encoder, probe, window_s: float,
     encoder, probe = encoder.to(device), probe.to(device)
     staged = []
     for row in tqdm(nights.itertuples(), total=len(nights), desc="staging nights", unit="night"):
-        channels, stages, _ = open_night(root / row.path)
+        channels, stages, _ = read_night(root / row.path)
         signals = np.stack([np.asarray(c, np.float32) for c in channels])                   # [7, T]
         signals[[SLOTS.index(slot) for slot in absent]] = 0.0
-        probs = stage_night(encoder, probe, signals, window, stride, batch_size, device).numpy()   # [T // 3750, K]
+        probs = stage.stage_night(encoder, probe, signals, window, stride, batch_size, device).numpy()   # [T // 3750, K]
         n = min(len(probs), len(stages))            # both are T // 3750; guard against a store that disagrees
         staged.append({"night_id": str(row.night_id), "dataset": row.dataset, "visit": str(row.visit),
                        "stages": np.asarray(stages[:n], np.int64), "probs": probs[:n].astype(np.float32)})
@@ -336,7 +232,7 @@ def results_markdown(results: dict, nights: list[dict], paper: dict, settings: d
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Figures (matplotlib imported lazily: the metrics do not need it)
+# Figures: the confusion matrix here, the hypnograms from stage.py
 
 
 def plot_confusion(cm: np.ndarray, path: Path, plt) -> None:
@@ -354,46 +250,20 @@ def plot_confusion(cm: np.ndarray, path: Path, plt) -> None:
            xlabel="predicted", ylabel="true", title="confusion (rows normalised; counts)")
     fig.colorbar(image, ax=ax, fraction=0.046)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def plot_hypnogram(night: dict, path: Path, plt) -> None:
-    """True vs predicted hypnogram (W on top, then REM, N1, N2, N3) over the hypnodensity (stacked probabilities)."""
-    level = np.array([4, 2, 1, 0, 3])                       # stage code -> height: W 4, REM 3, N1 2, N2 1, N3 0
-    n = len(night["stages"])
-    hours = np.arange(n + 1) * 30 / 3600                    # epoch edges: the last epoch gets its full width
-
-    def steps(values):                                      # [n] -> [n + 1] for a "post" step plot over the edges
-        return np.append(values, values[-1:], axis=0)
-    true = np.where(night["stages"] >= 0, level[night["stages"].clip(0)], np.nan)   # gaps where unscored
-    pred = level[night["probs"].argmax(axis=1)]
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(11, 5), sharex=True, height_ratios=[1.3, 1])
-    top.step(hours, steps(true), where="post", color="black", lw=1.2, label="technologist")
-    top.step(hours, steps(pred) + 0.08, where="post", color="tab:red", lw=1, alpha=0.8, label="PFTSleep")
-    top.set(yticks=range(5), yticklabels=["N3", "N2", "N1", "REM", "W"], title=f"{night['night_id']} ({night['dataset']})")
-    top.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
-    bottom.stackplot(hours, steps(night["probs"]).T, labels=STAGES, step="post")
-    bottom.set(ylim=(0, 1), xlim=(0, hours[-1]), ylabel="probability", xlabel="hours from start of recording")
-    bottom.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    runs.write_atomic(path, lambda temp: fig.savefig(temp, dpi=120, format="png"))
     plt.close(fig)
 
 
 def write_figures(out: Path, cm: np.ndarray, nights: list[dict], n_hypnograms: int) -> list[Path]:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no PNGs (pip install matplotlib)")
+    plt = stage.pyplot()
+    if plt is None:
         return []
     paths = [out / "confusion.png"]
     plot_confusion(cm, paths[0], plt)
     for night in nights[:n_hypnograms]:
         paths.append(out / f"hypnogram_{re.sub(r'[^A-Za-z0-9._-]', '_', night['night_id'])}.png")
-        plot_hypnogram(night, paths[-1], plt)
+        stage.plot_hypnogram(paths[-1], night["probs"], f"{night['night_id']} ({night['dataset']})",
+                             truth=night["stages"], plt=plt)
     return paths
 
 
@@ -413,14 +283,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--split", default="test", choices=["test", "val", "train", "all"],
                         help="manifest split to evaluate; 'all' ignores the split, e.g. for an external test cohort "
                              "(default: test)")
-    parser.add_argument("--window_s", type=float, help="window length in seconds (default: the run's data.window_s)")
-    parser.add_argument("--stride_s", type=float,
+    parser.add_argument("--window-s", dest="window_s", type=float,
+                        help="window length in seconds (default: the run's data.window_s)")
+    parser.add_argument("--stride-s", dest="stride_s", type=float,
                         help="hop between windows in seconds, at least 30; overlapping epochs average their "
                              "probabilities (default: half a window)")
     parser.add_argument("--absent", default="",
                         help="comma-separated slots to zero in every night, e.g. EEG or THOR,ABDO: how the model does "
                              f"when an EDF lacks them (slots: {', '.join(SLOTS)}; default: none)")
-    parser.add_argument("--batch_size", type=int, default=4, help="windows per forward pass (default: 4)")
+    parser.add_argument("--batch-size", dest="batch_size", type=int, default=4,
+                        help="windows per forward pass (default: 4)")
     parser.add_argument("--bootstrap", type=int, default=1000,
                         help="bootstrap resamples of the nights for the 95 %% intervals; 0 = none (default: 1000)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (default: 0)")
@@ -428,6 +300,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--png-nights", dest="png_nights", type=int, default=3,
                         help="hypnogram PNGs for the first this many nights (default: 3)")
+    for old in ("--window_s", "--stride_s", "--batch_size"):     # the spellings before flags were kebab-case
+        parser.add_argument(old, dest=old[2:], type=float if old.endswith("_s") else int, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
@@ -439,7 +313,7 @@ def main(argv=None) -> dict:
     window_s = args.window_s or data["window_s"]
     stride_s = args.stride_s or window_s / 2
     if window_s < 30 or stride_s < 30:
-        raise SystemExit(f"evaluate.py: --window_s ({window_s}) and --stride_s ({stride_s}) must be at least 30")
+        raise SystemExit(f"evaluate.py: --window-s ({window_s}) and --stride-s ({stride_s}) must be at least 30")
     datasets = [d.strip() for d in args.datasets.split(",") if d.strip()] if args.datasets else None
     absent = tuple(slot.strip().upper() for slot in args.absent.split(",") if slot.strip())
     if unknown := [slot for slot in absent if slot not in SLOTS]:
@@ -454,15 +328,15 @@ def main(argv=None) -> dict:
 
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
-    per_night_table(nights).to_csv(out / "per_night.csv", index=False, float_format="%.6g")
-    predictions_table(nights).to_csv(out / "predictions.csv", index=False, float_format="%.6g")
+    runs.write_atomic(out / "results.json", lambda temp: temp.write_text(json.dumps(results, indent=1) + "\n"))
+    for name, table in (("per_night.csv", per_night_table(nights)), ("predictions.csv", predictions_table(nights))):
+        runs.write_atomic(out / name, lambda temp: table.to_csv(temp, index=False, float_format="%.6g"))
     paper = yaml.safe_load(PAPER_RESULTS.read_text()) if PAPER_RESULTS.exists() else {}
     settings = {"run": args.run, "data.root": root, "split": args.split, "datasets": args.datasets or "all",
                 "window_s": window_s, "stride_s": stride_s, "absent": ",".join(absent) or "none",
                 "bootstrap": args.bootstrap, "seed": args.seed}
     report = results_markdown(results, nights, paper, settings)
-    (out / "results.md").write_text(report)
+    runs.write_atomic(out / "results.md", lambda temp: temp.write_text(report))
     figures = write_figures(out, np.array(results["pooled"]["confusion"]), nights, args.png_nights)
 
     print(report)

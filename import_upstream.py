@@ -17,7 +17,7 @@ training runs, so the usual tools take it:
     python evaluate.py --run RUN ...             # stage nights with the imported encoder + probe (needs --probe)
     python train_probe.py --encoder RUN ...      # train a new probe on the imported, frozen encoder
 
-Upstream key → ours (../shared/UPSTREAM.md §4; model.py's docstring has the same table). The encoder file prefixes
+Upstream key → ours (docs/upstream.md §4). The encoder file prefixes
 `model.`; the classifier file holds its own copy of the encoder under `encoder.model.` (without `head.*`) and the
 probe under `feedforward.`. c = channel, i = layer, k = GRU layer.
 
@@ -50,8 +50,8 @@ import warnings
 from pathlib import Path
 
 import torch
-import yaml
 
+import runs
 from model import Encoder, ModelConfig, ProbeConfig, ProbeHead, PretrainHead
 
 # what to do with an upstream tensor: "copy" as is, "view" [1, C, 1] → [C], "stack" as row c of a [C, …] tensor,
@@ -369,15 +369,11 @@ def compare_encoders(from_encoder: dict, from_classifier: dict, cfg: ModelConfig
 
 def write_run(run_dir: Path, config: dict, weights: dict, overwrite: bool):
     """config.yaml + ckpt_final.pt, each written to a temporary file and renamed, so a reader never sees half a file."""
-    if (run_dir / "ckpt_final.pt").exists() and not overwrite:
+    if (run_dir / runs.FINAL).exists() and not overwrite:
         raise ImportFailure(f"import_upstream.py: {run_dir} already holds a run (use --overwrite to replace it)")
     run_dir.mkdir(parents=True, exist_ok=True)
-    temp = run_dir / ".ckpt_final.pt.tmp"
-    torch.save({"model": weights}, temp)
-    temp.replace(run_dir / "ckpt_final.pt")
-    temp = run_dir / ".config.yaml.tmp"
-    temp.write_text(yaml.safe_dump(config, sort_keys=False))
-    temp.replace(run_dir / "config.yaml")
+    runs.save_checkpoint(run_dir / runs.FINAL, {"model": weights})
+    runs.save_config(run_dir, config)
 
 
 def main(argv=None):
@@ -385,7 +381,8 @@ def main(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--encoder", type=Path, help="upstream pretraining checkpoint (pft_sleep_encoder.ckpt)")
     parser.add_argument("--probe", type=Path, help="upstream classifier checkpoint (pft_sleep_classifier.ckpt)")
-    parser.add_argument("--run", type=Path, required=True, help="run folder to write (config.yaml + ckpt_final.pt)")
+    parser.add_argument("--run-dir", "--run", dest="run", type=Path, required=True,
+                        help="run folder to write (config.yaml + ckpt_final.pt)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing run in --run")
     args = parser.parse_args(argv)
     for path in (args.encoder, args.probe):

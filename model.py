@@ -2,8 +2,8 @@
 
 Reproduces Fox et al., "A foundational transformer leveraging full night, multichannel sleep study data accurately
 classifies sleep stages", SLEEP 2025. With the default configs this computes the same function as the public
-implementation (benmfox/PFTSleep: `PatchTFTSimple` + `RNNProbingHeadExperimental`; ../shared/UPSTREAM.md §6), so the
-published checkpoints load through a key map (below). Everything else (SDPA attention, padding-aware RevIN) is a switch.
+implementation (benmfox/PFTSleep: `PatchTFTSimple` + `RNNProbingHeadExperimental`; docs/upstream.md §6), so the
+published checkpoints load through a key map. Everything else (SDPA attention, padding-aware RevIN) is a switch.
 
 Shape flow (paper config; B nights, C = 7 channels, T = 8 h · 3600 · 125 = 3,600,000 samples):
 
@@ -13,57 +13,22 @@ Shape flow (paper config; B nights, C = 7 channels, T = 8 h · 3600 · 125 = 3,6
     pretraining:  PretrainHead   [B, C, N, D] ──per-channel Linear(D→P)──► reconstruction [B, C, N, P] (vs. the patches)
     sleep stages: ProbeHead      [B, C, N, D] ──[B, N, C·D]──BiGRU──MLP──► [B, N, 5] ──mean of 5 patches──► [B, N/5, 5]
 
-Pretraining step (paper): `patches, key_padding = encoder.patchify(signals, padding_mask)`; in training only,
-`corrupted = corrupt_values(patches)`;
-`loss = reconstruction_loss(head(encoder.encode(corrupted, key_padding)), patches, key_padding)`.
-Upstream's probe returns log-softmax at inference (`return_softmax=True`); ours always returns logits.
-
 Inputs of another length work: N = T // P patches use the first N rows of the positional table (upstream only runs
-8-h windows; it zero-pads every night to 8 h).
-
-Upstream checkpoint keys → ours (UPSTREAM.md §4; c = channel 0..C-1, i = layer; the encoder file prefixes `model.`,
-the classifier file `encoder.model.` and `feedforward.`):
-
-    Encoder
-      revin.affine_weight / affine_bias    [1, C, 1]     → revin_weight / revin_bias       [C]        (.view(C))
-      patch_encoder.W_P.{c}.weight         [D, P]        → patch_weight                    [C, D, P]  (stack over c)
-      patch_encoder.W_P.{c}.bias           [D]           → patch_bias                      [C, D]     (stack over c)
-      pe.W_pos                             [4800, D]     → pos_embed                       [max_patches, D]
-      layers.{i}.self_attn.W_Q / W_K / W_V .{weight,bias} → layers.{i}.attn.query / key / value .{weight,bias}
-      layers.{i}.self_attn.to_out.0.*                     → layers.{i}.attn.out.*
-      layers.{i}.self_attn.sdp_attn.scale  []  (frozen, = (D/H)^-0.5; gives n_heads)  → dropped (we use head_dim^-0.5)
-      layers.{i}.norm_attn.1.*   (weight, bias, running_mean, running_var, num_batches_tracked) → layers.{i}.norm_attn.*
-      layers.{i}.ff.0.*                                    → layers.{i}.ff_in.*
-      layers.{i}.ff.3.*                                    → layers.{i}.ff_out.*
-      layers.{i}.norm_ffn.1.*                              → layers.{i}.norm_ff.*
-    PretrainHead (encoder file only)
-      head.W_P.{c}.weight                  [P, D]        → weight                          [C, P, D]  (stack over c)
-      head.W_P.{c}.bias                    [P]           → bias                            [C, P]     (stack over c)
-    ProbeHead (classifier file, prefix `feedforward.`)
-      affine_weight / affine_bias          [1, C, 1]     → channel_weight / channel_bias   [C]        (.view(C))
-      rnn.*   (standard nn.GRU names)                    → gru.*
-      layers.0.{0,1,4}.*  (Linear 2H→H, LayerNorm H, Linear H→classes) → mlp.{0,1,4}.*
-
-Output layouts differ: upstream embeddings are [B, C, D, N] and its reconstruction [B, N, C, P]; ours are
-[B, C, N, D] and [B, C, N, P]. Upstream probe logits are [B, classes, N/5]; ours [B, N/5, classes].
+8-h windows). import_upstream.py maps upstream's checkpoint keys onto ours. Upstream's outputs are [B, C, D, N],
+[B, N, C, P] and [B, classes, N/5] (log-softmax at inference); ours [B, C, N, D], [B, C, N, P], [B, N/5, classes].
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.distributed.nn as dist_nn
 import torch.nn as nn
 import torch.nn.functional as F
-import yaml
 from torch import Tensor
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
-
-
-PAD_V_FOR_FUSED = {"cpu": False}          # per device type (default True): see SelfAttention.sdpa_attention
 
 
 @dataclass
@@ -99,14 +64,11 @@ class ProbeConfig:                       # the paper's values, not the upstream 
 
 
 class SelfAttention(nn.Module):
-    """Multi-head self-attention over the patches of one channel, with residual attention (He et al. 2020, RealFormer).
-
-    Residual attention: layer ℓ's pre-softmax scores are s·q_ℓ·k_ℓᵀ + (layer ℓ-1's scores), i.e. Σ_{j≤ℓ} s·q_j·k_jᵀ.
-    The "math" path materialises the scores [S, H, N, N] and hands them on, exactly as upstream. The "sdpa" path never
-    does: the accumulated scores are one dot product between [s·q_1 | … | s·q_ℓ] and [k_1 | … | k_ℓ] (concatenated per
-    head), so each layer hands on its concatenated (scaled) queries and keys and runs SDPA with scale 1. Head dims grow
-    d → 2d → 3d over the layers; values keep d.
-    """
+    """Multi-head self-attention over one channel's patches, with residual attention (He et al. 2020, RealFormer):
+    layer ℓ's pre-softmax scores are s·q_ℓ·k_ℓᵀ + layer ℓ-1's, i.e. Σ_{j≤ℓ} s·q_j·k_jᵀ. The "math" path materialises
+    them [S, H, N, N] and hands them on, as upstream. The "sdpa" path never does: they are one dot product between
+    [s·q_1 | … | s·q_ℓ] and [k_1 | … | k_ℓ] (per head), so each layer hands on its concatenated (scaled) queries and
+    keys and runs SDPA with scale 1; head dims grow d → 2d → 3d over the layers, values keep d."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -117,10 +79,7 @@ class SelfAttention(nn.Module):
         self.scale = self.head_dim ** -0.5
         self.path = cfg.attention
         self.residual_attention = cfg.residual_attention
-        self.query = nn.Linear(cfg.d_model, cfg.d_model)
-        self.key = nn.Linear(cfg.d_model, cfg.d_model)
-        self.value = nn.Linear(cfg.d_model, cfg.d_model)
-        self.out = nn.Linear(cfg.d_model, cfg.d_model)
+        self.query, self.key, self.value, self.out = (nn.Linear(cfg.d_model, cfg.d_model) for _ in range(4))
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: Tensor, key_padding: Tensor | None, prev=None):
@@ -141,8 +100,7 @@ class SelfAttention(nn.Module):
         if prev_scores is not None:
             scores = scores + prev_scores
         if key_padding is not None:
-            # A sequence whose keys are all padded (a night that is all padding) gets no -inf, so softmax stays finite
-            # (no NaN, forward or backward); its weights are zeroed just below, so its output is 0 as upstream.
+            # an all-padded sequence gets no -inf, so softmax stays finite; zeroed below (output 0, as upstream)
             ignored = key_padding & ~key_padding.all(-1, keepdim=True)                   # [S, N]
             scores = scores.masked_fill(ignored[:, None, None, :], float("-inf"))
         weights = scores.softmax(dim=-1)                                                 # [S, H, N, N]
@@ -161,12 +119,12 @@ class SelfAttention(nn.Module):
             # True = attend. Fully padded sequences attend everywhere (SDPA would give NaN) and are zeroed below.
             all_padded = key_padding.all(-1)                                             # [S]
             attn_mask = (~key_padding | all_padded[:, None])[:, None, None, :]           # [S, 1, 1, N]
-        # Fused kernels want one head dim for q, k and v: on GPUs pad v with zeros to ℓ·d and drop the padding after,
-        # so that no layer falls back to materialising [S, H, N, N] scores (2.6 GB per layer at 8 h). On CPU the fused
-        # backward at head dim 384 is slower than the fallback (bench/pretrain.py, 2 h: 16.7 s vs 19.2 s CPU time per
-        # step, 2.67 vs 2.47 GB), and nobody trains 8-h windows there, so CPU keeps the fallback.
+        # Fused kernels want one head dim for q, k and v: pad v with zeros to ℓ·d (dropped after), so no layer falls back
+        # to materialising [S, H, N, N] scores. Per call: on CPU the fused *backward* at head dim 384 is slower than the
+        # fallback (bench/pretrain.py), so there only forward-only calls (staging, caching) take the fused kernel.
         width = v.shape[-1]
-        pad = q.shape[-1] - width if PAD_V_FOR_FUSED.get(q.device.type, True) else 0
+        fused = q.device.type != "cpu" or not torch.is_grad_enabled()
+        pad = q.shape[-1] - width if fused else 0
         padded_v = F.pad(v, (0, pad)) if pad else v                                      # [S, H, N, ℓ·d]
         out = F.scaled_dot_product_attention(q, k, padded_v, attn_mask=attn_mask, scale=1.0)[..., :width]  # [S, H, N, d]
         if all_padded is not None:
@@ -179,9 +137,8 @@ class SelfAttention(nn.Module):
 
 
 def token_batch_norm(norm: nn.BatchNorm1d, x: Tensor) -> Tensor:
-    """BatchNorm1d(D) over tokens: x [S, N, D], per-feature statistics over all S·N tokens (padded ones included, as
-    upstream). The same statistics as upstream's transpose to [S, D, N], without the transposes. Under DDP the
-    training statistics are synchronised over all processes (the paper trained with synchronised BatchNorm)."""
+    """BatchNorm1d(D) over all S·N tokens of x [S, N, D] (padded ones included, as upstream's transpose to [S, D, N]);
+    under DDP the training statistics are synchronised over all processes, as the paper trained."""
     tokens = x.reshape(-1, x.shape[-1])                                                  # [S·N, D]
     if norm.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         return synced_batch_norm(norm, tokens).view_as(x)
@@ -189,9 +146,8 @@ def token_batch_norm(norm: nn.BatchNorm1d, x: Tensor) -> Tensor:
 
 
 def synced_batch_norm(norm: nn.BatchNorm1d, tokens: Tensor) -> Tensor:
-    """Training-mode BatchNorm whose statistics are the sums over every process (any device and backend, gloo
-    included, where torch.nn.SyncBatchNorm needs a GPU). all_reduce from torch.distributed.nn carries gradients
-    back to every process, so DDP's averaged gradients equal those of one process holding the whole batch."""
+    """Training-mode BatchNorm over the sums of every process (gloo too; torch.nn.SyncBatchNorm needs a GPU). The
+    differentiable all_reduce makes DDP's gradients equal those of one process holding the whole batch."""
     D = tokens.shape[-1]
     t = tokens.float()                                                                   # [M, D]
     stats = torch.cat([t.sum(0), (t * t).sum(0), t.new_full((1,), t.shape[0])])         # [2D + 1]
@@ -252,8 +208,7 @@ class Encoder(nn.Module):
         assert cfg.revin_stats in ("window", "valid"), cfg.revin_stats
         self.cfg = cfg
         C, P, D = cfg.n_channels, cfg.patch_len, cfg.d_model
-        # RevIN affine: one scale and shift per channel
-        self.revin_weight = nn.Parameter(torch.ones(C))
+        self.revin_weight = nn.Parameter(torch.ones(C))                                 # RevIN affine, per channel
         self.revin_bias = nn.Parameter(torch.zeros(C))
         # one Linear(P→D) per channel, stacked: patch_weight[c] is upstream's patch_encoder.W_P.{c}.weight
         self.patch_weight = nn.Parameter(torch.empty(C, D, P))
@@ -265,9 +220,8 @@ class Encoder(nn.Module):
         nn.init.uniform_(self.pos_embed, -0.02, 0.02)                                   # as upstream
 
     def patchify(self, signals: Tensor, padding_mask: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-        """signals [B, C, T] float32, padding_mask [B, T] bool (True = padded) or None ->
-        normalised patches [B, C, N, P] (N = T // P, the reconstruction target) and
-        key_padding [B, N] bool (True = patch fully padded) or None."""
+        """signals [B, C, T] float32, padding_mask [B, T] bool (True = padded) or None -> normalised patches
+        [B, C, N, P] (N = T // P; the reconstruction target), key_padding [B, N] bool (True = fully padded) or None."""
         B, C, T = signals.shape
         P = self.cfg.patch_len
         # upstream cuts inputs longer than its window to max_patches patches (after taking the statistics)
@@ -283,23 +237,19 @@ class Encoder(nn.Module):
         if valid is not None:
             x = x.masked_fill(~valid, 0.0)   # padded content then never reaches the encoder, even in a partial patch
         patches = x[..., :N * P].reshape(B, C, N, P)                                     # [B, C, N, P]
-        key_padding = None
-        if padding_mask is not None:
-            key_padding = padding_mask[:, :N * P].reshape(B, N, P).all(dim=-1)          # [B, N]
+        key_padding = None if padding_mask is None else padding_mask[:, :N * P].reshape(B, N, P).all(dim=-1)  # [B, N]
         return patches, key_padding
 
     def encode(self, patches: Tensor, key_padding: Tensor | None = None, sequences_per_pass: int | None = None) -> Tensor:
         """(possibly corrupted) normalised patches [B, C, N, P], key_padding [B, N] bool or None
-        -> embeddings [B, C, N, D]. sequences_per_pass (eval mode only): run the transformer over that many
-        channel sequences at a time, which bounds inference memory (the encoder on an 8-h night at the paper config, CPU:
-        2.06 -> 1.09 GB peak RSS, same time); exact, because in eval mode every sequence is computed on its own."""
+        -> embeddings [B, C, N, D]. sequences_per_pass (eval mode only): run the transformer over that many channel
+        sequences at a time, to bound inference memory; exact, as in eval mode every sequence is computed on its own."""
         B, C, N, P = patches.shape
         x = torch.einsum("bcnp,cdp->bcnd", patches, self.patch_weight)                   # [B, C, N, D]
         x = x + self.patch_bias[:, None, :]
         x = self.dropout(x + self.pos_embed[:N])                                         # [B, C, N, D]
         x = x.reshape(B * C, N, -1)                       # [B·C, N, D]: every channel its own sequence, row b·C + c
-        if key_padding is not None:
-            key_padding = key_padding.repeat_interleave(C, dim=0)                        # [B·C, N]
+        key_padding = None if key_padding is None else key_padding.repeat_interleave(C, dim=0)   # [B·C, N]
         if sequences_per_pass and not self.training:
             parts = [self.transform(x[i:i + sequences_per_pass], None if key_padding is None else
                                     key_padding[i:i + sequences_per_pass]) for i in range(0, B * C, sequences_per_pass)]
@@ -316,10 +266,6 @@ class Encoder(nn.Module):
     def embed(self, signals: Tensor, padding_mask: Tensor | None = None, sequences_per_pass: int | None = None) -> Tensor:
         """signals [B, C, T] float32, padding_mask [B, T] bool (True = padded) or None -> embeddings [B, C, N, D]."""
         return self.encode(*self.patchify(signals, padding_mask), sequences_per_pass=sequences_per_pass)
-
-    def forward(self, signals: Tensor, padding_mask: Tensor | None = None) -> Tensor:
-        """Same as `embed`."""
-        return self.embed(signals, padding_mask)
 
 
 def init_stacked_linear(weight: Tensor, bias: Tensor, fan_in: int):
@@ -344,8 +290,7 @@ class PretrainHead(nn.Module):
         init_stacked_linear(self.weight, self.bias, fan_in=D)
 
     def forward(self, embeddings: Tensor) -> Tensor:
-        out = torch.einsum("bcnd,cpd->bcnp", embeddings, self.weight)                    # [B, C, N, P]
-        return out + self.bias[:, None, :]
+        return torch.einsum("bcnd,cpd->bcnp", embeddings, self.weight) + self.bias[:, None, :]   # [B, C, N, P]
 
 
 class ProbeHead(nn.Module):
@@ -379,8 +324,7 @@ class ProbeHead(nn.Module):
             hidden, _ = pad_packed_sequence(self.gru(packed)[0], batch_first=True, total_length=N)
             # hidden [B, N, 2H], zeros past each length; the MLP still sees them (MLP(0) enters a mixed epoch, upstream)
         logits = self.mlp(hidden)                                                        # [B, N, classes]
-        k = self.cfg.patches_per_epoch
-        E = N // k
+        k, E = self.cfg.patches_per_epoch, N // self.cfg.patches_per_epoch
         return logits[:, :E * k].reshape(B, E, k, -1).mean(dim=2)                        # [B, E, classes]
 
 
@@ -388,7 +332,7 @@ def valid_lengths(padding_mask: Tensor, n_patches: int) -> Tensor:
     """padding_mask [B, T] -> number of patches before the trailing fully padded ones [B]. Patch length is T // N, as
     upstream. A night that is all padding keeps all N patches (upstream's argmin rule gives the same)."""
     B, T = padding_mask.shape
-    P = T // n_patches
+    P = T // n_patches                                                                   # as upstream
     padded = padding_mask[:, :n_patches * P].reshape(B, n_patches, P).all(dim=-1)         # [B, N]
     trailing = padded.flip(1).int().cumprod(dim=1).sum(dim=1)                            # [B]
     lengths = n_patches - trailing
@@ -431,7 +375,7 @@ def reconstruction_loss(reconstruction: Tensor, target: Tensor, key_padding: Ten
     squared_error = (reconstruction - target).pow(2).sum(dim=-1)                      # [B, C, N]
     counted = torch.ones((B, C, N), dtype=torch.bool, device=target.device)
     if key_padding is not None:
-        counted = counted & ~key_padding[:, None, :]
+        counted &= ~key_padding[:, None, :]
     if loss_mask is not None:
         counted = counted & loss_mask
     # where() rather than a product, so that non-finite predictions at ignored patches cannot leak in
@@ -459,18 +403,16 @@ class Pretrainer(nn.Module):
         self.head = PretrainHead(cfg)
 
     def forward(self, signals: Tensor, padding_mask: Tensor | None = None, present: Tensor | None = None) -> Tensor:
-        """signals [B, C, T], padding_mask [B, T] bool or None, present [B, C] bool or None (None: all) -> scalar
-        loss. Corruption only in training mode. An absent channel (zeros: missing from the night, or dropped by
-        train.channel_dropout) still goes through the encoder, as it would at prediction time, but has nothing to
-        reconstruct, so it is left out of the loss."""
+        """signals [B, C, T], padding_mask [B, T] bool or None, present [B, C] bool or None (None: all) -> scalar loss.
+        Corruption in training mode only. An absent channel (zeros) is encoded, as when staging, but not scored."""
         patches, key_padding = self.encoder.patchify(signals, padding_mask)              # [B, C, N, P], [B, N]
         B, C, N, _ = patches.shape
         corrupted, loss_mask = patches, None
-        if self.training and self.objective.corruption == "jitter_zero":
-            o = self.objective
+        o = self.objective
+        if self.training and o.corruption == "jitter_zero":
             corrupted = corrupt_values(patches, o.p_zero, o.p_jitter, o.jitter_scale)
         elif self.training:
-            corrupted, loss_mask = mask_patches(patches, self.objective.mask_ratio, key_padding)
+            corrupted, loss_mask = mask_patches(patches, o.mask_ratio, key_padding)
         if present is not None:
             counted = present[:, :, None].expand(B, C, N)                                # [B, C, N]
             loss_mask = counted if loss_mask is None else loss_mask & counted
@@ -478,72 +420,11 @@ class Pretrainer(nn.Module):
         return reconstruction_loss(reconstruction, patches, key_padding, loss_mask)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Run folders (DESIGN.md §11): config.yaml + ckpt_final.pt (or ckpt.pt while a run is going), trained here or imported
-
-
-def read_checkpoint(run_dir) -> tuple[dict, dict]:
-    """(resolved config as a dict, checkpoint dict) of a run folder; weights only, never pickled code."""
-    run_dir = Path(run_dir)
-    ckpt_path = next((p for p in (run_dir / "ckpt_final.pt", run_dir / "ckpt.pt") if p.exists()), None)
-    if ckpt_path is None or not (run_dir / "config.yaml").exists():
-        raise FileNotFoundError(f"{run_dir}: not a run folder (needs config.yaml and ckpt_final.pt or ckpt.pt)")
-    config = yaml.safe_load((run_dir / "config.yaml").read_text())
-    return config, torch.load(ckpt_path, map_location="cpu", weights_only=True)
-
-
-def load_encoder(run_dir) -> Encoder:
-    """The encoder of a pretraining (or probe, or imported) run, in eval mode: `encoder.embed(signals, padding_mask)`."""
-    config, ckpt = read_checkpoint(run_dir)
-    encoder = Encoder(ModelConfig(**config["model"]))
-    state = {k.removeprefix("encoder."): v for k, v in ckpt["model"].items() if k.startswith("encoder.")}
-    encoder.load_state_dict(state)
-    return encoder.eval()
+def load_encoder(run_dir) -> Encoder:   # the documented API (docs/design.md §11); run folders are runs.py's
+    import runs                          # imported late: runs imports this module
+    return runs.load_encoder(run_dir)
 
 
 def load_probe(run_dir) -> ProbeHead:
-    """The probe of a probe (or imported) run, in eval mode: `probe(embeddings, padding_mask) -> logits [B, E, 5]`."""
-    config, ckpt = read_checkpoint(run_dir)
-    probe = ProbeHead(ProbeConfig(**config["probe"]))
-    state = {k.removeprefix("probe."): v for k, v in ckpt["model"].items() if k.startswith("probe.")}
-    probe.load_state_dict(state)
-    return probe.eval()
-
-
-@torch.no_grad()
-def stage_night(encoder: Encoder, probe: ProbeHead, signals, window_samples: int, stride_samples: int | None = None,
-                batch_size: int = 4, device="cpu") -> Tensor:
-    """Stage a whole night of any length: stage probabilities per 30-s epoch [T // 3750, classes].
-
-    signals [C, T] (float32, array or tensor). Windows of `window_samples` start every `stride_samples` (default: the
-    window), the last one aligned to the night's last full epoch; a night shorter than a window is zero-padded and
-    masked. Where windows overlap, an epoch's probabilities are the mean over the windows that saw it."""
-    epoch_samples = probe.cfg.patches_per_epoch * encoder.cfg.patch_len                 # 3750
-    signals = torch.as_tensor(signals, dtype=torch.float32)
-    C, T = signals.shape
-    n_epochs = T // epoch_samples
-    window_epochs = window_samples // epoch_samples
-    stride_epochs = (stride_samples or window_samples) // epoch_samples
-    if n_epochs <= window_epochs:
-        starts = [0]
-    else:
-        starts = list(range(0, n_epochs - window_epochs, stride_epochs)) + [n_epochs - window_epochs]
-    total = torch.zeros(n_epochs, probe.cfg.n_classes)                                  # [E, classes]
-    seen = torch.zeros(n_epochs, 1)
-    for i in range(0, len(starts), batch_size):
-        batch_starts = starts[i:i + batch_size]
-        windows = torch.zeros(len(batch_starts), C, window_samples)                     # [b, C, L]
-        padding = torch.ones(len(batch_starts), window_samples, dtype=torch.bool)       # [b, L]
-        for j, start in enumerate(batch_starts):
-            n = min(window_epochs, n_epochs - start) * epoch_samples
-            windows[j, :, :n] = signals[:, start * epoch_samples: start * epoch_samples + n]
-            padding[j, :n] = False
-        windows, padding = windows.to(device), padding.to(device)
-        # on CPU one channel sequence per encoder pass: half the peak memory, same speed (Encoder.encode)
-        embeddings = encoder.embed(windows, padding, sequences_per_pass=1 if windows.device.type == "cpu" else None)
-        probs = probe(embeddings, padding).softmax(dim=-1).cpu()                        # [b, E_w, classes]
-        for j, start in enumerate(batch_starts):
-            n = min(window_epochs, n_epochs - start)
-            total[start:start + n] += probs[j, :n]
-            seen[start:start + n] += 1
-    return total / seen.clamp_min(1)
+    import runs
+    return runs.load_probe(run_dir)

@@ -13,14 +13,12 @@ so a run killed at any moment and resumed with --resume ends with the same param
 
 Under torchrun: one process per GPU (NCCL) or per CPU process group member (gloo), DDP with synchronised BatchNorm,
 gradient accumulation with no_sync() on all but the last micro-step. bf16 autocast on CUDA (no GradScaler), fp32 on CPU.
+The run folder, the process group, RNG states and the epoch order are runs.py's.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import math
-import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -32,6 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import config
+import runs
 from data import DataConfig, NightDataset, drop_channels
 from model import ModelConfig, PretrainConfig, Pretrainer
 
@@ -67,43 +66,12 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, Config]:
     parser = config.parser(Config, __doc__, "train_pretrain.py")
     parser.add_argument("--config", type=Path, help="YAML config (configs/pretrain_paper.yaml, configs/pretrain_tiny.yaml)")
     # --run-dir too: torchrun (2.13) rejects a script argument spelled --run as an abbreviation of its --run-path
-    parser.add_argument("--run", "--run-dir", type=Path, required=True,
-                        help="run folder for config, metrics and checkpoints (under torchrun: --run-dir, or put -- "
-                             "before the script's arguments)")
+    parser.add_argument("--run-dir", "--run", dest="run", type=Path, required=True,
+                        help="run folder for config, metrics and checkpoints (--run is the same, but not under torchrun)")
     parser.add_argument("--resume", action="store_true", help="continue from RUN/ckpt.pt (its config wins over --config)")
     args, extra = parser.parse_known_args(argv)
-    source = args.run / "config.yaml" if args.resume and (args.run / "ckpt.pt").exists() else args.config
-    return args, config.load(Config, source, extra)
-
-
-def setup_distributed() -> tuple[int, int, torch.device]:
-    """(rank, world size, device) — torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain python is one process."""
-    if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-        dist.init_process_group("nccl")
-    else:
-        device = torch.device("cpu")
-        dist.init_process_group("gloo")
-    return dist.get_rank(), dist.get_world_size(), device
-
-
-def epoch_order(n_windows: int, epoch: int, seed: int, rank: int, world: int, per_step: int) -> list[int]:
-    """This process's windows for one epoch: one shared shuffle (seeded by seed and epoch), cut to whole optimiser
-    steps over all processes, then dealt round-robin (as DistributedSampler does)."""
-    order = torch.randperm(n_windows, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-    usable = n_windows // (world * per_step) * (world * per_step)
-    return order[:usable][rank::world].tolist()
-
-
-def mean_over_processes(values: list[float], device) -> list[float]:
-    if not dist.is_initialized():
-        return values
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(tensor)
-    return (tensor / dist.get_world_size()).tolist()
+    resuming = args.resume and (args.run / runs.LATEST).exists()
+    return args, config.load(Config, runs.read_config(args.run) if resuming else args.config, extra)
 
 
 @torch.no_grad()
@@ -125,39 +93,9 @@ def validate(model, dataset, cfg: Config, rank: int, world: int, device, autocas
     return (total[0] / total[1]).item()
 
 
-def rng_states(device) -> dict:
-    """Every process's RNG state (a collective under torchrun), so that a resumed run draws the same dropout and
-    corruption in every process as an uninterrupted one."""
-    states = {"rng_cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        states["rng_cuda"] = torch.cuda.get_rng_state(device)
-    if not dist.is_initialized():
-        return {key: [value] for key, value in states.items()}
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, states)
-    return {key: [g[key] for g in gathered] for key in states}
-
-
-def restore_rng(ckpt: dict, rank: int, world: int, device) -> None:
-    if len(ckpt["rng_cpu"]) != world:   # resumed on another number of processes: keep fresh seeds
-        return
-    torch.set_rng_state(ckpt["rng_cpu"][rank])
-    if device.type == "cuda" and "rng_cuda" in ckpt:
-        torch.cuda.set_rng_state(ckpt["rng_cuda"][rank], device)
-
-
-def save_checkpoint(path: Path, raw_model, optimizer, scheduler, cfg: Config, progress: dict, rng: dict) -> None:
-    """Atomic: write a temporary file, then rename over the old checkpoint."""
-    state = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-             **progress, **rng, "config": dataclasses.asdict(cfg)}
-    temp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, temp)
-    temp.replace(path)
-
-
 def main(argv=None) -> None:
     args, cfg = parse_args(argv)
-    rank, world, device = setup_distributed()
+    rank, world, device = runs.setup_distributed()
     master = rank == 0
     tc = cfg.train
     torch.manual_seed(tc.seed * 1000 + rank)            # dropout and corruption differ between processes
@@ -176,13 +114,10 @@ def main(argv=None) -> None:
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=tc.max_lr, total_steps=max(total_steps, 1),
                                                     pct_start=tc.pct_start)
     progress = {"step": 0, "epoch": 0, "step_in_epoch": 0}
-    if args.resume and (args.run / "ckpt.pt").exists():
-        ckpt = torch.load(args.run / "ckpt.pt", map_location=device, weights_only=True)
+    if args.resume and (args.run / runs.LATEST).exists():
+        ckpt = runs.load_checkpoint(args.run / runs.LATEST, device)
         model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        progress = {key: ckpt[key] for key in progress}
-        restore_rng(ckpt, rank, world, device)
+        progress = runs.resume(ckpt, optimizer, scheduler, rank, world, device)
     raw_model = model
     if world > 1:
         # BatchNorm statistics are synchronised in the forward (model.token_batch_norm), so no buffer broadcasts
@@ -190,20 +125,19 @@ def main(argv=None) -> None:
                                         broadcast_buffers=False)
     if tc.compile:
         model = torch.compile(model)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and tc.bf16 else nullcontext())
+    autocast = runs.autocast(device, tc.bf16)
 
-    metrics_path = args.run / "metrics.jsonl"
     if master:
         args.run.mkdir(parents=True, exist_ok=True)
-        config.save(cfg, args.run / "config.yaml")
-        keep_metrics_until(metrics_path, progress["step"])   # a resumed run rewrites what came after its checkpoint
+        runs.save_config(args.run, cfg)
+        runs.keep_metrics_until(args.run, progress["step"])   # a resumed run rewrites what came after its checkpoint
         print(f"pretraining {sum(p.numel() for p in raw_model.parameters()):,} parameters on {world} × {device.type}; "
               f"{len(train_set)} training windows, {len(val_set)} validation windows, {total_steps} optimiser steps")
     bar = tqdm(total=total_steps, initial=progress["step"], desc="pretrain", disable=not master)
     started, window_count, loss_sum, steps_since_log = time.time(), 0, 0.0, 0
 
     while progress["step"] < total_steps:
-        order = epoch_order(len(train_set), progress["epoch"], tc.seed, rank, world, per_step)
+        order = runs.epoch_order(len(train_set), progress["epoch"], tc.seed, rank, world, per_step)
         loader = torch.utils.data.DataLoader(
             train_set, batch_size=tc.batch_size, sampler=order[progress["step_in_epoch"] * per_step:],
             num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda", drop_last=True,
@@ -236,23 +170,25 @@ def main(argv=None) -> None:
             bar.update()
 
             if step % tc.log_every == 0 or step == total_steps:
-                loss_mean, = mean_over_processes([loss_sum / steps_since_log], device)
+                loss_mean, = runs.mean_over_processes([loss_sum / steps_since_log], device)
                 elapsed = time.time() - started
                 record = {"step": step, "epoch": progress["epoch"], "loss": loss_mean, "lr": scheduler.get_last_lr()[0],
                           "grad_norm": grad_norm.item(), "windows_per_s": window_count * world / elapsed}
                 if master:
                     bar.set_postfix(loss=f"{loss_mean:.4f}")
-                    append_metrics(metrics_path, record)
+                    runs.append_metrics(args.run, record)
                 started, window_count, loss_sum, steps_since_log = time.time(), 0, 0.0, 0
             if step % tc.eval_every == 0 or step == total_steps:
                 val_loss = validate(raw_model, val_set, cfg, rank, world, device, autocast)
                 if master and val_loss is not None:
-                    append_metrics(metrics_path, {"step": step, "val_loss": val_loss})
+                    runs.append_metrics(args.run, {"step": step, "val_loss": val_loss})
                     bar.write(f"step {step}: val_loss {val_loss:.4f}")
             if step % tc.ckpt_every == 0 or step == total_steps:
-                rng = rng_states(device)
+                rng = runs.rng_states(device)
                 if master:
-                    save_checkpoint(args.run / "ckpt.pt", raw_model, optimizer, scheduler, cfg, progress, rng)
+                    runs.save_checkpoint(args.run / runs.LATEST,
+                                         runs.training_state(raw_model, optimizer, scheduler, cfg, progress, rng))
+            runs.kill_point("step", step)
             if step == total_steps:
                 break
         else:
@@ -262,31 +198,13 @@ def main(argv=None) -> None:
         break
 
     bar.close()
-    rng = rng_states(device)
+    rng = runs.rng_states(device)
     if master:
-        save_checkpoint(args.run / "ckpt_final.pt", raw_model, optimizer, scheduler, cfg, progress, rng)
-        losses = [m["loss"] for m in map(json.loads, metrics_path.read_text().splitlines()) if "loss" in m] \
-            if metrics_path.exists() else []
+        runs.save_checkpoint(args.run / runs.FINAL, runs.training_state(raw_model, optimizer, scheduler, cfg, progress, rng))
+        losses = [m["loss"] for m in runs.read_metrics(args.run) if "loss" in m]
         summary = f", training loss {losses[0]:.4f} (first log) → {losses[-1]:.4f} (last)" if losses else ""
         print(f"done: {progress['step']} steps{summary}; run folder {args.run}")
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-
-
-def append_metrics(path: Path, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def keep_metrics_until(path: Path, step: int) -> None:
-    """Drop metrics.jsonl lines after `step` (left by a run that was killed after its last checkpoint)."""
-    if not path.exists():
-        return
-    lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    temp = path.with_name(f".{path.name}.tmp")
-    temp.write_text("".join(line + "\n" for line in lines))
-    temp.replace(path)
+    runs.teardown_distributed()
 
 
 if __name__ == "__main__":

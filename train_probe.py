@@ -6,13 +6,13 @@
 
 The encoder (`--encoder`: a train_pretrain.py run or an import_upstream.py run) stays frozen: eval mode, no gradients,
 so its embeddings of a window never change and are computed once and cached (float16 zarr under
-ENCODER/embeddings/, one array per split, keyed by a hash of the encoder checkpoint and the window settings);
+ENCODER/embeddings/, one array per split, keyed by a hash of the encoder's weights and the window settings);
 probe epochs then cost only the GRU. Writes RUN/config.yaml (with the encoder's model section, so that the run folder is
-self-contained), RUN/metrics.jsonl, RUN/ckpt.pt and RUN/ckpt_final.pt (encoder + probe weights), the same conventions as
-train_pretrain.py, whose DDP and checkpoint plumbing this script reuses.
+self-contained), RUN/metrics.jsonl, RUN/ckpt.pt and RUN/ckpt_final.pt (encoder + probe weights): the run folder of
+runs.py, which also owns the DDP plumbing shared with train_pretrain.py.
 
-Paper recipe (configs/probe_paper.yaml): focal loss γ = 2, no class weights, long pre/post-sleep wake excluded from
-the loss, CutMix of 30-s epochs across the nights of a batch (p = 0.5), AdamW + one-cycle to 0.01, batch 4 × 8, 30 epochs.
+Paper recipe (configs/probe_paper.yaml): focal loss γ = 2, no class weights, excess pre/post-sleep wake left out of
+the loss (train.loss_trim_wake), CutMix of 30-s epochs across the nights of a batch (p = 0.5), AdamW + one-cycle to 0.01, batch 4 × 8, 30 epochs.
 """
 from __future__ import annotations
 
@@ -33,13 +33,14 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import config
-import evaluate
-from data import DataConfig, NightDataset, drop_channels, read_manifest
-from model import ModelConfig, ProbeConfig, ProbeHead, load_encoder, read_checkpoint
-from train_pretrain import (append_metrics, epoch_order, keep_metrics_until, mean_over_processes, restore_rng,
-                            rng_states, save_checkpoint, setup_distributed)
+import metrics
+import runs
+from data import DataConfig, NightDataset, drop_channels
+from model import ModelConfig, ProbeConfig, ProbeHead
+from prepare.annotations import STAGES
+from prepare.store import read_manifest
 
-N_CLASSES = 5
+N_CLASSES = len(STAGES)
 
 
 @dataclass
@@ -54,7 +55,7 @@ class TrainConfig:
     grad_clip: float = 0.0               # clip the gradient norm to this (0 = off)
     focal_gamma: float = 2.0             # focal loss exponent (0 = cross-entropy; the paper: 2)
     class_weights: bool = False          # weight the loss by inverse class frequency of the training split
-    trim_wake: bool = True               # exclude long pre/post-sleep wake from the loss (the paper's rule, see below)
+    loss_trim_wake: bool = True          # leave excess pre/post-sleep wake out of the loss (unscore_excess_wake)
     cutmix_p: float = 0.5                # probability per batch of shuffling 30-s epochs across its nights
     channel_dropout: float = 0.0         # replace each present channel of a window by an absent one with this probability
     cache_embeddings: bool = True        # compute the frozen encoder's embeddings once (float16 zarr) and reuse them
@@ -74,26 +75,23 @@ class Config:
 
 
 def parse_args(argv=None) -> tuple[argparse.Namespace, Config]:
+    """(args, config); the config's model section is the encoder's, filled in by main once it has read the encoder."""
     parser = config.parser(Config, __doc__, "train_probe.py")
     parser.add_argument("--config", type=Path, help="YAML config (configs/probe_paper.yaml, configs/probe_tiny.yaml)")
     parser.add_argument("--encoder", type=Path, required=True, help="run folder of the pretrained (or imported) encoder")
-    parser.add_argument("--run", "--run-dir", type=Path, required=True,
-                        help="run folder for config, metrics and checkpoints (under torchrun: --run-dir)")
+    parser.add_argument("--run-dir", "--run", dest="run", type=Path, required=True,
+                        help="run folder for config, metrics and checkpoints (--run is the same, but not under torchrun)")
     parser.add_argument("--resume", action="store_true", help="continue from RUN/ckpt.pt (its config wins over --config)")
     args, extra = parser.parse_known_args(argv)
-    source = args.run / "config.yaml" if args.resume and (args.run / "ckpt.pt").exists() else args.config
-    cfg = config.load(Config, source, extra)
-    encoder_model, _ = read_checkpoint(args.encoder)
-    cfg.model = ModelConfig(**encoder_model["model"])
-    cfg.probe.n_channels, cfg.probe.d_model = cfg.model.n_channels, cfg.model.d_model
-    return args, cfg
+    resuming = args.resume and (args.run / runs.LATEST).exists()
+    return args, config.load(Config, runs.read_config(args.run) if resuming else args.config, extra)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # labels: wake trimming, CutMix, focal loss
 
 
-def trim_wake(stages: torch.Tensor) -> torch.Tensor:
+def unscore_excess_wake(stages: torch.Tensor) -> torch.Tensor:
     """The paper's rule (upstream, after L-SeqSleepNet): when wake is the most frequent stage of a window, the wake
     before sleep onset and after the final awakening is dropped from the loss (set to -1), earliest first, until no
     more of it is left than epochs of the second most frequent stage. stages [E] -> [E]."""
@@ -187,10 +185,12 @@ def padding_from_counts(n_valid_epochs: torch.Tensor, window_samples: int, epoch
     return torch.arange(window_samples, device=n_valid_epochs.device)[None, :] >= (n_valid_epochs * epoch_samples)[:, None]
 
 
-def cache_key(encoder_dir: Path, nights: NightDataset) -> str:
+def cache_key(encoder: torch.nn.Module, nights: NightDataset) -> str:
     """Embeddings depend on the encoder's weights and on exactly which windows were cut."""
-    ckpt = next(p for p in (encoder_dir / "ckpt_final.pt", encoder_dir / "ckpt.pt") if p.exists())
-    digest = hashlib.sha256(ckpt.read_bytes())
+    digest = hashlib.sha256()
+    for name, tensor in encoder.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     digest.update(json.dumps([[str(nights.stores[n]), s, e] for n, s, e in nights.windows]).encode())
     digest.update(str(nights.window_samples).encode())
     return digest.hexdigest()[:16]
@@ -202,7 +202,7 @@ def embedding_cache(encoder, nights: NightDataset, encoder_dir: Path, cfg: Confi
     """Embeddings of every window as a float16 zarr array [n_windows, C, N, D] under ENCODER/embeddings/KEY.zarr,
     computed once (each process its share) and reused by every later probe run on the same windows."""
     import zarr
-    path = encoder_dir / "embeddings" / f"{cache_key(encoder_dir, nights)}.zarr"
+    path = runs.embedding_cache_dir(encoder_dir, cache_key(encoder, nights))
     done = path / "complete"
     if not done.exists():
         n_patches = nights.window_samples // cfg.model.patch_len
@@ -224,8 +224,8 @@ def embedding_cache(encoder, nights: NightDataset, encoder_dir: Path, cfg: Confi
                 position += 1
         if world > 1:
             dist.barrier()
-        if rank == 0:
-            done.write_text("ok\n")   # written last: an interrupted cache is recomputed, never half-used
+        if rank == 0:   # written last: an interrupted cache is recomputed, never half-used
+            runs.write_atomic(done, lambda temp: temp.write_text("ok\n"))
     if world > 1:
         dist.barrier()
     return zarr.open_array(path, mode="r")
@@ -277,7 +277,7 @@ def labelled_nights(cfg: Config, split: str) -> NightDataset:
     manifest = read_manifest(cfg.data.root, split, cfg.data.datasets)
     manifest = manifest[manifest["n_scored"] > 0]
     return NightDataset([Path(cfg.data.root) / p for p in manifest["path"]], window_s=cfg.data.window_s,
-                        stride_s=cfg.data.stride_s, trim_wake_min=cfg.data.trim_wake_min)
+                        stride_s=cfg.data.stride_s, crop_wake_min=cfg.data.crop_wake_min)
 
 
 def probe_inputs(batch: dict, encoder, cfg: Config, device, autocast, trim: bool):
@@ -293,7 +293,7 @@ def probe_inputs(batch: dict, encoder, cfg: Config, device, autocast, trim: bool
             embeddings = encoder.embed(batch["signals"].to(device, non_blocking=True), padding_mask).float()
     stages = batch["stages"].to(device)
     if trim:
-        stages = torch.stack([trim_wake(s) for s in stages])
+        stages = torch.stack([unscore_excess_wake(s) for s in stages])
     return embeddings, padding_mask, stages, n_valid
 
 
@@ -321,19 +321,22 @@ def validate(probe, encoder, dataset, cfg: Config, rank, world, device, autocast
         dist.all_reduce(loss_sum)
     probe.train()
     confusion = confusion.cpu().numpy()
-    return {"val_loss": (loss_sum[0] / loss_sum[1]).item(), "val_accuracy": float(evaluate.accuracy(confusion)),
-            "val_kappa": float(evaluate.kappa(confusion))}
+    return {"val_loss": (loss_sum[0] / loss_sum[1]).item(), "val_accuracy": float(metrics.accuracy(confusion)),
+            "val_kappa": float(metrics.kappa(confusion))}
 
 
 def main(argv=None) -> None:
     args, cfg = parse_args(argv)
-    rank, world, device = setup_distributed()
+    rank, world, device = runs.setup_distributed()
     master = rank == 0
     tc = cfg.train
     torch.manual_seed(tc.seed * 1000 + rank)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and tc.bf16 else nullcontext())
+    autocast = runs.autocast(device, tc.bf16)
 
-    encoder = load_encoder(args.encoder).to(device).requires_grad_(False)               # frozen, eval mode
+    encoder_run = runs.read_run(args.encoder)
+    cfg.model = ModelConfig(**encoder_run.config["model"])
+    cfg.probe.n_channels, cfg.probe.d_model = cfg.model.n_channels, cfg.model.d_model
+    encoder = encoder_run.encoder().to(device).requires_grad_(False)                    # frozen, eval mode
     window_patches = int(cfg.data.window_s * 125) // cfg.model.patch_len
     if window_patches > cfg.model.max_patches:
         raise SystemExit(f"data.window_s {cfg.data.window_s} gives {window_patches} patches; the encoder has "
@@ -359,23 +362,19 @@ def main(argv=None) -> None:
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=tc.max_lr, total_steps=max(total_steps, 1),
                                                     pct_start=tc.pct_start)
     progress = {"step": 0, "epoch": 0, "step_in_epoch": 0}
-    if args.resume and (args.run / "ckpt.pt").exists():
-        ckpt = torch.load(args.run / "ckpt.pt", map_location=device, weights_only=True)
+    if args.resume and (args.run / runs.LATEST).exists():
+        ckpt = runs.load_checkpoint(args.run / runs.LATEST, device)
         probe.load_state_dict({k.removeprefix("probe."): v for k, v in ckpt["model"].items() if k.startswith("probe.")})
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        progress = {key: ckpt[key] for key in progress}
-        restore_rng(ckpt, rank, world, device)
+        progress = runs.resume(ckpt, optimizer, scheduler, rank, world, device)
     model = DistributedDataParallel(probe, device_ids=[device.index] if device.type == "cuda" else None) \
         if world > 1 else probe
     # the checkpoint holds encoder + probe, so that the probe run alone is a complete model (load_encoder/load_probe)
     checkpointed = torch.nn.ModuleDict({"encoder": encoder, "probe": probe})
 
-    metrics_path = args.run / "metrics.jsonl"
     if master:
         args.run.mkdir(parents=True, exist_ok=True)
-        config.save(cfg, args.run / "config.yaml")
-        keep_metrics_until(metrics_path, progress["step"])
+        runs.save_config(args.run, cfg)
+        runs.keep_metrics_until(args.run, progress["step"])
         print(f"probe: {sum(p.numel() for p in probe.parameters()):,} parameters on {world} × {device.type}; "
               f"{len(train_set)} training windows, {len(val_set)} validation windows, {total_steps} optimiser steps")
     bar = tqdm(total=total_steps, initial=progress["step"], desc="probe", disable=not master)
@@ -383,13 +382,14 @@ def main(argv=None) -> None:
     absent_memo = {}                                                 # absent_embeddings per number of valid samples
 
     while progress["step"] < total_steps:
-        order = epoch_order(len(train_set), progress["epoch"], tc.seed, rank, world, per_step)
+        order = runs.epoch_order(len(train_set), progress["epoch"], tc.seed, rank, world, per_step)
         loader = torch.utils.data.DataLoader(
             train_set, batch_size=tc.batch_size, sampler=order[progress["step_in_epoch"] * per_step:],
             num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda", drop_last=True,
             generator=torch.Generator())
         for micro, batch in enumerate(loader):
-            embeddings, padding_mask, stages, n_valid = probe_inputs(batch, encoder, cfg, device, autocast, tc.trim_wake)
+            embeddings, padding_mask, stages, n_valid = probe_inputs(batch, encoder, cfg, device, autocast,
+                                                                     tc.loss_trim_wake)
             if tc.channel_dropout > 0:
                 embeddings = drop_channel_embeddings(embeddings, batch["present"].to(device), padding_mask, encoder,
                                                      tc.channel_dropout, autocast, absent_memo)
@@ -416,22 +416,24 @@ def main(argv=None) -> None:
             bar.update()
 
             if step % tc.log_every == 0 or step == total_steps:
-                loss_mean, = mean_over_processes([loss_sum / steps_since_log], device)
+                loss_mean, = runs.mean_over_processes([loss_sum / steps_since_log], device)
                 record = {"step": step, "epoch": progress["epoch"], "loss": loss_mean, "lr": scheduler.get_last_lr()[0],
                           "grad_norm": grad_norm.item(), "s_per_step": (time.time() - started) / steps_since_log}
                 if master:
                     bar.set_postfix(loss=f"{loss_mean:.4f}")
-                    append_metrics(metrics_path, record)
+                    runs.append_metrics(args.run, record)
                 started, loss_sum, steps_since_log = time.time(), 0.0, 0
             if step % tc.eval_every == 0 or step == total_steps:
                 scores = validate(probe, encoder, val_set, cfg, rank, world, device, autocast, weights)
                 if master and scores is not None:
-                    append_metrics(metrics_path, {"step": step, **scores})
+                    runs.append_metrics(args.run, {"step": step, **scores})
                     bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
             if step % tc.ckpt_every == 0 or step == total_steps:
-                rng = rng_states(device)
+                rng = runs.rng_states(device)
                 if master:
-                    save_checkpoint(args.run / "ckpt.pt", checkpointed, optimizer, scheduler, cfg, progress, rng)
+                    runs.save_checkpoint(args.run / runs.LATEST,
+                                         runs.training_state(checkpointed, optimizer, scheduler, cfg, progress, rng))
+            runs.kill_point("step", step)
             if step == total_steps:
                 break
         else:
@@ -441,13 +443,12 @@ def main(argv=None) -> None:
         break
 
     bar.close()
-    rng = rng_states(device)
+    rng = runs.rng_states(device)
     if master:
-        save_checkpoint(args.run / "ckpt_final.pt", checkpointed, optimizer, scheduler, cfg, progress, rng)
+        runs.save_checkpoint(args.run / runs.FINAL,
+                             runs.training_state(checkpointed, optimizer, scheduler, cfg, progress, rng))
         print(f"done: {progress['step']} steps; run folder {args.run}")
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    runs.teardown_distributed()
 
 
 if __name__ == "__main__":

@@ -9,39 +9,36 @@ This measures what that costs, per slot, on the synthetic cohort (the demo's rec
 
 Training: a synthetic SHHS cohort (--nights nights of --hours h, its train and val splits). Scoring: a second,
 independent synthetic cohort (--eval-nights nights, another seed, every night), staged whole with each slot zeroed in
-turn (evaluate.stage_all(absent=...), exactly what predict.py does for a missing channel); the figure is pooled κ.
-Every step keeps its output under --out, so a killed run picks up where it stopped. About 35 minutes on 2 CPU cores.
+turn (`evaluate.py --absent SLOT`, exactly what predict.py does for a missing channel); the figure is pooled κ. Each
+step runs the repository's own command line, keeps its output under --out, so a killed run picks up where it stopped.
+About 35 minutes on 2 CPU cores.
 
     python bench/channel_dropout.py [--p 0.2] [--nights 30] [--eval-nights 20] [--hours 2] [--probe-epochs 12]
 """
 import argparse
-import contextlib
-import io
+import json
+import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import evaluate  # noqa: E402
-import train_pretrain  # noqa: E402
-import train_probe  # noqa: E402
-from prepare import synthetic  # noqa: E402
-from prepare.__main__ import main as prepare_main  # noqa: E402
 from prepare.signals import SLOTS  # noqa: E402
 
 
-def quietly(function, *args):
-    """Run a pipeline step with its progress output kept out of the table."""
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        return function(*args)
+def quietly(*command):
+    """Run one of the repository's commands with its progress output kept out of the table."""
+    done = subprocess.run([sys.executable, *map(str, command)], cwd=ROOT, capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"{' '.join(map(str, command))} failed:\n{done.stderr[-3000:]}")
 
 
 def cohort(out: Path, name: str, nights: int, hours: float, seed: int) -> Path:
     root = out / name
     if not (root / "manifest.csv").exists():
         print(f"preparing {nights} synthetic nights ({name}, seed {seed})", flush=True)
-        synthetic.write_cohort("shhs", out / f"{name}_src", nights=nights, hours=hours, seed=seed)
-        quietly(prepare_main, ["shhs", str(out / f"{name}_src"), str(root), "--workers", "2"])
+        quietly("-m", "synthetic", "shhs", out / f"{name}_src", "--nights", nights, "--hours", hours, "--seed", seed)
+        quietly("-m", "prepare", "shhs", out / f"{name}_src", root, "--workers", "2")
     return root
 
 
@@ -49,8 +46,8 @@ def pretrain(out: Path, nights: Path, name: str, p: float) -> Path:
     run = out / name
     if not (run / "ckpt_final.pt").exists():
         print(f"pretraining {name} (channel_dropout {p})", flush=True)
-        quietly(train_pretrain.main, ["--config", str(ROOT / "configs/pretrain_tiny.yaml"), "--run", str(run),
-                                      "--data.root", str(nights), "--train.channel_dropout", str(p)])
+        quietly("train_pretrain.py", "--config", "configs/pretrain_tiny.yaml", "--run-dir", run,
+                "--data.root", nights, "--train.channel_dropout", p)
     return run
 
 
@@ -58,21 +55,19 @@ def probe(out: Path, nights: Path, encoder: Path, name: str, p: float, epochs: i
     run = out / name
     if not (run / "ckpt_final.pt").exists():
         print(f"training probe {name} (channel_dropout {p}, {epochs} epochs)", flush=True)
-        quietly(train_probe.main, ["--config", str(ROOT / "configs/probe_tiny.yaml"), "--encoder", str(encoder),
-                                   "--run", str(run), "--data.root", str(nights), "--train.channel_dropout", str(p),
-                                   "--train.epochs", str(epochs)])
+        quietly("train_probe.py", "--config", "configs/probe_tiny.yaml", "--encoder", encoder, "--run-dir", run,
+                "--data.root", nights, "--train.channel_dropout", p, "--train.epochs", epochs)
     return run
 
 
 def kappa_per_absent_slot(run: Path, nights_root: Path) -> dict[str, float]:
-    encoder, probe_head, config = evaluate.load_run(run)
-    nights = evaluate.select_nights(nights_root, "all", None)
-    window_s = config["data"]["window_s"]
     kappas = {}
     for absent in ("", *SLOTS):
-        staged = quietly(evaluate.stage_all, nights, nights_root, encoder, probe_head, window_s, window_s / 2, 4,
-                         "cpu", (absent,) if absent else ())
-        kappas[absent or "none"] = evaluate.score(staged, 0, 0)["kappa"]
+        out = run / f"eval_absent_{absent or 'none'}"
+        if not (out / "results.json").exists():
+            quietly("evaluate.py", "--run", run, "--data.root", nights_root, "--split", "all", "--absent", absent,
+                    "--bootstrap", "0", "--png-nights", "0", "--out", out)
+        kappas[absent or "none"] = json.loads((out / "results.json").read_text())["pooled"]["kappa"]
     return kappas
 
 

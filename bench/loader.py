@@ -1,4 +1,4 @@
-"""Loader benchmark: 8-h windows per second per core from night stores (DESIGN.md §10 target: >= 10).
+"""Loader benchmark: 8-h windows per second per core from night stores (docs/design.md §10 target: >= 10).
 
 Writes a few 9-h nights (band-limited noise, so that compression has something to find), then reads
 8-h windows in one process (no DataLoader workers: the figure is per core) from a warm page cache,

@@ -1,11 +1,11 @@
-"""Prediction benchmark: seconds and peak memory to stage one night on CPU (DESIGN.md §10 target: <= 10 s, <= 2 GB
+"""Prediction benchmark: seconds and peak memory to stage one night on CPU (docs/design.md §10 target: <= 10 s, <= 2 GB
 per 8-h night).
 
 Random weights at the paper config (Encoder(ModelConfig()), ProbeHead(ProbeConfig())), input [7, hours × 3600 × 125]
-noise, staged by model.stage_night with the paper's 8-h window (so an 8-h night is one window). The staging runs in
+noise, staged by stage.stage_night with the paper's 8-h window (so an 8-h night is one window). The staging runs in
 a child process so that its peak RSS is its own (it includes importing torch and building the model, as a real
-`predict.py` run would); only the stage_night call is timed. Attention is fused on CPU as in predict.py
-(--unfused: model.py's CPU default, which materialises the scores), and stage_night runs the encoder one channel
+`predict.py` run would); only the stage_night call is timed. Staging is forward-only, so attention takes the fused
+kernel on CPU too (model.SelfAttention.sdpa_attention decides per call), and stage_night runs the encoder one channel
 sequence at a time on CPU (Encoder.encode's sequences_per_pass). EDF reading and filtering are `bench/prepare.py`'s.
 
     python bench/predict.py [--hours 8] [--threads 2] [--timeout 300]
@@ -22,12 +22,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def child(hours: float, threads: int, unfused: bool) -> None:
+def child(hours: float, threads: int) -> None:
     import torch
-    from model import Encoder, ModelConfig, ProbeConfig, ProbeHead, stage_night
-    from predict import fused_attention_on_cpu
-    if not unfused:
-        fused_attention_on_cpu()                                                  # as predict.py does
+    from model import Encoder, ModelConfig, ProbeConfig, ProbeHead
+    from stage import stage_night
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     encoder, probe = Encoder(ModelConfig()).eval(), ProbeHead(ProbeConfig()).eval()
@@ -44,14 +42,11 @@ def main():
     parser.add_argument("--hours", type=float, default=8.0, help="night length (default 8)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--timeout", type=float, default=300, help="give up after this many seconds (default 300)")
-    parser.add_argument("--unfused", action="store_true",
-                        help="model.py's CPU default attention (materialised scores) instead of predict.py's fused one")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        return child(args.hours, args.threads, args.unfused)
+        return child(args.hours, args.threads)
     command = [sys.executable, __file__, "--child", "--hours", str(args.hours), "--threads", str(args.threads)]
-    command += ["--unfused"] if args.unfused else []
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout, check=True)
     except subprocess.TimeoutExpired:

@@ -1,4 +1,4 @@
-"""Pretraining-step benchmark: ms per night for forward + loss + backward, and peak memory (DESIGN.md §10 targets:
+"""Pretraining-step benchmark: ms per night for forward + loss + backward, and peak memory (docs/design.md §10 targets:
 >= 3x faster than the upstream implementation at equal config on the same machine; peak memory <= 1/4 of upstream's;
 on an H100 in bf16, MFU >= 45 %).
 
@@ -6,7 +6,7 @@ on an H100 in bf16, MFU >= 45 %).
                              [--threads N] [--steps K] [--attention sdpa|math] [--bf16] [--compile] [--upstream DIR]
 
     python bench/pretrain.py --config paper --hours 2 --threads 2 --upstream /path/to/PFTSleep
-        the reference shape of DESIGN.md §10: paper widths built for a 2-h night (1,200 patches), batch 1, fp32,
+        the reference shape of docs/design.md §10: paper widths built for a 2-h night (1,200 patches), batch 1, fp32,
         2 CPU threads; upstream's figure there is a median of 8.3 s per step and 4.1 GB peak RSS.
 
 What is timed: `Pretrainer` in train mode (dropout and the paper's jitter/zero corruption active) on random input
@@ -176,7 +176,7 @@ def build_upstream(run, upstream_dir: str):
         augmentations, mask_ratio = ["jitter_zero_mask"], 2 * o.p_zero
     else:
         augmentations, mask_ratio = ["patch_mask"], o.mask_ratio
-    model = PatchTFTSimple(   # the paper's kwargs (../shared/UPSTREAM.md §2) at our widths
+    model = PatchTFTSimple(   # the paper's kwargs (docs/upstream.md §2) at our widths
         c_in=cfg.n_channels, win_length=cfg.patch_len, hop_length=cfg.patch_len, max_seq_len=run.T,
         d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.n_heads, d_ff=cfg.d_ff, dropout=cfg.dropout,
         attn_dropout=0.0, res_attention=cfg.residual_attention, use_revin=True, affine=True, dim1reduce=False,

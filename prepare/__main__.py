@@ -10,17 +10,14 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-import yaml
 from tqdm import tqdm
 
+from runs import kill_point
 from . import apples, generic, mesa, mros, shhs, store, wsc
-from .annotations import AnnotationError
-from .edf import EdfError
-from .night import DEFAULT_REQUIRED, Night, Options, PrepareError, prepare_night
-from .signals import SLOTS, SlotError
+from .night import DEFAULT_REQUIRED, NIGHT_ERRORS, Night, Options, make_options, prepare_night
+from .signals import SLOTS
 
 DATASETS = {"shhs": shhs, "mesa": mesa, "mros": mros, "apples": apples, "wsc": wsc, "edf": generic}
-EXPECTED_ERRORS = (EdfError, AnnotationError, PrepareError, SlotError, OSError)
 
 EPILOG = f"""
 datasets and the layout SRC must have (as NSRR distributes it):
@@ -84,20 +81,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def build_options(args) -> Options:
-    channel_map = None
-    if args.channels:
-        channel_map = yaml.safe_load(args.channels.read_text()) or {}
-        if not isinstance(channel_map, dict) or set(channel_map) - set(SLOTS):
-            raise SystemExit(f"{args.channels}: must map slots ({', '.join(SLOTS)}) to labels; "
-                             f"got {sorted(set(channel_map) - set(SLOTS)) if isinstance(channel_map, dict) else channel_map!r}")
-    require = {"all": ",".join(SLOTS), "none": ""}.get(args.require, args.require)
-    required = tuple(s.strip().upper() for s in require.split(",") if s.strip())
-    if set(required) - set(SLOTS):
-        raise SystemExit(f"--require: unknown slots {sorted(set(required) - set(SLOTS))}; slots are {', '.join(SLOTS)}")
-    return Options(required=required, channel_map=channel_map, zero_phase=args.zero_phase, clean_spo2=args.clean_spo2)
-
-
 def prepare_one(night: Night, out: Path, opts: Options) -> tuple[Night, str | None]:
     """Prepare and write one night; returns (night, failure reason or None). Runs in a worker."""
     final = store.store_path(out, night.dataset, night.night_id)
@@ -105,7 +88,7 @@ def prepare_one(night: Night, out: Path, opts: Options) -> tuple[Night, str | No
         signals, stages, attrs = prepare_night(night, DATASETS[night.dataset].CHANNELS, opts)
         store.write_night(final, signals, stages, attrs)
         return night, None
-    except EXPECTED_ERRORS as err:
+    except NIGHT_ERRORS as err:
         reason = str(err).replace("\n", " ")
     except Exception as err:   # a bug must not sink the batch, but must be visible as one
         reason = f"internal error ({type(err).__name__}): {err}".replace("\n", " ")
@@ -115,7 +98,7 @@ def prepare_one(night: Night, out: Path, opts: Options) -> tuple[Night, str | No
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    opts = build_options(args)
+    opts = make_options(args.channels, args.require, args.zero_phase, args.clean_spo2)
     module = DATASETS[args.dataset]
     nights = (module.find_nights(args.sources, args.annotations) if args.dataset == "edf"
               else module.find_nights(args.sources[0]))
@@ -154,6 +137,7 @@ def _collect(results, failures: list, progress) -> int:
     for night, reason in results:
         if reason is None:
             written += 1
+            kill_point("night", written)
         else:
             failures.append({"dataset": night.dataset, "night_id": night.night_id, "edf": str(night.edf), "reason": reason})
             progress.write(f"failed {night.night_id}: {reason}")

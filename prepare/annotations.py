@@ -12,7 +12,7 @@ The epoch rule (used by every reader, stated once here):
 Stage codes: 0 W, 1 N1, 2 N2, 3 N3 (R&K stages 3 and 4), 4 REM, -1 unscored. Readers return a `Hypnogram`
 whose `stages` run from epoch 0 to the last epoch any stage annotation covers (trailing unscored epochs
 included); `fit_to_recording` then crops or pads it to a recording's epoch count. Format details and the
-sources behind them are in shared/FORMATS.md §3.
+sources behind them are in docs/formats.md §3.
 
 Every problem is raised as `AnnotationError`, one line that starts with the file's path and says the cause.
 """
@@ -29,7 +29,9 @@ import numpy as np
 
 from .edf import EdfError, read_annotations
 
-W, N1, N2, N3, REM, UNSCORED = 0, 1, 2, 3, 4, -1
+W, N1, N2, N3, REM, UNSCORED = 0, 1, 2, 3, 4, -1      # stage codes: night stores, probe classes
+STAGES = ("W", "N1", "N2", "N3", "REM")               # name of class k: metrics, results.json, p_<name> columns
+AASM_LETTERS = ("W", "N1", "N2", "N3", "R")           # letter of class k in a hypnogram (AASM; EDF+ "Sleep stage R")
 EPOCH_S = 30.0
 # Float noise guard for floor/ceil: onsets such as 30629.999999 still mean epoch boundary 1021.
 _EPS = 1e-6

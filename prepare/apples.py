@@ -1,5 +1,5 @@
 """APPLES (Apnea Positive Pressure Long-term Efficacy Study), NSRR-harmonised EDFs with Luna
-`.annot` staging beside them (FORMATS.md §1-2). Labels are already referenced (C4_M1, LOC = LOC-M2);
+`.annot` staging beside them (docs/formats.md §1-2). Labels are already referenced (C4_M1, LOC = LOC-M2);
 the unharmonised spellings are accepted too.
 """
 from pathlib import Path

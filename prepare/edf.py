@@ -1,12 +1,15 @@
-"""A small, strict EDF/EDF+ reader (numpy only).
+"""A small, strict EDF/EDF+ reader (numpy only), and the writer of EDF+ annotation files.
 
 Why our own reader rather than pyedflib: pyedflib refuses files with harmless header
 inconsistencies (e.g. an EDF+ recording field whose date disagrees with the startdate
-field, see shared/testdata) and its errors do not say which file or field is wrong.
+field, see tests/data) and its errors do not say which file or field is wrong.
 Here every problem is one `EdfError` line naming the file and the field, signals are
 read through a memory map (only the channels we use are touched), and EDF+ annotations
 (TALs) are parsed directly. pyedflib is still used to *write* the synthetic cohort, so
 the tests check this reader against an independent writer.
+
+`write_annotations` writes an annotation-only EDF+C file (one data record of duration 0, as
+Sleep-EDF's hypnograms), which this reader, pyedflib, MNE and EDFbrowser read back.
 
 Format: https://www.edfplus.info/specs/edf.html and .../edfplus.html.
 """
@@ -256,3 +259,33 @@ def read_annotations(path: str | os.PathLike) -> tuple[EdfHeader, list[tuple[flo
                 desc = text.decode("latin-1")
             events.append((float(onset), float(duration) if duration else 0.0, desc))
     return header, events
+
+
+def annotation_record(annotations: list[tuple[float, float, str]]) -> bytes:
+    """EDF+ TALs: the record's time-keeping TAL, then '+onset\x15duration\x14text\x14\x00' per (onset_s,
+    duration_s, text), padded with zeros to whole 2-byte samples."""
+    tals = [b"+0\x14\x14\x00"]
+    for onset, duration, text in annotations:
+        tals.append(f"+{onset:g}\x15{duration:g}\x14{text}\x14\x00".encode("ascii"))
+    record = b"".join(tals)
+    return record + b"\x00" * (len(record) % 2)
+
+
+def write_annotations(path, annotations: list[tuple[float, float, str]], start: dt.datetime | None,
+                      recorder: str) -> None:
+    """An annotation-only EDF+C file of (onset_s, duration_s, text) annotations, written atomically. `start` None
+    writes EDF's epoch date (1985-01-01 00:00:00); `recorder` goes into the recording field."""
+    from runs import write_atomic      # the repository's one atomic write (runs.py), only for writing
+    start = start or dt.datetime(1985, 1, 1)
+    record = annotation_record(annotations)
+
+    def field(text, width: int) -> bytes:
+        return str(text).encode("ascii").ljust(width)[:width]
+
+    recording = f"Startdate {start.strftime('%d-%b-%Y').upper()} X X {recorder}"
+    header = b"".join([field("0", 8), field("X X X X", 80), field(recording, 80), field(start.strftime("%d.%m.%y"), 8),
+                       field(start.strftime("%H.%M.%S"), 8), field(512, 8), field("EDF+C", 44), field(1, 8),
+                       field(0, 8), field(1, 4)])
+    header += b"".join([field("EDF Annotations", 16), field("", 80), field("", 8), field(-1, 8), field(1, 8),
+                        field(-32768, 8), field(32767, 8), field("", 80), field(len(record) // 2, 8), field("", 32)])
+    write_atomic(path, lambda temp: temp.write_bytes(header + record))

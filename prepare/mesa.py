@@ -1,4 +1,4 @@
-"""MESA (Multi-Ethnic Study of Atherosclerosis) sleep exam, one night per subject (FORMATS.md §1-2).
+"""MESA (Multi-Ethnic Study of Atherosclerosis) sleep exam, one night per subject (docs/formats.md §1-2).
 
 EEG3 is C4-M1 (MESA has no C3-M2); EOG-L is E1 against Fpz, taken as stored.
 """

@@ -1,4 +1,4 @@
-"""MrOS (Osteoporotic Fractures in Men) sleep visits 1 and 2 (FORMATS.md §1-2).
+"""MrOS (Osteoporotic Fractures in Men) sleep visits 1 and 2 (docs/formats.md §1-2).
 
 Every electrode is stored against the recorder reference, so each slot is a derivation. Visit 1
 and visit 2 spell the electrodes differently (LOC/A2 vs E1/M2, Thoracic vs Chest); either set is

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+import yaml
+
 from . import annotations, edf, signals
 from .signals import FS, EPOCH_SAMPLES, SLOTS, SlotError, SlotSignal
 
@@ -26,6 +28,10 @@ FLOAT16_MAX = 65000.0
 
 class PrepareError(ValueError):
     """A night that cannot be prepared; the message says why in one line."""
+
+
+# what a bad night raises: reported in one line, the batch goes on (anything else is a bug, reported as one)
+NIGHT_ERRORS = (edf.EdfError, annotations.AnnotationError, PrepareError, SlotError, OSError)
 
 
 @dataclass
@@ -48,6 +54,23 @@ class Options:
     max_overhang_epochs: int = 10        # scored epochs past the recording end that are cropped, not fatal
     allow_truncated: bool = False        # a file with fewer data records than its header says: read what is there
                                          # (predict.py, with a warning) instead of failing (prepare: training data)
+
+
+def make_options(channels: Path | None = None, require: str = ",".join(DEFAULT_REQUIRED), zero_phase: bool = False,
+                 clean_spo2: bool = False) -> Options:
+    """Options from the command line of `python -m prepare` and predict.py: --channels map.yaml (checked here),
+    --require (a comma list of slots, 'all' or 'none'), --zero-phase, --clean-spo2. Errors exit with one line."""
+    channel_map = None
+    if channels:
+        channel_map = yaml.safe_load(Path(channels).read_text()) or {}
+        if not isinstance(channel_map, dict) or set(channel_map) - set(SLOTS):
+            raise SystemExit(f"{channels}: must map slots ({', '.join(SLOTS)}) to labels; "
+                             f"got {sorted(set(channel_map) - set(SLOTS)) if isinstance(channel_map, dict) else channel_map!r}")
+    require = {"all": ",".join(SLOTS), "none": ""}.get(require, require)
+    required = tuple(s.strip().upper() for s in require.split(",") if s.strip())
+    if set(required) - set(SLOTS):
+        raise SystemExit(f"--require: unknown slots {sorted(set(required) - set(SLOTS))}; slots are {', '.join(SLOTS)}")
+    return Options(required=required, channel_map=channel_map, zero_phase=zero_phase, clean_spo2=clean_spo2)
 
 
 def read_stages(night: Night, header: edf.EdfHeader, n_epochs: int, opts: Options) -> tuple[np.ndarray, dict]:

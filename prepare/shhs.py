@@ -1,4 +1,4 @@
-"""SHHS (Sleep Heart Health Study), visits 1 and 2, as NSRR ships it (FORMATS.md §1-2).
+"""SHHS (Sleep Heart Health Study), visits 1 and 2, as NSRR ships it (docs/formats.md §1-2).
 
 EEG is stored bipolar (`EEG` = C4-A1, `EEG(sec)` = C3-A2); EOG is E1 against ground, taken as stored.
 """

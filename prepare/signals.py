@@ -1,6 +1,6 @@
 """Channel resolution, units, filtering and resampling: from EDF signals to the 7 slots at 125 Hz.
 
-Every value here that shapes the data comes from the paper's code (FORMATS.md §5, upstream
+Every value here that shapes the data comes from the paper's code (docs/formats.md §5, upstream
 `ALL_FREQUENCY_FILTERS` / `butterworth`): order-2 Butterworth applied causally (`sosfilt`,
 a single forward pass), ECG 0.5-40 Hz band-pass, EEG/EOG/EMG 0.3-30 Hz band-pass, SpO2 0.4 Hz
 low-pass, effort belts 0.5 Hz low-pass, a 3-sample median filter against spikes on every
@@ -24,7 +24,7 @@ EPOCH_SAMPLES = FS * EPOCH_S  # 3750
 VOLTAGE_SLOTS = ("ECG", "EOG", "EMG", "EEG")
 MEDIAN_KERNEL = 3
 BUTTER_ORDER = 2
-BAND = {  # (btype, cut-off Hz); FORMATS.md §5 table 'cut-offs'
+BAND = {  # (btype, cut-off Hz); docs/formats.md §5 table 'cut-offs'
     "ECG": ("bandpass", (0.5, 40.0)),
     "EOG": ("bandpass", (0.3, 30.0)),
     "EMG": ("bandpass", (0.3, 30.0)),

@@ -1,25 +1,30 @@
-"""Night stores on disk: atomic writes, the manifest, failed.csv and the subject-level split.
+"""Night stores on disk, written and read here only: the store, the manifest, failed.csv and the subject split.
 
-Layout (DESIGN.md §3): `<out>/<dataset>/<night_id>.zarr`, a zarr v3 group with
+Layout (docs/design.md §3): `<out>/<dataset>/<night_id>.zarr`, a zarr v3 group with
 - `signals` float16 [7, T], one uncompressed chunk per channel ([1, T]), so that each channel is
   one raw little-endian file (`signals/c/<channel>/0`) that data.py memory-maps; bench/loader.py
   compares this with hourly chunks and with compression;
 - `stages` int8 [T // 3750];
 - the attrs listed in prepare/night.py.
-A store is written under a hidden temporary name and renamed when complete, so a store that
-exists is complete and a killed job leaves nothing that a re-run would mistake for a night.
+A store is written under a hidden temporary name and renamed when complete (runs.write_atomic), so
+a store that exists is complete and a killed job leaves nothing that a re-run would mistake for a
+night. `read_night` memory-maps the raw chunks (bench/loader.py measures it against zarr's own
+reader); a store written any other way (other chunking, compression) is read through zarr instead.
 """
 from __future__ import annotations
 
 import csv
 import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import zarr
+
+from runs import write_atomic
+from .signals import SLOTS
 
 MANIFEST_COLUMNS = ["night_id", "dataset", "subject", "visit", "path", "n_samples", "n_epochs", "n_scored",
                     "present", "split"]
@@ -31,36 +36,55 @@ def store_path(out: Path, dataset: str, night_id: str) -> Path:
     return Path(out) / dataset / f"{night_id}.zarr"
 
 
-def _temp_path(final: Path) -> Path:
-    return final.with_name(f".{final.name}.tmp-{os.getpid()}")
-
-
 def clear_temporaries(final: Path) -> None:
-    """Remove what a killed run left for this night (its hidden temp dirs)."""
+    """Remove what a killed run left for this night (its hidden temporary folders)."""
     for leftover in final.parent.glob(f".{final.name}.tmp-*"):
         shutil.rmtree(leftover, ignore_errors=True)
 
 
 def write_night(final: Path, signals: np.ndarray, stages: np.ndarray, attrs: dict) -> None:
-    """Write a night store atomically: temp dir, then rename; an existing store is replaced."""
+    """Write a night store atomically (an existing store is replaced). signals [7, T] float16, stages [T // 3750]."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     clear_temporaries(final)
-    temp = _temp_path(final)
-    group = zarr.open_group(temp, mode="w", zarr_format=3)
-    array = group.create_array("signals", shape=signals.shape, chunks=(1, signals.shape[1]), dtype="float16",
-                               compressors=None, fill_value=0.0)
-    array[:] = signals
-    group.create_array("stages", shape=stages.shape, chunks=stages.shape, dtype="int8",
-                       compressors=None, fill_value=-1)[:] = stages
-    group.attrs.update(attrs)
-    if final.exists():   # --overwrite: swap, then delete the old one
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        final.rename(old)
-        temp.rename(final)
-        shutil.rmtree(old)
+
+    def write(temp: Path) -> None:
+        group = zarr.open_group(temp, mode="w", zarr_format=3)
+        group.create_array("signals", shape=signals.shape, chunks=(1, signals.shape[1]), dtype="float16",
+                           compressors=None, fill_value=0.0)[:] = signals
+        group.create_array("stages", shape=stages.shape, chunks=stages.shape, dtype="int8",
+                           compressors=None, fill_value=-1)[:] = stages
+        group.attrs.update(attrs)
+    write_atomic(final, write)
+
+
+def _is_raw(array_dir: Path) -> tuple[bool, list[int]]:
+    """(whether each chunk spans the whole last axis as raw little-endian bytes, the array's shape)."""
+    meta = json.loads((array_dir / "zarr.json").read_text())
+    raw = (meta["chunk_grid"]["configuration"]["chunk_shape"][-1] == meta["shape"][-1]
+           and [c["name"] for c in meta["codecs"]] == ["bytes"]
+           and meta["codecs"][0].get("configuration", {}).get("endian", "little") == "little")
+    return raw, meta["shape"]
+
+
+def read_night(store: str | Path) -> tuple[list, np.ndarray, dict]:
+    """(channels, stages, attrs): `channels` is 7 array-likes [T] float16 (memmaps where possible)."""
+    store = Path(store)
+    attrs = read_attrs(store)
+    raw, (_, n_samples) = _is_raw(store / "signals")
+    if raw:
+        # zarr skips chunks equal to the fill value: an absent channel may have no file at all.
+        chunks = [store / "signals" / "c" / str(c) / "0" for c in range(len(SLOTS))]
+        channels = [np.memmap(chunk, dtype="<f2", mode="r", shape=(n_samples,)) if chunk.exists()
+                    else np.zeros(n_samples, np.float16) for chunk in chunks]
     else:
-        temp.rename(final)
+        channels = list(zarr.open_array(store / "signals", mode="r")[:])
+    stages_chunk = store / "stages" / "c" / "0"
+    if _is_raw(store / "stages")[0] and stages_chunk.exists():
+        stages = np.fromfile(stages_chunk, dtype=np.int8)
+    else:
+        stages = zarr.open_array(store / "stages", mode="r")[:]
+    return channels, stages, attrs
 
 
 def read_attrs(store: Path) -> dict:
@@ -94,12 +118,12 @@ def manifest_row(out: Path, store: Path) -> dict:
 
 
 def _atomic_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
-    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(temp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    temp.replace(path)
+    def write(temp: Path) -> None:
+        with open(temp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(rows)
+    write_atomic(path, write)
 
 
 def write_manifest(out: Path) -> list[dict]:
@@ -109,6 +133,22 @@ def write_manifest(out: Path) -> list[dict]:
     rows.sort(key=lambda r: (r["dataset"], r["night_id"]))
     _atomic_csv(out / "manifest.csv", MANIFEST_COLUMNS, rows)
     return rows
+
+
+def read_manifest(root: str | Path, split: str | None = None, datasets=None) -> pd.DataFrame:
+    """Rows of `<root>/manifest.csv`, optionally one split and a selection of datasets ('shhs') or dataset visits
+    ('mros:1'), so that the paper's cohorts (train on SHHS, WSC, MrOS visit 1; test on MESA, APPLES, MrOS visit 2)
+    are configs, not code."""
+    manifest = pd.read_csv(Path(root) / "manifest.csv", dtype={"subject": str, "visit": str, "night_id": str})
+    if split is not None:
+        manifest = manifest[manifest["split"] == split]
+    if datasets:
+        keep = pd.Series(False, index=manifest.index)
+        for selector in datasets:
+            name, _, visit = str(selector).partition(":")
+            keep |= (manifest["dataset"] == name) & ((manifest["visit"] == visit) if visit else True)
+        manifest = manifest[keep]
+    return manifest.reset_index(drop=True)
 
 
 def update_failed(out: Path, attempted: list[tuple[str, str]], failures: list[dict]) -> list[dict]:

@@ -1,4 +1,4 @@
-"""WSC (Wisconsin Sleep Cohort), all visits in one flat folder (FORMATS.md §1-2).
+"""WSC (Wisconsin Sleep Cohort), all visits in one flat folder (docs/formats.md §1-2).
 
 Two acquisition systems: Gamma nights (100 Hz) carry `.stg.txt` epoch tables, Twin nights (200 Hz)
 `.allscore.txt` event logs; exactly one exists per night. Subject is the numeric id (the stem's

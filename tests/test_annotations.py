@@ -1,10 +1,9 @@
-"""Annotation readers: real third-party hypnograms (shared/testdata) and small hand-written files per format."""
+"""Annotation readers: real third-party hypnograms (tests/data) and small hand-written files per format."""
 from __future__ import annotations
 
 import datetime as dt
 import hashlib
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -19,15 +18,17 @@ from prepare.annotations import (  # noqa: E402
 )
 
 
+TESTDATA = Path(__file__).parent / "data"  # third-party hypnograms with their licences (data/README.md)
+REAL_FILES = ["sleep-edf_SC4001EC-Hypnogram.edf", "hmc_SN001_sleepscoring.edf",
+              "sleep-edf_ST7132JR-Hypnogram.edf", "yasa_data_full_6hrs_100Hz_hypno_30s.txt"]
+
+
 def _testdata() -> Path:
-    candidates = [Path(__file__).resolve().parents[2] / "shared" / "testdata"]
-    if os.environ.get("PFTSLEEP_TESTDATA"):
-        candidates.append(Path(os.environ["PFTSLEEP_TESTDATA"]))
-    for path in candidates:
-        if (path / "expected.json").is_file():
-            return path
-    # CI checks out ../shared; a missing directory is a broken set-up, not a reason to skip.
-    pytest.fail(f"hypnogram test data not found (looked in {[str(c) for c in candidates]}; set PFTSLEEP_TESTDATA)")
+    # The files are part of the repository: a missing one is a broken checkout, not a reason to skip.
+    missing = [name for name in ["expected.json", *REAL_FILES] if not (TESTDATA / name).is_file()]
+    if missing:
+        pytest.fail(f"hypnogram test data missing from {TESTDATA}: {', '.join(missing)}", pytrace=False)
+    return TESTDATA
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +37,6 @@ def testdata() -> tuple[Path, dict]:
     return root, json.loads((root / "expected.json").read_text())
 
 
-REAL_FILES = ["sleep-edf_SC4001EC-Hypnogram.edf", "hmc_SN001_sleepscoring.edf",
-              "sleep-edf_ST7132JR-Hypnogram.edf", "yasa_data_full_6hrs_100Hz_hypno_30s.txt"]
 STAGE_NAMES = {"W": 0, "N1": 1, "N2": 2, "N3": 3, "REM": 4, "unscored": -1}
 
 

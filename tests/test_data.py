@@ -4,7 +4,7 @@ import pytest
 import torch
 import zarr
 
-from data import NightDataset, drop_channels, open_night, read_manifest, sleep_span, window_starts
+from data import NightDataset, drop_channels, sleep_span, window_starts
 from prepare import store
 
 EPOCH = 3750
@@ -62,7 +62,7 @@ def test_window_starts_and_sleep_span():
 def test_trimmed_windows_start_near_sleep_onset(tmp_path):
     stages = np.array([0] * 200 + [2] * 50 + [0] * 200, np.int8)
     path, _, _ = make_store(tmp_path, "trim", len(stages), stages=stages)
-    dataset = NightDataset([path], window_s=400 * 30, trim_wake_min=10)
+    dataset = NightDataset([path], window_s=400 * 30, crop_wake_min=10)
     item = dataset[0]
     assert item["start"] == 180 * EPOCH
     assert item["stages"][:90].tolist() == [0] * 20 + [2] * 50 + [0] * 20 and (item["stages"][90:] == -1).all()
@@ -71,7 +71,7 @@ def test_trimmed_windows_start_near_sleep_onset(tmp_path):
 
 def test_memmap_equals_zarr_and_absent_channel_is_zero(tmp_path):
     path, signals, stages = make_store(tmp_path, "abs", 4, absent=(4,))
-    channels, read_stages, attrs = open_night(path)
+    channels, read_stages, attrs = store.read_night(path)
     reference = zarr.open_group(path, mode="r")
     assert np.array_equal(np.stack([np.asarray(c) for c in channels]), reference["signals"][:])
     assert np.array_equal(read_stages, reference["stages"][:]) and attrs["present"][4] is False
@@ -92,10 +92,10 @@ def test_manifest_selection(tmp_path):
         make_store(tmp_path, name, 3)
     rows = store.write_manifest(tmp_path)
     assert [r["night_id"] for r in rows] == ["a", "b", "c"]
-    manifest = read_manifest(tmp_path)
+    manifest = store.read_manifest(tmp_path)
     assert list(manifest.columns) == store.MANIFEST_COLUMNS
     split = rows[0]["split"]
-    assert set(read_manifest(tmp_path, split=split)["night_id"]) == {r["night_id"] for r in rows if r["split"] == split}
+    assert set(store.read_manifest(tmp_path, split=split)["night_id"]) == {r["night_id"] for r in rows if r["split"] == split}
     dataset = NightDataset.from_manifest(tmp_path, window_s=90)
     assert len(dataset) == 3
 

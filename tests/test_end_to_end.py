@@ -4,9 +4,9 @@ import json
 import pandas as pd
 
 import evaluate
+import synthetic
 import train_pretrain
 import train_probe
-from prepare import synthetic
 from prepare.__main__ import main as prepare_main
 
 WINDOW = ["--data.window_s", "1800", "--data.stride_s", "900", "--data.num_workers", "0", "--data.val_split", "train"]

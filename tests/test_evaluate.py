@@ -10,7 +10,9 @@ import torch
 import yaml
 
 import evaluate as ev
-from model import Encoder, ModelConfig, ProbeConfig, ProbeHead
+import metrics
+import stage
+from model import ModelConfig, ProbeConfig
 from prepare import store
 
 EPOCH = 3750
@@ -22,20 +24,20 @@ EPOCH = 3750
 
 def test_kappa_textbook_examples():
     # the classic 2×2 example: p_o = 35/50 = 0.7, p_e = (25·30 + 25·20)/50² = 0.5, κ = (0.7 − 0.5)/(1 − 0.5) = 0.4
-    assert ev.kappa(np.array([[20, 5], [10, 15]])) == pytest.approx(0.4)
+    assert metrics.kappa(np.array([[20, 5], [10, 15]])) == pytest.approx(0.4)
     # 3×3 by hand: n = 100, p_o = 0.70, rows (40, 30, 30), columns (45, 30, 25),
     # p_e = (40·45 + 30·30 + 30·25)/100² = 0.345, κ = (0.70 − 0.345)/(1 − 0.345) = 0.355/0.655
     cm = np.array([[30, 5, 5], [10, 20, 0], [5, 5, 20]])
-    assert ev.kappa(cm) == pytest.approx(0.355 / 0.655)
-    assert ev.accuracy(cm) == pytest.approx(0.70)
-    assert ev.kappa(np.eye(5) * 7) == pytest.approx(1.0)
-    assert np.isnan(ev.kappa(np.diag([9, 0, 0, 0, 0])))               # p_e = 1: undefined
+    assert metrics.kappa(cm) == pytest.approx(0.355 / 0.655)
+    assert metrics.accuracy(cm) == pytest.approx(0.70)
+    assert metrics.kappa(np.eye(5) * 7) == pytest.approx(1.0)
+    assert np.isnan(metrics.kappa(np.diag([9, 0, 0, 0, 0])))               # p_e = 1: undefined
 
 
 def test_confusion_matrix_rows_are_truth_and_unscored_epochs_are_dropped():
     true = np.array([0, 0, 1, 2, 4, -1, -1, 3])
     pred = np.array([0, 1, 1, 2, 2, 4, 0, 3])
-    cm = ev.confusion_matrix(true, pred)
+    cm = metrics.confusion_matrix(true, pred)
     expected = np.zeros((5, 5), int)
     for t, p in zip(true, pred):
         if t >= 0:
@@ -56,12 +58,12 @@ def test_f1_per_class_and_macro():
         recall = tp / (tp + fn) if tp + fn else 0.0
         reference.append(2 * precision * recall / (precision + recall) if precision + recall else
                          (np.nan if tp + fp + fn == 0 else 0.0))
-    f1 = ev.f1_per_class(ev.confusion_matrix(true, pred))
+    f1 = metrics.f1_per_class(metrics.confusion_matrix(true, pred))
     # W: tp 2 fp 1 fn 1 → 2/3; N1: tp 1 fp 2 fn 1 → 0.4; N2: tp 3 fp 1 fn 1 → 0.75; N3 absent → NaN; REM: tp 0 → 0
     assert np.allclose(f1, [2 / 3, 0.4, 0.75, np.nan, 0.0], equal_nan=True)
     assert np.allclose(f1, reference, equal_nan=True)
     # macro: mean over the classes present in truth or prediction (W, N1, N2, REM), N3 left out
-    assert ev.macro_f1(ev.confusion_matrix(true, pred)) == pytest.approx((2 / 3 + 0.4 + 0.75 + 0.0) / 4)
+    assert metrics.macro_f1(metrics.confusion_matrix(true, pred)) == pytest.approx((2 / 3 + 0.4 + 0.75 + 0.0) / 4)
 
 
 def brute_force_auroc(scores, positive):
@@ -89,48 +91,34 @@ def test_auroc_and_auprc_with_ties_match_brute_force():
         positive = rng.random(n) < 0.4
         if positive.all() or not positive.any():
             continue
-        assert ev.auroc(scores, positive) == pytest.approx(brute_force_auroc(scores, positive))
-        assert ev.average_precision(scores, positive) == pytest.approx(brute_force_average_precision(scores, positive))
+        assert metrics.auroc(scores, positive) == pytest.approx(brute_force_auroc(scores, positive))
+        assert metrics.average_precision(scores, positive) == pytest.approx(brute_force_average_precision(scores, positive))
     # by hand: positives 0.8, 0.4; negatives 0.4, 0.1 → pairs: 1, 1, ½ (tie), 1 → 3.5/4
     scores, positive = np.array([0.8, 0.4, 0.4, 0.1]), np.array([True, True, False, False])
-    assert ev.auroc(scores, positive) == pytest.approx(0.875)
+    assert metrics.auroc(scores, positive) == pytest.approx(0.875)
     # thresholds 0.8: P 1, R ½; 0.4: P ⅔, R 1; 0.1: R unchanged → ½·1 + ½·⅔
-    assert ev.average_precision(scores, positive) == pytest.approx(0.5 + 1 / 3)
-    assert np.isnan(ev.auroc(scores, np.zeros(4, bool))) and np.isnan(ev.average_precision(scores, np.zeros(4, bool)))
+    assert metrics.average_precision(scores, positive) == pytest.approx(0.5 + 1 / 3)
+    assert np.isnan(metrics.auroc(scores, np.zeros(4, bool))) and np.isnan(metrics.average_precision(scores, np.zeros(4, bool)))
 
 
 def test_bootstrap_is_seeded_and_brackets_the_pooled_value():
     rng = np.random.default_rng(0)
-    night_cms = np.stack([ev.confusion_matrix(t, np.where(rng.random(50) < 0.7, t, rng.integers(0, 5, 50)))
+    night_cms = np.stack([metrics.confusion_matrix(t, np.where(rng.random(50) < 0.7, t, rng.integers(0, 5, 50)))
                           for t in rng.integers(0, 5, (12, 50))])        # 12 nights of 50 epochs, ~75 % agreement
-    a, b = ev.bootstrap_ci(night_cms, 200, seed=0), ev.bootstrap_ci(night_cms, 200, seed=0)
-    c = ev.bootstrap_ci(night_cms, 200, seed=1)
+    a, b = metrics.bootstrap_ci(night_cms, 200, seed=0), metrics.bootstrap_ci(night_cms, 200, seed=0)
+    c = metrics.bootstrap_ci(night_cms, 200, seed=1)
     assert all(np.array_equal(a[k], b[k]) for k in a)
     assert not np.array_equal(a["kappa"], c["kappa"])
-    pooled = ev.kappa(night_cms.sum(0))
+    pooled = metrics.kappa(night_cms.sum(0))
     assert a["kappa"][0] < pooled < a["kappa"][1] and a["f1_per_class"].shape == (5, 2)
     # one resample by hand: nights picked (0, 0, 3, …) pool to the sum of their matrices
     picks = np.random.default_rng(0).integers(0, 12, size=(200, 12))
-    kappas = [ev.kappa(night_cms[p].sum(0)) for p in picks]
+    kappas = [metrics.kappa(night_cms[p].sum(0)) for p in picks]
     assert np.allclose(a["kappa"], np.percentile(kappas, [2.5, 97.5]))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # The CLI end to end
-
-
-def make_probe_run(run_dir, data_root):
-    torch.manual_seed(0)
-    model_cfg = ModelConfig(d_model=16, n_layers=1, n_heads=2, d_ff=32, max_patches=120)
-    probe_cfg = ProbeConfig(d_model=16, hidden_size=8, n_layers=1, dropout=0.0)
-    encoder, probe = Encoder(model_cfg), ProbeHead(probe_cfg)
-    run_dir.mkdir(parents=True)
-    state = {**{f"encoder.{k}": v for k, v in encoder.state_dict().items()},
-             **{f"probe.{k}": v for k, v in probe.state_dict().items()}}
-    torch.save({"model": state}, run_dir / "ckpt_final.pt")
-    config = {"model": vars(model_cfg), "probe": vars(probe_cfg),
-              "data": {"root": str(data_root), "datasets": None, "window_s": 20 * 30.0, "stride_s": None}}
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
 
 
 def make_night(root, dataset, name, n_epochs, seed):
@@ -145,7 +133,7 @@ def make_night(root, dataset, name, n_epochs, seed):
 
 
 @pytest.fixture(scope="module")
-def evaluated(tmp_path_factory):
+def evaluated(tmp_path_factory, probe_run_writer):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)        # a tiny GRU on several threads of a busy machine can be 50× slower than on one
     tmp = tmp_path_factory.mktemp("eval")
@@ -154,7 +142,9 @@ def evaluated(tmp_path_factory):
     make_night(root, "shhs", "shhs1-0002", 12, seed=2)        # one padded window
     make_night(root, "mesa", "mesa-0003", 25, seed=3)
     store.write_manifest(root)
-    make_probe_run(run, root)
+    probe_run_writer(run, ModelConfig(d_model=16, n_layers=1, n_heads=2, d_ff=32, max_patches=120),
+                     ProbeConfig(d_model=16, hidden_size=8, n_layers=1, dropout=0.0),
+                     {"root": str(root), "datasets": None, "window_s": 20 * 30.0, "stride_s": None})
     results = ev.main(["--run", str(run), "--split", "all", "--bootstrap", "50", "--png-nights", "2",
                        "--out", str(out)])
     yield root, run, out, results
@@ -203,10 +193,9 @@ def test_predictions_csv_reproduces_the_metrics(evaluated):
 
 def test_stitched_probabilities_are_stage_night(evaluated):
     root, run, out, results = evaluated
-    from data import open_night
-    from model import load_encoder, load_probe, stage_night
-    channels, stages, _ = open_night(root / "shhs" / "shhs1-0001.zarr")
-    probs = stage_night(load_encoder(run), load_probe(run), np.stack([np.asarray(c, np.float32) for c in channels]),
+    from runs import load_encoder, load_probe
+    channels, stages, _ = store.read_night(root / "shhs" / "shhs1-0001.zarr")
+    probs = stage.stage_night(load_encoder(run), load_probe(run), np.stack([np.asarray(c, np.float32) for c in channels]),
                         20 * EPOCH, 10 * EPOCH).numpy()
     predictions = pd.read_csv(out / "predictions.csv")
     night = predictions[predictions["night_id"] == "shhs1-0001"]
@@ -226,14 +215,13 @@ def test_cli_refuses_a_non_probe_run_and_an_empty_selection(evaluated, tmp_path)
 
 def test_absent_slot_is_zeroed_in_every_night(evaluated, tmp_path):
     root, run, out, results = evaluated
-    from data import open_night
-    from model import load_encoder, load_probe, stage_night
+    from runs import load_encoder, load_probe
     absent = ev.main(["--run", str(run), "--split", "all", "--bootstrap", "0", "--absent", "eeg,ABDO",
                       "--png-nights", "0", "--out", str(tmp_path / "absent")])
-    channels, _, _ = open_night(root / "shhs" / "shhs1-0001.zarr")
+    channels, _, _ = store.read_night(root / "shhs" / "shhs1-0001.zarr")
     signals = np.stack([np.asarray(c, np.float32) for c in channels])
     signals[[3, 6]] = 0                                                  # EEG and ABDO
-    probs = stage_night(load_encoder(run), load_probe(run), signals, 20 * EPOCH, 10 * EPOCH).numpy()
+    probs = stage.stage_night(load_encoder(run), load_probe(run), signals, 20 * EPOCH, 10 * EPOCH).numpy()
     predictions = pd.read_csv(tmp_path / "absent" / "predictions.csv")
     night = predictions[predictions["night_id"] == "shhs1-0001"]
     assert np.allclose(night[["p_W", "p_N1", "p_N2", "p_N3", "p_REM"]].to_numpy(), probs[night["epoch"]], atol=1e-5)

@@ -1,5 +1,5 @@
 """import_upstream.py: upstream checkpoints → our run folder, checked against upstream's own outputs (fixture made with
-upstream's classes, tests/fixtures/upstream/README.md) and against the paper-size key list of ../shared/UPSTREAM.md §4."""
+upstream's classes, tests/fixtures/upstream/README.md) and against the paper-size key list of docs/upstream.md §4."""
 import dataclasses
 import os
 from pathlib import Path
@@ -9,7 +9,9 @@ import torch
 import yaml
 
 import import_upstream as iu
-from model import Encoder, ModelConfig, PretrainHead, ProbeConfig, ProbeHead, load_encoder, load_probe, read_checkpoint
+import runs
+from model import Encoder, ModelConfig, PretrainHead, ProbeConfig, ProbeHead
+from runs import load_encoder, load_probe
 
 FIXTURE = Path(__file__).parent / "fixtures" / "upstream"
 ENCODER, CLASSIFIER = FIXTURE / "encoder.ckpt", FIXTURE / "classifier.ckpt"
@@ -18,6 +20,12 @@ ENCODER, CLASSIFIER = FIXTURE / "encoder.ckpt", FIXTURE / "classifier.ckpt"
 @pytest.fixture(scope="module")
 def outputs():
     return torch.load(FIXTURE / "outputs.pt", weights_only=True)
+
+
+def read_checkpoint(run) -> tuple[dict, dict]:
+    """(config, checkpoint) of a run folder, as runs.py reads them."""
+    folder = runs.read_run(run)
+    return folder.config, folder.checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +63,7 @@ def test_run_folder(imported):
     assert config["model"] == dataclasses.asdict(ModelConfig(n_channels=3, patch_len=25, max_patches=40, d_model=16,
                                                              n_layers=3, n_heads=2, d_ff=32))
     assert config["probe"] == dataclasses.asdict(ProbeConfig(n_channels=3, d_model=16, hidden_size=8))
-    assert not list(imported.glob(".*.tmp"))
+    assert not list(imported.glob(".*tmp*"))
 
 
 def test_encoder_only(tmp_path, outputs):
@@ -159,11 +167,11 @@ def test_help_says_where_weights_come_from(capsys):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Paper size: the key map against UPSTREAM.md §4, no download
+# Paper size: the key map against docs/upstream.md §4, no download
 
 
 def paper_encoder_keys() -> dict:
-    """UPSTREAM.md §4 compact rule at the paper config: all 100 keys of pft_sleep_encoder.ckpt with shapes."""
+    """docs/upstream.md §4 compact rule at the paper config: all 100 keys of pft_sleep_encoder.ckpt with shapes."""
     C, P, D, F, N = 7, 750, 512, 2048, 4800
     keys = {"model.revin.affine_weight": (1, C, 1), "model.revin.affine_bias": (1, C, 1), "model.pe.W_pos": (N, D)}
     for c in range(C):
@@ -182,7 +190,7 @@ def paper_encoder_keys() -> dict:
     return keys
 
 
-# UPSTREAM.md §4b, the 24 probe keys (without `feedforward.`)
+# docs/upstream.md §4b, the 24 probe keys (without `feedforward.`)
 PAPER_PROBE_KEYS = {
     "affine_weight": (1, 7, 1), "affine_bias": (1, 7, 1),
     **{f"rnn.{name}_l{k}{rev}": shape for k, width in ((0, 3584), (1, 2048)) for rev in ("", "_reverse")

@@ -7,21 +7,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-import yaml
 
-import model
 import predict
-from conftest import write_edf
-from model import Encoder, ModelConfig, ProbeConfig, ProbeHead
+import runs
+import stage
+from prepare import edf as edf_format
+from prepare.annotations import AASM_LETTERS
 
-@pytest.fixture(autouse=True)
-def restore_attention_choice(monkeypatch):
-    """predict.main switches CPU attention to the fused kernel for the process; undo it for the other test files."""
-    monkeypatch.setitem(model.PAD_V_FOR_FUSED, "cpu", model.PAD_V_FOR_FUSED["cpu"])
-
-
-START = dt.datetime(2001, 2, 3, 23, 59, 45)       # crosses midnight within the first minute
-WINDOW_EPOCHS = 10
+WINDOW_EPOCHS = 10                                  # conftest's tiny_probe_run
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -31,7 +24,7 @@ WINDOW_EPOCHS = 10
 def test_statistics_hand_computed():
     # W W N1 N2 N2 W W W N2 R R N2 W : 13 epochs
     stages = [0, 0, 1, 2, 2, 0, 0, 0, 2, 4, 4, 2, 0]
-    s = predict.sleep_statistics(stages)
+    s = stage.sleep_statistics(stages)
     assert s["TIB_min"] == 6.5                         # 13 × 0.5
     assert s["SOL_min"] == 1.0                         # first sleep at epoch 2
     assert s["SPT_min"] == 5.0                         # epochs 2..11 inclusive = 10 epochs
@@ -46,89 +39,64 @@ def test_statistics_hand_computed():
 
 def test_statistics_awakening_minimum_and_edge_cases():
     # single W epochs inside the SPT are WASO but not awakenings (minimum 2 epochs = 1 min)
-    s = predict.sleep_statistics([2, 0, 2, 0, 0, 2, 0, 2])
-    assert predict.MIN_AWAKENING_EPOCHS == 2
+    s = stage.sleep_statistics([2, 0, 2, 0, 0, 2, 0, 2])
+    assert stage.MIN_AWAKENING_EPOCHS == 2
     assert s["awakenings"] == 1 and s["WASO_min"] == 2.0 and s["SOL_min"] == 0.0 and s["REM_latency_min"] is None
-    awake = predict.sleep_statistics([0, 0, 0, 0])
+    awake = stage.sleep_statistics([0, 0, 0, 0])
     assert awake["TST_min"] == 0 and awake["SE_pct"] == 0 and awake["SOL_min"] is None and awake["SPT_min"] == 0
     assert awake["stage_pct_TST"]["N2"] is None and awake["awakenings"] == 0
-    assert predict.sleep_statistics([3, 3], epoch_s=60)["TST_min"] == 2.0
+    assert stage.sleep_statistics([3, 3], epoch_s=60)["TST_min"] == 2.0
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # The CLI end to end
 
 
-def make_run(run_dir):
-    torch.manual_seed(0)
-    model_cfg = ModelConfig(d_model=16, n_layers=1, n_heads=2, d_ff=32, max_patches=5 * WINDOW_EPOCHS)
-    probe_cfg = ProbeConfig(d_model=16, hidden_size=8, n_layers=1, dropout=0.0)
-    encoder, probe = Encoder(model_cfg), ProbeHead(probe_cfg)
-    run_dir.mkdir(parents=True)
-    state = {**{f"encoder.{k}": v for k, v in encoder.state_dict().items()},
-             **{f"probe.{k}": v for k, v in probe.state_dict().items()}}
-    torch.save({"model": state}, run_dir / "ckpt_final.pt")
-    config = {"model": vars(model_cfg), "probe": vars(probe_cfg), "data": {"window_s": WINDOW_EPOCHS * 30.0}}
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
-    return run_dir
+@pytest.fixture
+def run(tiny_probe_run):
+    return tiny_probe_run
 
 
-def make_edf(path, seconds, seed=0, drop=()):
-    """A small PSG with the built-in aliases' labels; `drop` leaves those labels out."""
-    rng = np.random.default_rng(seed)
-    channels = [("C4-M1", 100, "uV", 40, (-500, 500)), ("E1-M2", 100, "uV", 40, (-500, 500)),
-                ("Chin1-Chin2", 100, "uV", 10, (-200, 200)), ("ECG", 100, "mV", 0.5, (-5, 5)),
-                ("SpO2", 1, "%", 1, (0, 100)), ("Thorax", 10, "uV", 100, (-1000, 1000)),
-                ("Abdomen", 10, "uV", 100, (-1000, 1000))]
-    signals = []
-    for label, fs, dim, scale, rng_ in channels:
-        if label in drop:
-            continue
-        x = rng.normal(0, scale, int(seconds * fs))
-        signals.append((label, fs, dim, 95 + x if label == "SpO2" else x, rng_))
-    return write_edf(path, signals, start=START)
-
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    return make_run(tmp_path_factory.mktemp("predict") / "run")
+@pytest.fixture
+def make_edf(psg_writer):
+    return psg_writer
 
 
 @pytest.mark.parametrize("seconds", [25 * 60 + 17, 3 * 60 + 40])       # longer than the window (stitched), shorter
-def test_end_to_end_outputs(tmp_path, run, seconds, capsys):
+def test_end_to_end_outputs(tmp_path, run, make_edf, seconds, capsys):
     edf = make_edf(tmp_path / "night a.edf", seconds)
     assert predict.main([str(edf), "--run", str(run), "--device", "cpu"]) == 0
     table = pd.read_csv(tmp_path / "night a.hypnogram.csv", dtype={"clock_time": str})
     n_epochs = seconds // 30
     assert list(table.columns) == list(predict.COLUMNS) and len(table) == n_epochs
     assert table["epoch"].tolist() == list(range(n_epochs)) and table["onset_s"].tolist() == list(range(0, 30 * n_epochs, 30))
-    probs = table[list(predict.PROB_COLUMNS)].to_numpy()
+    probs = table[[c for c in predict.COLUMNS if c.startswith('p_')]].to_numpy()
     assert np.allclose(probs.sum(axis=1), 1, atol=1e-4)
-    assert set(table["stage"]) <= set(predict.STAGES)
-    assert (table["stage"] == [predict.STAGES[k] for k in probs.argmax(axis=1)]).all()
-    expected = [(START + dt.timedelta(seconds=30 * i)).strftime("%H:%M:%S") for i in range(n_epochs)]
+    assert set(table["stage"]) <= set(AASM_LETTERS)
+    assert (table["stage"] == [AASM_LETTERS[k] for k in probs.argmax(axis=1)]).all()
+    expected = [(make_edf.start + dt.timedelta(seconds=30 * i)).strftime("%H:%M:%S") for i in range(n_epochs)]
     assert table["clock_time"].tolist() == expected and expected[1] == "00:00:15"
     stats = json.loads((tmp_path / "night a.stats.json").read_text())
     for key in ("TIB_min", "SPT_min", "TST_min", "SE_pct", "SOL_min", "WASO_min", "REM_latency_min", "stage_min",
                 "stage_pct_TST", "awakenings", "absent_slots"):
         assert key in stats
     assert stats["TIB_min"] == n_epochs / 2 and stats["absent_slots"] == []
-    assert stats == {**stats, **predict.sleep_statistics(probs.argmax(axis=1))}
+    assert stats == {**stats, **stage.sleep_statistics(probs.argmax(axis=1))}
     assert (tmp_path / "night a.png").stat().st_size > 0
     assert not list(tmp_path.glob(".*tmp*"))                               # no temporaries left behind
 
 
-def test_stitching_averages_overlapping_windows(tmp_path, run):
+def test_stitching_averages_overlapping_windows(tmp_path, run, make_edf):
     edf = make_edf(tmp_path / "n.edf", 25 * 60)
     out_a, out_b = tmp_path / "a", tmp_path / "b"
     assert predict.main([str(edf), "--run", str(run), "--out", str(out_a), "--device", "cpu"]) == 0
-    assert predict.main([str(edf), "--run", str(run), "--out", str(out_b), "--stride_s", "300", "--device", "cpu"]) == 0
+    assert predict.main([str(edf), "--run", str(run), "--out", str(out_b), "--stride-s", "300", "--device", "cpu"]) == 0
     a, b = (pd.read_csv(o / "n.hypnogram.csv") for o in (out_a, out_b))
     assert len(a) == len(b) == 50
-    assert not np.allclose(a[list(predict.PROB_COLUMNS)], b[list(predict.PROB_COLUMNS)])   # half vs no overlap
+    assert not np.allclose(a[[c for c in predict.COLUMNS if c.startswith('p_')]], b[[c for c in predict.COLUMNS if c.startswith('p_')]])   # half vs no overlap
 
 
-def test_missing_channel_warns_and_require_all_fails_the_night_only(tmp_path, run, capsys):
+def test_missing_channel_warns_and_require_all_fails_the_night_only(tmp_path, run, make_edf, capsys):
     partial = make_edf(tmp_path / "partial.edf", 6 * 60, drop=("Thorax",))
     full = make_edf(tmp_path / "full.edf", 6 * 60, seed=1)
     out = tmp_path / "out"
@@ -150,7 +118,7 @@ def test_missing_channel_warns_and_require_all_fails_the_night_only(tmp_path, ru
     assert "1 of 2 nights staged" in captured.out and f"failed {partial}" in captured.out
 
 
-def test_truncated_edf_is_one_line_error_and_all_failed_exits_1(tmp_path, run, capsys):
+def test_truncated_edf_is_one_line_error_and_all_failed_exits_1(tmp_path, run, make_edf, capsys):
     good = make_edf(tmp_path / "good.edf", 4 * 60)
     raw = good.read_bytes()
     header_cut = tmp_path / "header_cut.edf"
@@ -167,29 +135,39 @@ def test_truncated_edf_is_one_line_error_and_all_failed_exits_1(tmp_path, run, c
     assert not list(tmp_path.glob("*.hypnogram.csv"))
 
 
-def test_fused_cpu_attention_is_the_same_function(run, monkeypatch):
-    from model import load_encoder, load_probe, stage_night
-    encoder, probe = load_encoder(run), load_probe(run)
+def test_staging_takes_the_fused_kernel_and_it_is_the_same_function(run, monkeypatch):
+    """Staging is forward-only, so on CPU attention pads v for the fused kernel; training (a graph) does not."""
+    run = runs.read_run(run)
+    encoder, probe = run.encoder(), run.probe()
     signals = torch.randn(7, 23 * 3750)
-    monkeypatch.setitem(model.PAD_V_FOR_FUSED, "cpu", False)
-    unfused = stage_night(encoder, probe, signals, WINDOW_EPOCHS * 3750, 5 * 3750)
-    predict.fused_attention_on_cpu()
-    assert model.PAD_V_FOR_FUSED["cpu"] is True
-    assert torch.allclose(stage_night(encoder, probe, signals, WINDOW_EPOCHS * 3750, 5 * 3750), unfused, atol=1e-5)
+    widths = []
+    real_sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda q, k, v, **kw: widths.append((q.shape[-1], v.shape[-1])) or real_sdpa(q, k, v, **kw))
+    fused = stage.stage_night(encoder, probe, signals, WINDOW_EPOCHS * 3750, 5 * 3750)
+    assert widths and all(q == v for q, v in widths)                  # v padded to the q/k head dim
+    widths.clear()
+    with torch.enable_grad():                                          # a call that records a graph: no padding
+        patches, key_padding = encoder.patchify(signals[None, :, :WINDOW_EPOCHS * 3750].requires_grad_())
+        encoder.encode(patches, key_padding)
+    assert widths and all(v == encoder.cfg.d_model // encoder.cfg.n_heads for _, v in widths)
+    monkeypatch.setattr(torch, "is_grad_enabled", lambda: True)        # the unfused path, forward only
+    unfused = stage.stage_night(encoder, probe, signals, WINDOW_EPOCHS * 3750, 5 * 3750)
+    assert torch.allclose(fused, unfused, atol=1e-5)
 
 
-def test_edf_annotation_export_reads_back_as_the_hypnogram(tmp_path, run):
+def test_edf_annotation_export_reads_back_as_the_hypnogram(tmp_path, run, make_edf):
     import pyedflib
     from prepare.annotations import read_hypnogram
     edf = make_edf(tmp_path / "n.edf", 25 * 60 + 17)
     assert predict.main([str(edf), "--run", str(run), "--edf-annotations", "--device", "cpu"]) == 0
     table = pd.read_csv(tmp_path / "n.hypnogram.csv")
-    codes = [predict.STAGES.index(stage) for stage in table["stage"]]
+    codes = [AASM_LETTERS.index(stage) for stage in table["stage"]]
     exported = tmp_path / "n.stages.edf"
-    assert read_hypnogram(exported, edf_start=START).stages.tolist() == codes     # our reader, and pyedflib's:
+    assert read_hypnogram(exported, edf_start=make_edf.start).stages.tolist() == codes     # our reader, and pyedflib's:
     with pyedflib.EdfReader(str(exported)) as reader:
         onsets, durations, texts = reader.readAnnotations()
-        assert reader.getStartdatetime() == START
+        assert reader.getStartdatetime() == make_edf.start
     per_epoch = []
     for onset, duration, text in zip(onsets, durations, texts):
         assert onset == 30 * len(per_epoch) and text.startswith("Sleep stage ")
@@ -198,6 +176,6 @@ def test_edf_annotation_export_reads_back_as_the_hypnogram(tmp_path, run):
 
 
 def test_stage_annotation_record_by_hand():
-    record = predict.stage_annotation_record(np.array([0, 0, 1, 4]))
+    record = edf_format.annotation_record(stage.stage_annotations(np.array([0, 0, 1, 4])))
     assert record == (b"+0\x14\x14\x00" b"+0\x1560\x14Sleep stage W\x14\x00" b"+60\x1530\x14Sleep stage N1\x14\x00"
                       b"+90\x1530\x14Sleep stage R\x14\x00" b"\x00")

@@ -11,7 +11,8 @@ import pandas as pd
 import pytest
 import zarr
 
-from prepare import edf, store, synthetic
+import synthetic
+from prepare import edf, store
 from prepare.__main__ import main as prepare_main
 from prepare.signals import SLOTS
 

@@ -1,50 +1,29 @@
 """The synthetic cohort: native layouts, determinism, annotations that encode the truth, real physiology.
 
-Annotation files are parsed here with deliberately small, independent code (not prepare.annotations),
-so that these tests check the generator rather than the reader.
+Files are read back here with independent code: EDFs with pyedflib, annotation files with deliberately
+small parsers (not prepare.annotations), so that these tests check the generator rather than the reader.
+The layout is checked against what `python -m prepare` expects (its per-dataset alias tables and unit
+rules), not against a copy of the generator's own table.
 """
 import datetime as dt
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
+from pathlib import Path
 
 import numpy as np
 import pyedflib
 import pytest
 from scipy import signal as sps
 
-from prepare import synthetic as syn
+import synthetic as syn
+from prepare import edf
+from prepare.__main__ import DATASETS as PREPARE
+from prepare.signals import SLOTS, VOLTAGE_SLOTS, check_plausible, microvolt_factor, resolve
+from synthetic.__main__ import main as synthetic_main
 
 HOURS = 0.5
-
-# The documented layout of each dataset: EDF label -> (Hz, physical dimension).
-EXPECTED = {
-    "shhs": {"ECG": (125, "mV"), "EOG(L)": (50, "uV"), "EOG(R)": (50, "uV"), "EMG": (125, "uV"),
-             "EEG": (125, "uV"), "EEG(sec)": (125, "uV"), "SaO2": (1, "%"), "THOR RES": (10, ""),
-             "ABDO RES": (10, ""), "H.R.": (1, "bpm"), "POSITION": (1, "")},
-    "mesa": {"EKG": (256, "mV"), "EOG-L": (256, "uV"), "EOG-R": (256, "uV"), "EMG": (256, "uV"),
-             "EEG1": (256, "uV"), "EEG2": (256, "uV"), "EEG3": (256, "uV"), "SpO2": (1, "%"),
-             "Thor": (32, ""), "Abdo": (32, ""), "HR": (1, "bpm")},
-    "mros1": {"ECG L": (512, "mV"), "ECG R": (512, "mV"), "LOC": (256, "uV"), "ROC": (256, "uV"),
-              "A1": (256, "uV"), "A2": (256, "uV"), "C3": (256, "uV"), "C4": (256, "uV"),
-              "L Chin": (256, "uV"), "R Chin": (256, "uV"), "SaO2": (1, "%"), "Thoracic": (16, ""),
-              "Abdominal": (16, "")},
-    "mros2": {"ECG L": (512, "mV"), "ECG R": (512, "mV"), "E1": (256, "uV"), "E2": (256, "uV"),
-              "M1": (256, "uV"), "M2": (256, "uV"), "C3": (256, "uV"), "C4": (256, "uV"),
-              "L Chin": (256, "uV"), "R Chin": (256, "uV"), "SpO2": (1, "%"), "Chest": (32, ""), "ABD": (32, "")},
-    "apples": {"ECG": (200, "mV"), "LOC": (200, "uV"), "ROC": (200, "uV"), "EMG": (200, "uV"),
-               "C4_M1": (200, "uV"), "C3_M2": (200, "uV"), "O1_M2": (200, "uV"), "SpO2": (10, "%"),
-               "thorax": (10, ""), "abdomen": (10, "")},
-    "wsc_gamma": {label: (100, dim) for label, dim in [("ECG", "mV"), ("E1", "uV"), ("E2", "uV"), ("chin", "uV"),
-                                                       ("C3_M2", "uV"), ("O1_M2", "uV"), ("spo2", "%"),
-                                                       ("thorax", ""), ("abdomen", "")]},
-    "wsc_twin": {label: (200, dim) for label, dim in [("ECG", "mV"), ("E1", "uV"), ("E2", "uV"), ("cchin_l", "uV"),
-                                                      ("C3_M2", "uV"), ("F3_M2", "uV"), ("spo2", "%"),
-                                                      ("thorax", ""), ("abdomen", "")]},
-    "edf": {"ECG": (256, "uV"), "E1-M2": (256, "uV"), "Chin1-Chin2": (256, "uV"), "C4-M1": (256, "uV"),
-            "SpO2": (1, "%"), "Thorax": (32, ""), "Abdomen": (32, "")},
-}
-PATHS = {   # night index -> (EDF, annotation files), relative to OUTDIR
+PATHS = {   # night index -> (EDF, annotation files), relative to OUTDIR, as NSRR ships them
     "shhs": {1: ("polysomnography/edfs/shhs2/shhs2-200001.edf",
                  ["polysomnography/annotations-events-nsrr/shhs2/shhs2-200001-nsrr.xml",
                   "polysomnography/annotations-events-profusion/shhs2/shhs2-200001-profusion.xml"])},
@@ -69,42 +48,56 @@ def cohorts(tmp_path_factory):
 
 
 def read_edf(path):
+    """What pyedflib reads back: per label (Hz, dimension, declared physical maximum, values), and the header."""
     with pyedflib.EdfReader(str(path)) as r:
-        labels = r.getSignalLabels()
-        info = {lab: (int(r.getSampleFrequency(i)), r.getPhysicalDimension(i)) for i, lab in enumerate(labels)}
-        data = {lab: r.readSignal(i) for i, lab in enumerate(labels)}
-        return info, data, r.getStartdatetime(), r.datarecords_in_file, r.datarecord_duration
-
-
-def layout_of(night):
-    if night["dataset"] == "mros":
-        return f"mros{night['visit']}"
-    if night["dataset"] == "wsc":
-        return "wsc_gamma" if str(night["annotation"]).endswith(".stg.txt") else "wsc_twin"
-    return night["dataset"]
+        signals = {lab: (r.getSampleFrequency(i), r.getPhysicalDimension(i), r.getPhysicalMaximum(i), r.readSignal(i))
+                   for i, lab in enumerate(r.getSignalLabels())}
+        return signals, r.getStartdatetime(), r.datarecords_in_file, r.datarecord_duration
 
 
 # ------------------------------------------------------------------------------------- layout
 
 
 @pytest.mark.parametrize("dataset", syn.DATASETS)
-def test_native_layout_labels_rates_dims(cohorts, dataset):
+def test_native_layout_is_what_prepare_reads(cohorts, dataset):
     outdir, nights = cohorts[dataset]
-    for i, (edf, annotations) in PATHS[dataset].items():
-        assert nights[i]["edf"] == outdir / edf
+    for i, (edf_path, annotations) in PATHS[dataset].items():
+        assert nights[i]["edf"] == outdir / edf_path
         assert nights[i]["annotations"] == [outdir / a for a in annotations]
+    module = PREPARE[dataset]   # the module `python -m prepare DATASET` uses
+    found = module.find_nights([outdir] if dataset == "edf" else outdir)
+    assert sorted((n.night_id, n.edf) for n in found) == sorted((n["night_id"], n["edf"]) for n in nights)
     for night in nights:
         assert night["edf"].is_file() and all(a.is_file() for a in night["annotations"])
-        info, data, start, n_records, record_s = read_edf(night["edf"])
-        assert info == EXPECTED[layout_of(night)]
-        assert list(info) == list(EXPECTED[layout_of(night)])
+        signals, start, n_records, record_s = read_edf(night["edf"])
         assert record_s == 1 and n_records == night["duration_s"]
         assert start == night["start"] and start.date() == dt.date(1985, 1, 1) and 21 <= start.hour <= 23
         truth = np.load(night["truth"])
         assert truth.dtype == np.int8 and len(truth) == night["duration_s"] // 30
         assert night["truth"] == outdir / ".truth" / f"{night['night_id']}.npy"
         assert night["night_id"] == night["edf"].stem
-        for label, x in data.items():   # nothing pinned at the declared range for long (clipping is rare)
+
+        # Rates: whole Hz, what the header states (samples per record / record length), read alike by prepare.
+        for label, (fs, _, _, x) in signals.items():
+            assert fs == int(fs) >= 1 and len(x) == fs * n_records * record_s, label
+        assert {s.label: s.fs for s in edf.read_header(night["edf"]).signals} == {k: v[0] for k, v in signals.items()}
+
+        # prepare's alias table finds every slot (MrOS: each one a derivation against the reference), a
+        # derivation's two sides share a rate and a unit, voltages are in a unit prepare converts, and the
+        # converted signals are plausible (µV amplitude, SpO2 in %).
+        sources = resolve(list(signals), module.CHANNELS)
+        for slot in SLOTS:
+            assert sources[slot] is not None, f"{night['night_id']}: prepare finds no {slot}"
+            parts = [label for label in sources[slot] if label is not None]
+            if dataset == "mros" and slot in VOLTAGE_SLOTS:
+                assert len(parts) == 2, slot
+            assert len({signals[p][0] for p in parts}) == 1 and len({signals[p][1] for p in parts}) == 1, slot
+            factor = {p: microvolt_factor(signals[p][1], slot, p) if slot in VOLTAGE_SLOTS else 1.0 for p in parts}
+            values = [signals[p][3] * factor[p] for p in parts]
+            check_plausible(values[0] - values[1] if len(values) == 2 else values[0], slot, " - ".join(parts))
+        assert signals[sources["SPO2"][0]][1] == "%"
+
+        for label, (*_, x) in signals.items():   # nothing pinned at the declared range for long (clipping is rare)
             assert np.mean((x <= x.min()) | (x >= x.max())) < 0.01 or label in ("POSITION",), label
 
 
@@ -244,17 +237,16 @@ def test_mros_electrodes_share_a_reference_that_the_derivation_cancels(cohorts):
     outdir, nights = cohorts["mros"]
     for i, night in enumerate(nights):
         rendered = syn.render_night("mros", i, HOURS, 7, outdir)
-        _, data, *_ = read_edf(night["edf"])
-        eeg, eog = (("C4", "A1"), ("LOC", "A2")) if night["visit"] == 1 else (("C4", "M1"), ("E1", "M2"))
-        # (electrode, electrode, slot, file unit -> µV, declared physical maximum)
-        for a, b, slot, to_uv, hi in [(*eeg, "EEG", 1, 500), (*eog, "EOG", 1, 500),
-                                      ("L Chin", "R Chin", "EMG", 1, 500), ("ECG L", "ECG R", "ECG", 1000, 2.5)]:
-            truth = rendered.signals[slot]
-            inside = (np.abs(data[a]) < 0.999 * hi) & (np.abs(data[b]) < 0.999 * hi)   # not clipped
+        signals, *_ = read_edf(night["edf"])
+        sources = resolve(list(signals), PREPARE["mros"].CHANNELS)   # the derivations prepare takes
+        for slot in VOLTAGE_SLOTS:
+            (_, dim, hi, a), (_, _, _, b) = (signals[label] for label in sources[slot])
+            to_uv, truth = microvolt_factor(dim, slot, sources[slot][0]), rendered.signals[slot]
+            inside = (np.abs(a) < 0.999 * hi) & (np.abs(b) < 0.999 * hi)   # not clipped
             assert inside.mean() > 0.99, slot
-            derived = (data[a] - data[b]) * to_uv
+            derived = (a - b) * to_uv
             assert np.max(np.abs(derived - truth)[inside]) < 0.2, slot      # equal up to 16-bit steps
-            assert np.std(data[a] * to_uv - truth) > 5, slot              # the electrode alone carries r(t)
+            assert np.std(a * to_uv - truth) > 5, slot                     # the electrode alone carries r(t)
 
 
 # ---------------------------------------------------------------------- annotations encode the truth
@@ -368,9 +360,13 @@ def test_annotations_encode_the_truth(cohorts, dataset):
 
 
 def test_cli(tmp_path):
-    help_text = subprocess.run([sys.executable, "-m", "prepare.synthetic", "--help"], capture_output=True,
-                               text=True, cwd=syn.Path(syn.__file__).parents[1], check=True).stdout
+    root = Path(syn.__file__).parents[1]
+    help_text = subprocess.run([sys.executable, "-m", "synthetic", "--help"], capture_output=True,
+                               text=True, cwd=root, check=True).stdout
     for word in ("shhs", "mesa", "mros", "apples", "wsc", "edf", "--nights", "--hours", "--seed", ".truth", "NOT"):
         assert word in help_text
-    assert syn.main(["edf", str(tmp_path), "--nights", "1", "--hours", "0.05", "--seed", "2"]) == 0
+    assert synthetic_main(["edf", str(tmp_path), "--nights", "1", "--hours", "0.05", "--seed", "2"]) == 0
     assert (tmp_path / "night-001.edf").is_file() and (tmp_path / ".truth" / "night-001.npy").is_file()
+    torch = subprocess.run([sys.executable, "-c", "import sys, synthetic.__main__; print('torch' in sys.modules)"],
+                           capture_output=True, text=True, cwd=root, check=True).stdout
+    assert torch.strip() == "False"   # the generator runs without torch installed

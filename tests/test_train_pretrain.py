@@ -10,8 +10,8 @@ import time
 import pytest
 import torch
 
+import synthetic
 import train_pretrain
-from prepare import synthetic
 from prepare.__main__ import main as prepare_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -6,25 +6,25 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import synthetic
 import train_pretrain
 import train_probe
 from model import load_encoder, load_probe
-from prepare import synthetic
 from prepare.__main__ import main as prepare_main
 
 W, N1, N2, N3, R = 0, 1, 2, 3, 4
 
 
-def test_trim_wake_follows_the_papers_rule():
+def test_unscore_excess_wake_follows_the_papers_rule():
     # 10 W before onset, 4 N2, 2 REM, 8 W after: W (18) > N2 (4), so 14 wake epochs go, the evening ones first.
     stages = torch.tensor([W] * 10 + [N2, N2, W, N2, N2, R, R] + [W] * 8)
-    trimmed = train_probe.trim_wake(stages)
+    trimmed = train_probe.unscore_excess_wake(stages)
     assert trimmed[:10].tolist() == [-1] * 10
     assert trimmed[10:17].tolist() == stages[10:17].tolist()          # wake inside sleep is never touched
     assert trimmed[17:].tolist() == [W] * 4 + [-1] * 4                 # 4 of the morning wake go, the latest ones
     assert (trimmed == W).sum() == 4 + 1 == (stages == N2).sum() + 1
     balanced = torch.tensor([W, W, N2, N2, N2, W])
-    assert torch.equal(train_probe.trim_wake(balanced), balanced)      # wake not the largest class: unchanged
+    assert torch.equal(train_probe.unscore_excess_wake(balanced), balanced)      # wake not the largest class: unchanged
 
 
 def test_cutmix_moves_epochs_with_their_labels_and_keeps_padding():

@@ -7,24 +7,25 @@ import numpy as np
 import pyedflib
 import pytest
 
-import model
 import predict
-from conftest import write_edf
 from prepare import edf
 from prepare.generic import CHANNELS
 from prepare.night import Night, Options, prepare_night
-from test_predict import START, make_edf, make_run
 
 
-@pytest.fixture(autouse=True)
-def restore_attention_choice(monkeypatch):
-    """predict.main switches CPU attention to the fused kernel for the process; undo it for the other test files."""
-    monkeypatch.setitem(model.PAD_V_FOR_FUSED, "cpu", model.PAD_V_FOR_FUSED["cpu"])
+@pytest.fixture
+def run(tiny_probe_run):
+    return tiny_probe_run
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    return make_run(tmp_path_factory.mktemp("vendor") / "run")
+@pytest.fixture
+def make_edf(psg_writer):
+    return psg_writer
+
+
+@pytest.fixture
+def write_edf(edf_writer):
+    return edf_writer
 
 
 def prepared(path, **options):
@@ -50,7 +51,7 @@ def dimension_offset(index: int, ns: int) -> int:
 # Headers pyedflib refuses
 
 
-def test_non_ascii_labels_and_units_that_pyedflib_refuses(tmp_path, run, capsys):
+def test_non_ascii_labels_and_units_that_pyedflib_refuses(tmp_path, run, capsys, make_edf):
     clean = make_edf(tmp_path / "clean.edf", 6 * 60)
     vendor = tmp_path / "vendor.edf"
     vendor.write_bytes(clean.read_bytes())
@@ -62,7 +63,7 @@ def test_non_ascii_labels_and_units_that_pyedflib_refuses(tmp_path, run, capsys)
         pyedflib.EdfReader(str(vendor))
     header = edf.read_header(vendor)
     assert header.labels()[:2] == ["EEG C4–M1", "Oil gauche\u00e9"] and header.signals[0].dimension == "µV"
-    assert header.start == START
+    assert header.start == make_edf.start
     channel_map = tmp_path / "map.yaml"
     channel_map.write_text("EEG: EEG C4–M1\nEOG: Oil gauche\u00e9\n", encoding="utf-8")
     out = tmp_path / "out"
@@ -77,7 +78,7 @@ def test_non_ascii_labels_and_units_that_pyedflib_refuses(tmp_path, run, capsys)
     assert np.array_equal(ours, reference)
 
 
-def test_a_utf8_character_cut_by_the_label_width_is_dropped(tmp_path):
+def test_a_utf8_character_cut_by_the_label_width_is_dropped(tmp_path, make_edf):
     path = make_edf(tmp_path / "cut.edf", 60)
     patch(path, label_offset(0), "EEG-C4-M1-links–".encode("utf-8")[:16], 16)   # the dash's 3 bytes cut after 1
     assert edf.read_header(path).labels()[0] == "EEG-C4-M1-links"
@@ -151,7 +152,7 @@ def test_overlapping_edf_plus_d_records_are_a_one_line_error(tmp_path, run, caps
 
 
 @pytest.mark.parametrize("fs,record_s", [(200, 1), (256, 1), (512, 1), (128, 0.5), (255.5, 2), (50, 1)])
-def test_odd_sampling_rates_give_the_same_sine_at_125_hz(tmp_path, fs, record_s):
+def test_odd_sampling_rates_give_the_same_sine_at_125_hz(tmp_path, fs, record_s, write_edf):
     seconds = 120
     t = np.arange(int(seconds * fs)) / fs
     eeg = 50 * np.sqrt(2) * np.sin(2 * np.pi * 10 * t)                        # 10 Hz, RMS 50 µV
@@ -166,7 +167,7 @@ def test_odd_sampling_rates_give_the_same_sine_at_125_hz(tmp_path, fs, record_s)
 
 
 @pytest.mark.parametrize("dimension,scale", [("V", 1e-6), ("mV", 1e-3), ("uV", 1.0), ("µV", 1.0)])
-def test_physical_dimension_in_volts_or_millivolts_is_converted_to_microvolts(tmp_path, dimension, scale):
+def test_physical_dimension_in_volts_or_millivolts_is_converted_to_microvolts(tmp_path, dimension, scale, write_edf):
     rng = np.random.default_rng(0)
     eeg = rng.normal(0, 40, 100 * 120)                                        # µV
     channels = [("C4-M1", 100, "uV", eeg, (-500, 500)), ("E1-M2", 100, "uV", eeg / 2, (-500, 500)),
@@ -187,7 +188,7 @@ def test_physical_dimension_in_volts_or_millivolts_is_converted_to_microvolts(tm
 # Fewer data records than the header says
 
 
-def test_short_file_is_staged_as_far_as_it_goes_or_fails_with_strict(tmp_path, run, capsys):
+def test_short_file_is_staged_as_far_as_it_goes_or_fails_with_strict(tmp_path, run, capsys, make_edf):
     full = make_edf(tmp_path / "full.edf", 10 * 60)
     raw = full.read_bytes()
     record_bytes = 2 * (100 * 4 + 1 + 10 * 2)                                 # 4 × 100 Hz, SpO2 1 Hz, belts 10 Hz
@@ -205,7 +206,7 @@ def test_short_file_is_staged_as_far_as_it_goes_or_fails_with_strict(tmp_path, r
     assert error == f"error: {short}: truncated: header says 600 data records, file holds 414"
 
 
-def test_a_night_without_any_usable_channel_fails(tmp_path, run, capsys):
+def test_a_night_without_any_usable_channel_fails(tmp_path, run, capsys, write_edf):
     path = write_edf(tmp_path / "none.edf", [("Pleth", 100, "", np.random.default_rng(0).normal(0, 1, 6000), (-5, 5))])
     assert predict.main([str(path), "--run", str(run), "--device", "cpu"]) == 1
     error, = capsys.readouterr().err.strip().splitlines()

@@ -1,0 +1,244 @@
+"""Run folders and the processes that write them: the only module that reads or writes a run folder's files.
+
+A run folder is what train_pretrain.py, train_probe.py and import_upstream.py write and what train_probe.py
+(--encoder), evaluate.py and predict.py (--run) read:
+
+    config.yaml      the resolved config (sections model:, and pretrain:/probe:, data:, train: for trained runs)
+    ckpt.pt          the latest checkpoint while training (every train.ckpt_every steps)
+    ckpt_final.pt    the checkpoint at the end (the only one an imported run has)
+    metrics.jsonl    one JSON object per logging step (step, loss, lr, …; val_* at validation steps)
+    embeddings/      an encoder run's cached embeddings for the probe (embedding_cache_dir)
+
+A checkpoint is {"model": state dict with keys encoder.*, head.* (pretraining head) and/or probe.*, and, for trained
+runs, "optimizer", "scheduler", "step", "epoch", "step_in_epoch", "rng_cpu"/"rng_cuda" (one state per process) and
+"config"}. Checkpoints load with torch.load(weights_only=True), configs with yaml.safe_load: a run folder never runs
+code. Every file is written by `write_atomic` (temporary name, then rename), so a killed job never leaves half a file
+under a final name.
+
+Also here, because only the training processes need them: torchrun/DDP set-up, every process's RNG state, the epoch
+order, and a deterministic kill point for the tests that kill a job and resume it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import signal
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import yaml
+
+from model import Encoder, ModelConfig, ProbeConfig, ProbeHead
+
+CONFIG, LATEST, FINAL, METRICS = "config.yaml", "ckpt.pt", "ckpt_final.pt", "metrics.jsonl"
+
+
+def write_atomic(path: str | Path, write) -> None:
+    """write(temporary_path) creates a file or a folder, which then replaces `path` in one rename. On any error, and
+    on a kill between the two steps, nothing but a hidden `.name.tmp-PID` is left, never a partial `path`."""
+    path = Path(path)
+    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(temp)
+        if temp.is_dir() and path.exists():      # a folder (a night store) replacing an older one: swap, then delete
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            path.rename(old)
+            temp.rename(path)
+            shutil.rmtree(old)
+        else:
+            os.replace(temp, path)
+    finally:
+        if temp.is_dir():
+            shutil.rmtree(temp, ignore_errors=True)
+        else:
+            temp.unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Reading a run folder: its config and one checkpoint, each read once
+
+
+@dataclass
+class Run:
+    """A run folder read once: `config` (a dict) and `checkpoint` (the final one if it exists, else the latest)."""
+    path: Path
+    config: dict
+    checkpoint: dict
+
+    def state(self, prefix: str) -> dict:
+        """The checkpoint's weights under `prefix.` (encoder, head, probe), without the prefix."""
+        return {k.removeprefix(f"{prefix}."): v for k, v in self.checkpoint["model"].items() if k.startswith(f"{prefix}.")}
+
+    def encoder(self) -> Encoder:
+        """The run's encoder in eval mode: `encoder.embed(signals, padding_mask)`."""
+        encoder = Encoder(ModelConfig(**self.config["model"]))
+        encoder.load_state_dict(self.state("encoder"))
+        return encoder.eval()
+
+    def probe(self) -> ProbeHead:
+        """The run's probe in eval mode: `probe(embeddings, padding_mask) -> logits [B, E, 5]`."""
+        probe = ProbeHead(ProbeConfig(**self.config["probe"]))
+        probe.load_state_dict(self.state("probe"))
+        return probe.eval()
+
+
+def read_config(run_dir: str | Path) -> dict:
+    path = Path(run_dir) / CONFIG
+    config = yaml.safe_load(path.read_text())
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: not a config (a YAML mapping of sections)")
+    return config
+
+
+def read_run(run_dir: str | Path) -> Run:
+    """The config and checkpoint of a run folder; FileNotFoundError if it is not one."""
+    run_dir = Path(run_dir)
+    ckpt = next((run_dir / name for name in (FINAL, LATEST) if (run_dir / name).exists()), None)
+    if ckpt is None or not (run_dir / CONFIG).exists():
+        raise FileNotFoundError(f"{run_dir}: not a run folder (needs {CONFIG} and {FINAL} or {LATEST})")
+    return Run(run_dir, read_config(run_dir), torch.load(ckpt, map_location="cpu", weights_only=True))
+
+
+def load_encoder(run_dir) -> Encoder:
+    """The encoder of any run folder (pretraining, probe or imported), in eval mode."""
+    return read_run(run_dir).encoder()
+
+
+def load_probe(run_dir) -> ProbeHead:
+    """The probe of a probe (or imported) run folder, in eval mode."""
+    return read_run(run_dir).probe()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Writing a run folder
+
+
+def save_config(run_dir: Path, values) -> None:
+    """The resolved config (a config dataclass or a dict), as RUN/config.yaml."""
+    values = dataclasses.asdict(values) if dataclasses.is_dataclass(values) else values
+    write_atomic(Path(run_dir) / CONFIG, lambda temp: temp.write_text(yaml.safe_dump(values, sort_keys=False)))
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    write_atomic(path, lambda temp: torch.save(state, temp))
+
+
+def training_state(model: torch.nn.Module, optimizer, scheduler, cfg, progress: dict, rng: dict) -> dict:
+    """What a training checkpoint holds (module docstring), for save_checkpoint."""
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            **progress, **rng, "config": dataclasses.asdict(cfg)}
+
+
+def load_checkpoint(path: Path, device) -> dict:
+    return torch.load(path, map_location=device, weights_only=True)
+
+
+def resume(ckpt: dict, optimizer, scheduler, rank: int, world: int, device) -> dict:
+    """Restore optimiser, scheduler and RNG from a training checkpoint (the caller loads the weights, whose key
+    prefix it knows); returns the progress counters."""
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    restore_rng(ckpt, rank, world, device)
+    return {key: ckpt[key] for key in ("step", "epoch", "step_in_epoch")}
+
+
+def append_metrics(run_dir: Path, record: dict) -> None:
+    with open(Path(run_dir) / METRICS, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / METRICS
+    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
+
+
+def keep_metrics_until(run_dir: Path, step: int) -> None:
+    """Drop metrics.jsonl lines after `step` (written by a run that was killed after its last checkpoint)."""
+    path = Path(run_dir) / METRICS
+    if not path.exists():
+        return
+    kept = [json.dumps(m) + "\n" for m in read_metrics(run_dir) if m["step"] <= step]
+    write_atomic(path, lambda temp: temp.write_text("".join(kept)))
+
+
+def embedding_cache_dir(encoder_dir: Path, key: str) -> Path:
+    """Where train_probe.py keeps the embeddings of one window set under one encoder (a zarr array)."""
+    return Path(encoder_dir) / "embeddings" / f"{key}.zarr"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The processes: torchrun/DDP, RNG, epoch order
+
+
+def setup_distributed() -> tuple[int, int, torch.device]:
+    """(rank, world size, device) — torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain python is one process."""
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl")
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def teardown_distributed() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def autocast(device: torch.device, bf16: bool):
+    """bf16 autocast on CUDA (no GradScaler needed); fp32 elsewhere (bf16 matmuls are slow on most CPUs)."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and bf16 else nullcontext()
+
+
+def mean_over_processes(values: list[float], device) -> list[float]:
+    if not dist.is_initialized():
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return (tensor / dist.get_world_size()).tolist()
+
+
+def epoch_order(n_windows: int, epoch: int, seed: int, rank: int, world: int, per_step: int) -> list[int]:
+    """This process's windows for one epoch: one shuffle common to all processes (seeded by seed and epoch), cut to
+    whole optimiser steps over all processes, then dealt round-robin (as DistributedSampler does)."""
+    order = torch.randperm(n_windows, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    usable = n_windows // (world * per_step) * (world * per_step)
+    return order[:usable][rank::world].tolist()
+
+
+def rng_states(device) -> dict:
+    """Every process's RNG state (a collective under torchrun), so that a resumed run draws the same dropout and
+    corruption in every process as an uninterrupted one."""
+    states = {"rng_cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["rng_cuda"] = torch.cuda.get_rng_state(device)
+    if not dist.is_initialized():
+        return {key: [value] for key, value in states.items()}
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, states)
+    return {key: [g[key] for g in gathered] for key in states}
+
+
+def restore_rng(ckpt: dict, rank: int, world: int, device) -> None:
+    if len(ckpt["rng_cpu"]) != world:   # resumed on another number of processes: keep fresh seeds
+        return
+    torch.set_rng_state(ckpt["rng_cpu"][rank])
+    if device.type == "cuda" and "rng_cuda" in ckpt:
+        torch.cuda.set_rng_state(ckpt["rng_cuda"][rank], device)
+
+
+def kill_point(what: str, count: int) -> None:
+    """For the kill-and-resume tests: with PFTSLEEP_KILL_AFTER_<WHAT>=k in the environment (e.g. _STEP, _NIGHT), the
+    process SIGKILLs itself when `count` reaches k, at a known point instead of after a sleep."""
+    if os.environ.get(f"PFTSLEEP_KILL_AFTER_{what.upper()}") == str(count):
+        os.kill(os.getpid(), signal.SIGKILL)
