@@ -28,9 +28,9 @@ demo: setup
 	$(PY) -m prepare shhs $(DEMO)/nsrr/shhs $(DEMO)/nights --workers 2
 	$(PY) -c "import pandas as pd; m = pd.read_csv('$(DEMO)/nights/manifest.csv'); print(m.groupby('split').size().to_string())"
 	@echo "== 2. pretrain the tiny encoder (masked reconstruction) on the training split"
-	$(PY) train_pretrain.py --config configs/pretrain_tiny.yaml --run $(DEMO)/runs/pretrain --data.root $(DEMO)/nights
+	$(PY) train_pretrain.py --config configs/pretrain_tiny.yaml --run-dir $(DEMO)/runs/pretrain --data.root $(DEMO)/nights
 	@echo "== 3. train the sleep-stage probe on the frozen encoder's embeddings"
-	$(PY) train_probe.py --config configs/probe_tiny.yaml --encoder $(DEMO)/runs/pretrain --run $(DEMO)/runs/probe --data.root $(DEMO)/nights
+	$(PY) train_probe.py --config configs/probe_tiny.yaml --encoder $(DEMO)/runs/pretrain --run-dir $(DEMO)/runs/probe --data.root $(DEMO)/nights
 	@echo "== 4. stage the held-out (test split) nights and score them"
 	$(PY) evaluate.py --run $(DEMO)/runs/probe --out $(DEMO)/eval
 	@echo "== 5. stage a user's EDF (a synthetic one here) with predict.py"

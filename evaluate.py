@@ -107,7 +107,7 @@ def night_confusion(night: dict) -> np.ndarray:
 
 
 def per_class(values) -> dict:
-    return {stage: values[k] for k, stage in enumerate(STAGES)}
+    return {name: values[k] for k, name in enumerate(STAGES)}
 
 
 def score(nights: list[dict], n_boot: int, seed: int) -> dict:
@@ -150,8 +150,8 @@ def predictions_table(nights: list[dict]) -> pd.DataFrame:
         probs = night["probs"][epochs]                                                      # [E_scored, K]
         part = pd.DataFrame({"night_id": night["night_id"], "dataset": night["dataset"], "epoch": epochs,
                              "true": night["stages"][epochs], "pred": probs.argmax(axis=1)})
-        for k, stage in enumerate(STAGES):
-            part[f"p_{stage}"] = probs[:, k]
+        for k, name in enumerate(STAGES):
+            part[f"p_{name}"] = probs[:, k]
         parts.append(part)
     return pd.concat(parts, ignore_index=True)
 
@@ -273,7 +273,8 @@ def write_figures(out: Path, cm: np.ndarray, nights: list[dict], n_hypnograms: i
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="evaluate.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", type=Path, required=True, help="probe run folder (config.yaml + ckpt_final.pt)")
+    parser.add_argument("--run", "--run-dir", dest="run", type=Path, required=True,
+                        help="probe run folder (config.yaml + ckpt_final.pt)")
     parser.add_argument("--out", type=Path, required=True, help="folder for results.json, CSVs, results.md and PNGs")
     parser.add_argument("--data.root", dest="data_root", type=Path,
                         help="prepare output folder holding manifest.csv (default: the run's data.root)")

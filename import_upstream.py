@@ -1,8 +1,8 @@
 r"""Import the published PFTSleep checkpoints (Lightning files of benmfox/PFTSleep) into a run folder of ours.
 
-    python import_upstream.py --encoder weights/pft_sleep_encoder.ckpt --run runs/upstream_encoder
+    python import_upstream.py --encoder weights/pft_sleep_encoder.ckpt --run-dir runs/upstream_encoder
     python import_upstream.py --encoder weights/pft_sleep_encoder.ckpt --probe weights/pft_sleep_classifier.ckpt \
-        --run runs/upstream
+        --run-dir runs/upstream
 
 Where the weights come from: they are gated on Hugging Face (repo `benmfox/PFTSleep`). Accept the licence on
 https://huggingface.co/benmfox/PFTSleep while logged in, create an access token, then

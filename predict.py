@@ -133,7 +133,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="predict.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("edfs", nargs="+", type=Path, metavar="EDF", help="EDF files to stage, each independently")
-    parser.add_argument("--run", type=Path, required=True,
+    parser.add_argument("--run", "--run-dir", dest="run", type=Path, required=True,
                         help="probe run folder (config.yaml + ckpt_final.pt, trained or imported)")
     parser.add_argument("--channels", type=Path, metavar="map.yaml",
                         help="YAML mapping slot -> EDF label or 'A - B' derivation (null = absent), e.g. "

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 import signal
@@ -128,10 +129,15 @@ def save_checkpoint(path: Path, state: dict) -> None:
     write_atomic(path, lambda temp: torch.save(state, temp))
 
 
-def training_state(model: torch.nn.Module, optimizer, scheduler, cfg, progress: dict, rng: dict) -> dict:
-    """What a training checkpoint holds (module docstring), for save_checkpoint."""
-    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            **progress, **rng, "config": dataclasses.asdict(cfg)}
+def save_training_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler, cfg, progress: dict,
+                             device, master: bool) -> None:
+    """A training checkpoint (module docstring) from every process's RNG state (a collective: all processes call
+    this), written by the master."""
+    rng = rng_states(device)
+    if master:
+        save_checkpoint(path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                               "scheduler": scheduler.state_dict(), **progress, **rng,
+                               "config": dataclasses.asdict(cfg)})
 
 
 def load_checkpoint(path: Path, device) -> dict:
@@ -169,6 +175,50 @@ def keep_metrics_until(run_dir: Path, step: int) -> None:
 def embedding_cache_dir(encoder_dir: Path, key: str) -> Path:
     """Where train_probe.py keeps the embeddings of one window set under one encoder (a zarr array)."""
     return Path(encoder_dir) / "embeddings" / f"{key}.zarr"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Training plumbing shared by train_pretrain.py and train_probe.py
+
+
+def add_run_arguments(parser) -> None:
+    # --run-dir first: torchrun (2.13) rejects a script argument spelled --run as an abbreviation of its --run-path
+    parser.add_argument("--run-dir", "--run", dest="run", type=Path, required=True,
+                        help="run folder for config, metrics and checkpoints (--run is the same, but not under torchrun)")
+    parser.add_argument("--resume", action="store_true", help="continue from RUN/ckpt.pt (its config wins over --config)")
+
+
+def config_source(args):
+    """Where the config comes from: the run's own config.yaml when resuming a run that has a checkpoint, else
+    --config."""
+    return read_config(args.run) if args.resume and (args.run / LATEST).exists() else args.config
+
+
+def total_steps(n_windows: int, world: int, tc, what: str) -> tuple[int, int]:
+    """(windows per process per optimiser step, optimiser steps in all: train.max_steps, else train.epochs whole
+    epochs; 0 saves the untrained model). Exits with one line when the windows are fewer than one step needs."""
+    per_step = tc.batch_size * tc.grad_accum
+    steps_per_epoch = n_windows // (world * per_step)
+    if steps_per_epoch == 0:
+        raise SystemExit(f"{n_windows} {what} are fewer than one optimiser step needs ({world} processes × batch "
+                         f"{tc.batch_size} × accumulation {tc.grad_accum})")
+    return per_step, tc.max_steps if tc.max_steps is not None else tc.epochs * steps_per_epoch
+
+
+def one_cycle(parameters, tc, total_steps: int):
+    """AdamW with the one-cycle schedule (starting at max_lr / 25), stepped once per optimiser step."""
+    optimizer = torch.optim.AdamW(parameters, lr=tc.max_lr / 25, weight_decay=tc.weight_decay)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=tc.max_lr, total_steps=max(total_steps, 1),
+                                                    pct_start=tc.pct_start)
+    return optimizer, scheduler
+
+
+def start_run(run_dir: Path, cfg, progress: dict) -> None:
+    """The master's first writes: the folder, the resolved config, and metrics.jsonl cut back to the checkpoint's step
+    (a killed run may have logged steps after its last checkpoint; the resumed run logs them again)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(run_dir, cfg)
+    keep_metrics_until(run_dir, progress["step"])
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -214,6 +264,33 @@ def epoch_order(n_windows: int, epoch: int, seed: int, rank: int, world: int, pe
     order = torch.randperm(n_windows, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
     usable = n_windows // (world * per_step) * (world * per_step)
     return order[:usable][rank::world].tolist()
+
+
+def micro_batches(dataset, progress: dict, total_steps: int, batch_size: int, per_step: int, seed: int, rank: int,
+                  world: int, num_workers: int, device):
+    """(micro-step index within the epoch, batch) from where `progress` stands, epoch after epoch in epoch_order, until
+    progress["step"] (counted by the caller) reaches total_steps; a resumed run starts mid-epoch at its
+    step_in_epoch. Advances progress["epoch"] at each epoch's end."""
+    while progress["step"] < total_steps:
+        order = epoch_order(len(dataset), progress["epoch"], seed, rank, world, per_step)
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=batch_size, sampler=order[progress["step_in_epoch"] * per_step:],
+            num_workers=num_workers, pin_memory=device.type == "cuda", drop_last=True,
+            generator=torch.Generator())   # its own generator: creating a loader must not move the global RNG
+        yield from enumerate(loader)
+        progress["epoch"] += 1
+        progress["step_in_epoch"] = 0
+
+
+def optimizer_step(parameters, optimizer, scheduler, grad_clip: float, progress: dict) -> torch.Tensor:
+    """Clip (0 = off), step, schedule, zero the gradients and count the step; returns the gradient norm."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(parameters, grad_clip or math.inf)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    progress["step"] += 1
+    progress["step_in_epoch"] += 1
+    return grad_norm
 
 
 def rng_states(device) -> dict:

@@ -1,10 +1,10 @@
 """Self-supervised pretraining of the PFTSleep encoder: reconstruct corrupted full-night patches. One visible loop.
 
-    python train_pretrain.py --config configs/pretrain_tiny.yaml --run runs/tiny --data.root demo/nights
+    python train_pretrain.py --config configs/pretrain_tiny.yaml --run-dir runs/tiny --data.root demo/nights
     torchrun --nproc_per_node 2 train_pretrain.py --config configs/pretrain_paper.yaml --run-dir runs/paper --data.root OUT
     torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29500 train_pretrain.py …
 (under torchrun spell --run as --run-dir: torchrun takes `--run` for an abbreviation of its own --run-path)
-    python train_pretrain.py --config … --run runs/paper --resume          # continue from runs/paper/ckpt.pt
+    python train_pretrain.py --config … --run-dir runs/paper --resume       # continue from runs/paper/ckpt.pt
 
 Writes RUN/config.yaml (the resolved config), RUN/metrics.jsonl (one JSON object per logging step: step, loss, lr,
 grad_norm, …; and val_loss at validation steps), RUN/ckpt.pt (latest, every train.ckpt_every steps) and
@@ -18,7 +18,6 @@ The run folder, the process group, RNG states and the epoch order are runs.py's.
 from __future__ import annotations
 
 import argparse
-import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -65,13 +64,9 @@ class Config:
 def parse_args(argv=None) -> tuple[argparse.Namespace, Config]:
     parser = config.parser(Config, __doc__, "train_pretrain.py")
     parser.add_argument("--config", type=Path, help="YAML config (configs/pretrain_paper.yaml, configs/pretrain_tiny.yaml)")
-    # --run-dir too: torchrun (2.13) rejects a script argument spelled --run as an abbreviation of its --run-path
-    parser.add_argument("--run-dir", "--run", dest="run", type=Path, required=True,
-                        help="run folder for config, metrics and checkpoints (--run is the same, but not under torchrun)")
-    parser.add_argument("--resume", action="store_true", help="continue from RUN/ckpt.pt (its config wins over --config)")
+    runs.add_run_arguments(parser)
     args, extra = parser.parse_known_args(argv)
-    resuming = args.resume and (args.run / runs.LATEST).exists()
-    return args, config.load(Config, runs.read_config(args.run) if resuming else args.config, extra)
+    return args, config.load(Config, runs.config_source(args), extra)
 
 
 @torch.no_grad()
@@ -102,17 +97,10 @@ def main(argv=None) -> None:
 
     train_set = NightDataset.from_config(cfg.data, cfg.data.train_split)
     val_set = NightDataset.from_config(cfg.data, cfg.data.val_split)
-    per_step = tc.batch_size * tc.grad_accum               # windows per process per optimiser step
-    steps_per_epoch = len(train_set) // (world * per_step)
-    if steps_per_epoch == 0:
-        raise SystemExit(f"{len(train_set)} training windows in {cfg.data.root} are fewer than one optimiser step "
-                         f"needs ({world} processes × batch {tc.batch_size} × accumulation {tc.grad_accum})")
-    total_steps = tc.max_steps if tc.max_steps is not None else tc.epochs * steps_per_epoch   # 0: an untrained baseline
+    per_step, total_steps = runs.total_steps(len(train_set), world, tc, f"training windows in {cfg.data.root}")
 
     model = Pretrainer(cfg.model, cfg.pretrain).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.max_lr / 25, weight_decay=tc.weight_decay)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=tc.max_lr, total_steps=max(total_steps, 1),
-                                                    pct_start=tc.pct_start)
+    optimizer, scheduler = runs.one_cycle(model.parameters(), tc, total_steps)
     progress = {"step": 0, "epoch": 0, "step_in_epoch": 0}
     if args.resume and (args.run / runs.LATEST).exists():
         ckpt = runs.load_checkpoint(args.run / runs.LATEST, device)
@@ -128,79 +116,59 @@ def main(argv=None) -> None:
     autocast = runs.autocast(device, tc.bf16)
 
     if master:
-        args.run.mkdir(parents=True, exist_ok=True)
-        runs.save_config(args.run, cfg)
-        runs.keep_metrics_until(args.run, progress["step"])   # a resumed run rewrites what came after its checkpoint
+        runs.start_run(args.run, cfg, progress)
         print(f"pretraining {sum(p.numel() for p in raw_model.parameters()):,} parameters on {world} × {device.type}; "
               f"{len(train_set)} training windows, {len(val_set)} validation windows, {total_steps} optimiser steps")
     bar = tqdm(total=total_steps, initial=progress["step"], desc="pretrain", disable=not master)
     started, window_count, loss_sum, steps_since_log = time.time(), 0, 0.0, 0
 
-    while progress["step"] < total_steps:
-        order = runs.epoch_order(len(train_set), progress["epoch"], tc.seed, rank, world, per_step)
-        loader = torch.utils.data.DataLoader(
-            train_set, batch_size=tc.batch_size, sampler=order[progress["step_in_epoch"] * per_step:],
-            num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda", drop_last=True,
-            generator=torch.Generator())   # its own generator: creating a loader must not move the global RNG
-        for micro, batch in enumerate(loader):
-            signals = batch["signals"].to(device, non_blocking=True)                      # [B, 7, T]
-            padding_mask = batch["padding_mask"].to(device, non_blocking=True)            # [B, T]
-            present = drop_channels(batch["present"], tc.channel_dropout).to(device)      # [B, 7]
-            signals = signals * present[:, :, None]                                       # dropped = absent = zeros
-            last_micro = (micro + 1) % tc.grad_accum == 0
-            # DDP: only the last micro-step of an optimiser step all-reduces gradients
-            sync = nullcontext() if last_micro or world == 1 else model.no_sync()
-            with sync:
-                with autocast:
-                    loss = model(signals, padding_mask, present) / tc.grad_accum
-                loss.backward()
-            loss_sum += loss.item()
-            window_count += len(signals)
-            if not last_micro:
-                continue
-
-            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), tc.grad_clip or math.inf)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            progress["step"] += 1
-            progress["step_in_epoch"] += 1
-            step = progress["step"]
-            steps_since_log += 1
-            bar.update()
-
-            if step % tc.log_every == 0 or step == total_steps:
-                loss_mean, = runs.mean_over_processes([loss_sum / steps_since_log], device)
-                elapsed = time.time() - started
-                record = {"step": step, "epoch": progress["epoch"], "loss": loss_mean, "lr": scheduler.get_last_lr()[0],
-                          "grad_norm": grad_norm.item(), "windows_per_s": window_count * world / elapsed}
-                if master:
-                    bar.set_postfix(loss=f"{loss_mean:.4f}")
-                    runs.append_metrics(args.run, record)
-                started, window_count, loss_sum, steps_since_log = time.time(), 0, 0.0, 0
-            if step % tc.eval_every == 0 or step == total_steps:
-                val_loss = validate(raw_model, val_set, cfg, rank, world, device, autocast)
-                if master and val_loss is not None:
-                    runs.append_metrics(args.run, {"step": step, "val_loss": val_loss})
-                    bar.write(f"step {step}: val_loss {val_loss:.4f}")
-            if step % tc.ckpt_every == 0 or step == total_steps:
-                rng = runs.rng_states(device)
-                if master:
-                    runs.save_checkpoint(args.run / runs.LATEST,
-                                         runs.training_state(raw_model, optimizer, scheduler, cfg, progress, rng))
-            runs.kill_point("step", step)
-            if step == total_steps:
-                break
-        else:
-            progress["epoch"] += 1
-            progress["step_in_epoch"] = 0
+    for micro, batch in runs.micro_batches(train_set, progress, total_steps, tc.batch_size, per_step, tc.seed, rank, world,
+                                           cfg.data.num_workers, device):
+        signals = batch["signals"].to(device, non_blocking=True)                      # [B, 7, T]
+        padding_mask = batch["padding_mask"].to(device, non_blocking=True)            # [B, T]
+        present = drop_channels(batch["present"], tc.channel_dropout).to(device)      # [B, 7]
+        signals = signals * present[:, :, None]                                       # dropped = absent = zeros
+        last_micro = (micro + 1) % tc.grad_accum == 0
+        # DDP: only the last micro-step of an optimiser step all-reduces gradients
+        sync = nullcontext() if last_micro or world == 1 else model.no_sync()
+        with sync:
+            with autocast:
+                loss = model(signals, padding_mask, present) / tc.grad_accum
+            loss.backward()
+        loss_sum += loss.item()
+        window_count += len(signals)
+        if not last_micro:
             continue
-        break
+
+        grad_norm = runs.optimizer_step(raw_model.parameters(), optimizer, scheduler, tc.grad_clip, progress)
+        step = progress["step"]
+        steps_since_log += 1
+        bar.update()
+
+        if step % tc.log_every == 0 or step == total_steps:
+            loss_mean, = runs.mean_over_processes([loss_sum / steps_since_log], device)
+            elapsed = time.time() - started
+            record = {"step": step, "epoch": progress["epoch"], "loss": loss_mean, "lr": scheduler.get_last_lr()[0],
+                      "grad_norm": grad_norm.item(), "windows_per_s": window_count * world / elapsed}
+            if master:
+                bar.set_postfix(loss=f"{loss_mean:.4f}")
+                runs.append_metrics(args.run, record)
+            started, window_count, loss_sum, steps_since_log = time.time(), 0, 0.0, 0
+        if step % tc.eval_every == 0 or step == total_steps:
+            val_loss = validate(raw_model, val_set, cfg, rank, world, device, autocast)
+            if master and val_loss is not None:
+                runs.append_metrics(args.run, {"step": step, "val_loss": val_loss})
+                bar.write(f"step {step}: val_loss {val_loss:.4f}")
+        if step % tc.ckpt_every == 0 or step == total_steps:
+            runs.save_training_checkpoint(args.run / runs.LATEST, raw_model, optimizer, scheduler, cfg, progress,
+                                          device, master)
+        runs.kill_point("step", step)
+        if step == total_steps:
+            break
 
     bar.close()
-    rng = runs.rng_states(device)
+    runs.save_training_checkpoint(args.run / runs.FINAL, raw_model, optimizer, scheduler, cfg, progress, device, master)
     if master:
-        runs.save_checkpoint(args.run / runs.FINAL, runs.training_state(raw_model, optimizer, scheduler, cfg, progress, rng))
         losses = [m["loss"] for m in runs.read_metrics(args.run) if "loss" in m]
         summary = f", training loss {losses[0]:.4f} (first log) → {losses[-1]:.4f} (last)" if losses else ""
         print(f"done: {progress['step']} steps{summary}; run folder {args.run}")

@@ -1,6 +1,6 @@
 """Train the sleep-stage probe on the frozen embeddings of a pretrained encoder. One visible loop.
 
-    python train_probe.py --config configs/probe_tiny.yaml --encoder runs/pretrain --run runs/probe --data.root OUT
+    python train_probe.py --config configs/probe_tiny.yaml --encoder runs/pretrain --run-dir runs/probe --data.root OUT
     torchrun --nproc_per_node 2 train_probe.py --config configs/probe_paper.yaml --encoder runs/paper --run-dir runs/probe
     python train_probe.py … --resume                      # continue from RUN/ckpt.pt
 
@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -79,12 +78,9 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, Config]:
     parser = config.parser(Config, __doc__, "train_probe.py")
     parser.add_argument("--config", type=Path, help="YAML config (configs/probe_paper.yaml, configs/probe_tiny.yaml)")
     parser.add_argument("--encoder", type=Path, required=True, help="run folder of the pretrained (or imported) encoder")
-    parser.add_argument("--run-dir", "--run", dest="run", type=Path, required=True,
-                        help="run folder for config, metrics and checkpoints (--run is the same, but not under torchrun)")
-    parser.add_argument("--resume", action="store_true", help="continue from RUN/ckpt.pt (its config wins over --config)")
+    runs.add_run_arguments(parser)
     args, extra = parser.parse_known_args(argv)
-    resuming = args.resume and (args.run / runs.LATEST).exists()
-    return args, config.load(Config, runs.read_config(args.run) if resuming else args.config, extra)
+    return args, config.load(Config, runs.config_source(args), extra)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -350,17 +346,10 @@ def main(argv=None) -> None:
     train_set, val_set = ProbeWindows(train_nights, train_cache), ProbeWindows(val_nights, val_cache)
     weights = class_weights(train_nights).to(device) if tc.class_weights else None
 
-    per_step = tc.batch_size * tc.grad_accum
-    steps_per_epoch = len(train_set) // (world * per_step)
-    if steps_per_epoch == 0:
-        raise SystemExit(f"{len(train_set)} labelled training windows are fewer than one optimiser step needs "
-                         f"({world} processes × batch {tc.batch_size} × accumulation {tc.grad_accum})")
-    total_steps = tc.max_steps if tc.max_steps is not None else tc.epochs * steps_per_epoch   # 0: an untrained baseline
+    per_step, total_steps = runs.total_steps(len(train_set), world, tc, "labelled training windows")
 
     probe = ProbeHead(cfg.probe).to(device)
-    optimizer = torch.optim.AdamW(probe.parameters(), lr=tc.max_lr / 25, weight_decay=tc.weight_decay)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=tc.max_lr, total_steps=max(total_steps, 1),
-                                                    pct_start=tc.pct_start)
+    optimizer, scheduler = runs.one_cycle(probe.parameters(), tc, total_steps)
     progress = {"step": 0, "epoch": 0, "step_in_epoch": 0}
     if args.resume and (args.run / runs.LATEST).exists():
         ckpt = runs.load_checkpoint(args.run / runs.LATEST, device)
@@ -372,81 +361,60 @@ def main(argv=None) -> None:
     checkpointed = torch.nn.ModuleDict({"encoder": encoder, "probe": probe})
 
     if master:
-        args.run.mkdir(parents=True, exist_ok=True)
-        runs.save_config(args.run, cfg)
-        runs.keep_metrics_until(args.run, progress["step"])
+        runs.start_run(args.run, cfg, progress)
         print(f"probe: {sum(p.numel() for p in probe.parameters()):,} parameters on {world} × {device.type}; "
               f"{len(train_set)} training windows, {len(val_set)} validation windows, {total_steps} optimiser steps")
     bar = tqdm(total=total_steps, initial=progress["step"], desc="probe", disable=not master)
     started, loss_sum, steps_since_log = time.time(), 0.0, 0
     absent_memo = {}                                                 # absent_embeddings per number of valid samples
 
-    while progress["step"] < total_steps:
-        order = runs.epoch_order(len(train_set), progress["epoch"], tc.seed, rank, world, per_step)
-        loader = torch.utils.data.DataLoader(
-            train_set, batch_size=tc.batch_size, sampler=order[progress["step_in_epoch"] * per_step:],
-            num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda", drop_last=True,
-            generator=torch.Generator())
-        for micro, batch in enumerate(loader):
-            embeddings, padding_mask, stages, n_valid = probe_inputs(batch, encoder, cfg, device, autocast,
-                                                                     tc.loss_trim_wake)
-            if tc.channel_dropout > 0:
-                embeddings = drop_channel_embeddings(embeddings, batch["present"].to(device), padding_mask, encoder,
-                                                     tc.channel_dropout, autocast, absent_memo)
-            embeddings, stages = cutmix_epochs(embeddings, stages, n_valid, tc.cutmix_p, cfg.probe.patches_per_epoch)
-            last_micro = (micro + 1) % tc.grad_accum == 0
-            sync = nullcontext() if last_micro or world == 1 else model.no_sync()
-            with sync:
-                with autocast:
-                    logits = model(embeddings, padding_mask)                            # [B, E, 5]
-                loss = focal_loss(logits, stages, tc.focal_gamma, weights) / tc.grad_accum
-                loss.backward()
-            loss_sum += loss.item()
-            if not last_micro:
-                continue
-
-            grad_norm = torch.nn.utils.clip_grad_norm_(probe.parameters(), tc.grad_clip or math.inf)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            progress["step"] += 1
-            progress["step_in_epoch"] += 1
-            step = progress["step"]
-            steps_since_log += 1
-            bar.update()
-
-            if step % tc.log_every == 0 or step == total_steps:
-                loss_mean, = runs.mean_over_processes([loss_sum / steps_since_log], device)
-                record = {"step": step, "epoch": progress["epoch"], "loss": loss_mean, "lr": scheduler.get_last_lr()[0],
-                          "grad_norm": grad_norm.item(), "s_per_step": (time.time() - started) / steps_since_log}
-                if master:
-                    bar.set_postfix(loss=f"{loss_mean:.4f}")
-                    runs.append_metrics(args.run, record)
-                started, loss_sum, steps_since_log = time.time(), 0.0, 0
-            if step % tc.eval_every == 0 or step == total_steps:
-                scores = validate(probe, encoder, val_set, cfg, rank, world, device, autocast, weights)
-                if master and scores is not None:
-                    runs.append_metrics(args.run, {"step": step, **scores})
-                    bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
-            if step % tc.ckpt_every == 0 or step == total_steps:
-                rng = runs.rng_states(device)
-                if master:
-                    runs.save_checkpoint(args.run / runs.LATEST,
-                                         runs.training_state(checkpointed, optimizer, scheduler, cfg, progress, rng))
-            runs.kill_point("step", step)
-            if step == total_steps:
-                break
-        else:
-            progress["epoch"] += 1
-            progress["step_in_epoch"] = 0
+    for micro, batch in runs.micro_batches(train_set, progress, total_steps, tc.batch_size, per_step, tc.seed, rank, world,
+                                           cfg.data.num_workers, device):
+        embeddings, padding_mask, stages, n_valid = probe_inputs(batch, encoder, cfg, device, autocast,
+                                                                 tc.loss_trim_wake)
+        if tc.channel_dropout > 0:
+            embeddings = drop_channel_embeddings(embeddings, batch["present"].to(device), padding_mask, encoder,
+                                                 tc.channel_dropout, autocast, absent_memo)
+        embeddings, stages = cutmix_epochs(embeddings, stages, n_valid, tc.cutmix_p, cfg.probe.patches_per_epoch)
+        last_micro = (micro + 1) % tc.grad_accum == 0
+        sync = nullcontext() if last_micro or world == 1 else model.no_sync()
+        with sync:
+            with autocast:
+                logits = model(embeddings, padding_mask)                            # [B, E, 5]
+            loss = focal_loss(logits, stages, tc.focal_gamma, weights) / tc.grad_accum
+            loss.backward()
+        loss_sum += loss.item()
+        if not last_micro:
             continue
-        break
+
+        grad_norm = runs.optimizer_step(probe.parameters(), optimizer, scheduler, tc.grad_clip, progress)
+        step = progress["step"]
+        steps_since_log += 1
+        bar.update()
+
+        if step % tc.log_every == 0 or step == total_steps:
+            loss_mean, = runs.mean_over_processes([loss_sum / steps_since_log], device)
+            record = {"step": step, "epoch": progress["epoch"], "loss": loss_mean, "lr": scheduler.get_last_lr()[0],
+                      "grad_norm": grad_norm.item(), "s_per_step": (time.time() - started) / steps_since_log}
+            if master:
+                bar.set_postfix(loss=f"{loss_mean:.4f}")
+                runs.append_metrics(args.run, record)
+            started, loss_sum, steps_since_log = time.time(), 0.0, 0
+        if step % tc.eval_every == 0 or step == total_steps:
+            scores = validate(probe, encoder, val_set, cfg, rank, world, device, autocast, weights)
+            if master and scores is not None:
+                runs.append_metrics(args.run, {"step": step, **scores})
+                bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+        if step % tc.ckpt_every == 0 or step == total_steps:
+            runs.save_training_checkpoint(args.run / runs.LATEST, checkpointed, optimizer, scheduler, cfg, progress,
+                                          device, master)
+        runs.kill_point("step", step)
+        if step == total_steps:
+            break
 
     bar.close()
-    rng = runs.rng_states(device)
+    runs.save_training_checkpoint(args.run / runs.FINAL, checkpointed, optimizer, scheduler, cfg, progress, device, master)
     if master:
-        runs.save_checkpoint(args.run / runs.FINAL,
-                             runs.training_state(checkpointed, optimizer, scheduler, cfg, progress, rng))
         print(f"done: {progress['step']} steps; run folder {args.run}")
     runs.teardown_distributed()
 

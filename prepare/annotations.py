@@ -145,14 +145,19 @@ def _fmt_clock(s: float) -> str:
 # XML: NSRR (PSGAnnotation) and Compumedics Profusion (CMPStudyConfig)
 
 
-def _parse_xml(path: str) -> ET.Element:
+def _parse_xml(path: str, root_tag: str) -> ET.Element:
+    """The document's root element, checked to be <root_tag> with 30-s epochs (EpochLength, where given)."""
     _check_exists(path)
     try:
-        return ET.parse(path).getroot()
+        root = ET.parse(path).getroot()
     except ET.ParseError as err:
         raise AnnotationError(f"{path}: not well-formed XML ({err})") from None
     except OSError as err:
         raise AnnotationError(f"{path}: cannot read ({err.strerror})") from None
+    if root.tag != root_tag:
+        raise AnnotationError(f"{path}: XML root is <{root.tag}>, expected <{root_tag}>")
+    _check_epoch_length(root, path)
+    return root
 
 
 def _check_epoch_length(root: ET.Element, path: str) -> None:
@@ -194,10 +199,7 @@ def _nsrr_stage(concept: str) -> int | None:
 def read_nsrr_xml(path) -> Hypnogram:
     """NSRR `*-nsrr.xml`: stage runs (EventType 'Stages|Stages') placed by their Start, round(Duration/30) epochs."""
     path = os.fspath(path)
-    root = _parse_xml(path)
-    if root.tag != "PSGAnnotation":
-        raise AnnotationError(f"{path}: XML root is <{root.tag}>, expected <PSGAnnotation>")
-    _check_epoch_length(root, path)
+    root = _parse_xml(path, "PSGAnnotation")
     intervals, unknown, recording_s = [], set(), None
     for event in root.iter("ScoredEvent"):
         concept = (event.findtext("EventConcept") or "").strip()
@@ -224,10 +226,7 @@ def read_nsrr_xml(path) -> Hypnogram:
 def read_profusion_xml(path) -> Hypnogram:
     """Profusion `*-profusion.xml`: one <SleepStage> integer per epoch from the recording start."""
     path = os.fspath(path)
-    root = _parse_xml(path)
-    if root.tag != "CMPStudyConfig":
-        raise AnnotationError(f"{path}: XML root is <{root.tag}>, expected <CMPStudyConfig>")
-    _check_epoch_length(root, path)
+    root = _parse_xml(path, "CMPStudyConfig")
     values = [el.text for el in root.iterfind("SleepStages/SleepStage")]
     if not values:
         raise AnnotationError(f"{path}: no SleepStages/SleepStage elements")

@@ -52,20 +52,10 @@ def test_statistics_awakening_minimum_and_edge_cases():
 # The CLI end to end
 
 
-@pytest.fixture
-def run(tiny_probe_run):
-    return tiny_probe_run
-
-
-@pytest.fixture
-def make_edf(psg_writer):
-    return psg_writer
-
-
 @pytest.mark.parametrize("seconds", [25 * 60 + 17, 3 * 60 + 40])       # longer than the window (stitched), shorter
-def test_end_to_end_outputs(tmp_path, run, make_edf, seconds, capsys):
-    edf = make_edf(tmp_path / "night a.edf", seconds)
-    assert predict.main([str(edf), "--run", str(run), "--device", "cpu"]) == 0
+def test_end_to_end_outputs(tmp_path, tiny_probe_run, psg_writer, seconds, capsys):
+    edf = psg_writer(tmp_path / "night a.edf", seconds)
+    assert predict.main([str(edf), "--run", str(tiny_probe_run), "--device", "cpu"]) == 0
     table = pd.read_csv(tmp_path / "night a.hypnogram.csv", dtype={"clock_time": str})
     n_epochs = seconds // 30
     assert list(table.columns) == list(predict.COLUMNS) and len(table) == n_epochs
@@ -74,7 +64,7 @@ def test_end_to_end_outputs(tmp_path, run, make_edf, seconds, capsys):
     assert np.allclose(probs.sum(axis=1), 1, atol=1e-4)
     assert set(table["stage"]) <= set(AASM_LETTERS)
     assert (table["stage"] == [AASM_LETTERS[k] for k in probs.argmax(axis=1)]).all()
-    expected = [(make_edf.start + dt.timedelta(seconds=30 * i)).strftime("%H:%M:%S") for i in range(n_epochs)]
+    expected = [(psg_writer.start + dt.timedelta(seconds=30 * i)).strftime("%H:%M:%S") for i in range(n_epochs)]
     assert table["clock_time"].tolist() == expected and expected[1] == "00:00:15"
     stats = json.loads((tmp_path / "night a.stats.json").read_text())
     for key in ("TIB_min", "SPT_min", "TST_min", "SE_pct", "SOL_min", "WASO_min", "REM_latency_min", "stage_min",
@@ -86,21 +76,21 @@ def test_end_to_end_outputs(tmp_path, run, make_edf, seconds, capsys):
     assert not list(tmp_path.glob(".*tmp*"))                               # no temporaries left behind
 
 
-def test_stitching_averages_overlapping_windows(tmp_path, run, make_edf):
-    edf = make_edf(tmp_path / "n.edf", 25 * 60)
+def test_stitching_averages_overlapping_windows(tmp_path, tiny_probe_run, psg_writer):
+    edf = psg_writer(tmp_path / "n.edf", 25 * 60)
     out_a, out_b = tmp_path / "a", tmp_path / "b"
-    assert predict.main([str(edf), "--run", str(run), "--out", str(out_a), "--device", "cpu"]) == 0
-    assert predict.main([str(edf), "--run", str(run), "--out", str(out_b), "--stride-s", "300", "--device", "cpu"]) == 0
+    assert predict.main([str(edf), "--run", str(tiny_probe_run), "--out", str(out_a), "--device", "cpu"]) == 0
+    assert predict.main([str(edf), "--run", str(tiny_probe_run), "--out", str(out_b), "--stride-s", "300", "--device", "cpu"]) == 0
     a, b = (pd.read_csv(o / "n.hypnogram.csv") for o in (out_a, out_b))
     assert len(a) == len(b) == 50
     assert not np.allclose(a[[c for c in predict.COLUMNS if c.startswith('p_')]], b[[c for c in predict.COLUMNS if c.startswith('p_')]])   # half vs no overlap
 
 
-def test_missing_channel_warns_and_require_all_fails_the_night_only(tmp_path, run, make_edf, capsys):
-    partial = make_edf(tmp_path / "partial.edf", 6 * 60, drop=("Thorax",))
-    full = make_edf(tmp_path / "full.edf", 6 * 60, seed=1)
+def test_missing_channel_warns_and_require_all_fails_the_night_only(tmp_path, tiny_probe_run, psg_writer, capsys):
+    partial = psg_writer(tmp_path / "partial.edf", 6 * 60, drop=("Thorax",))
+    full = psg_writer(tmp_path / "full.edf", 6 * 60, seed=1)
     out = tmp_path / "out"
-    assert predict.main([str(partial), "--run", str(run), "--out", str(out), "--device", "cpu"]) == 0
+    assert predict.main([str(partial), "--run", str(tiny_probe_run), "--out", str(out), "--device", "cpu"]) == 0
     printed = capsys.readouterr().out
     warning = [line for line in printed.splitlines() if line.startswith("warning:")]
     assert len(warning) == 1 and "THOR" in warning[0] and "partial.edf" in warning[0]
@@ -108,7 +98,7 @@ def test_missing_channel_warns_and_require_all_fails_the_night_only(tmp_path, ru
     assert json.loads((out / "partial.stats.json").read_text())["absent_slots"] == ["THOR"]
 
     out2 = tmp_path / "out2"
-    code = predict.main([str(partial), str(full), "--run", str(run), "--out", str(out2), "--require-all",
+    code = predict.main([str(partial), str(full), "--run", str(tiny_probe_run), "--out", str(out2), "--require-all",
                          "--device", "cpu"])
     captured = capsys.readouterr()
     assert code == 0
@@ -118,14 +108,14 @@ def test_missing_channel_warns_and_require_all_fails_the_night_only(tmp_path, ru
     assert "1 of 2 nights staged" in captured.out and f"failed {partial}" in captured.out
 
 
-def test_truncated_edf_is_one_line_error_and_all_failed_exits_1(tmp_path, run, make_edf, capsys):
-    good = make_edf(tmp_path / "good.edf", 4 * 60)
+def test_truncated_edf_is_one_line_error_and_all_failed_exits_1(tmp_path, tiny_probe_run, psg_writer, capsys):
+    good = psg_writer(tmp_path / "good.edf", 4 * 60)
     raw = good.read_bytes()
     header_cut = tmp_path / "header_cut.edf"
     header_cut.write_bytes(raw[:400])                      # the per-signal header is cut short
     data_cut = tmp_path / "data_cut.edf"
     data_cut.write_bytes(raw[: len(raw) // 2])             # half the data records are missing
-    assert predict.main([str(header_cut), str(data_cut), "--run", str(run), "--strict", "--device", "cpu"]) == 1
+    assert predict.main([str(header_cut), str(data_cut), "--run", str(tiny_probe_run), "--strict", "--device", "cpu"]) == 1
     captured = capsys.readouterr()
     errors = captured.err.strip().splitlines()
     assert len(errors) == 2
@@ -135,9 +125,9 @@ def test_truncated_edf_is_one_line_error_and_all_failed_exits_1(tmp_path, run, m
     assert not list(tmp_path.glob("*.hypnogram.csv"))
 
 
-def test_staging_takes_the_fused_kernel_and_it_is_the_same_function(run, monkeypatch):
+def test_staging_takes_the_fused_kernel_and_it_is_the_same_function(tiny_probe_run, monkeypatch):
     """Staging is forward-only, so on CPU attention pads v for the fused kernel; training (a graph) does not."""
-    run = runs.read_run(run)
+    run = runs.read_run(tiny_probe_run)
     encoder, probe = run.encoder(), run.probe()
     signals = torch.randn(7, 23 * 3750)
     widths = []
@@ -156,18 +146,18 @@ def test_staging_takes_the_fused_kernel_and_it_is_the_same_function(run, monkeyp
     assert torch.allclose(fused, unfused, atol=1e-5)
 
 
-def test_edf_annotation_export_reads_back_as_the_hypnogram(tmp_path, run, make_edf):
+def test_edf_annotation_export_reads_back_as_the_hypnogram(tmp_path, tiny_probe_run, psg_writer):
     import pyedflib
     from prepare.annotations import read_hypnogram
-    edf = make_edf(tmp_path / "n.edf", 25 * 60 + 17)
-    assert predict.main([str(edf), "--run", str(run), "--edf-annotations", "--device", "cpu"]) == 0
+    edf = psg_writer(tmp_path / "n.edf", 25 * 60 + 17)
+    assert predict.main([str(edf), "--run", str(tiny_probe_run), "--edf-annotations", "--device", "cpu"]) == 0
     table = pd.read_csv(tmp_path / "n.hypnogram.csv")
     codes = [AASM_LETTERS.index(stage) for stage in table["stage"]]
     exported = tmp_path / "n.stages.edf"
-    assert read_hypnogram(exported, edf_start=make_edf.start).stages.tolist() == codes     # our reader, and pyedflib's:
+    assert read_hypnogram(exported, edf_start=psg_writer.start).stages.tolist() == codes     # our reader, and pyedflib's:
     with pyedflib.EdfReader(str(exported)) as reader:
         onsets, durations, texts = reader.readAnnotations()
-        assert reader.getStartdatetime() == make_edf.start
+        assert reader.getStartdatetime() == psg_writer.start
     per_epoch = []
     for onset, duration, text in zip(onsets, durations, texts):
         assert onset == 30 * len(per_epoch) and text.startswith("Sleep stage ")

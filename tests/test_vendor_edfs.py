@@ -13,21 +13,6 @@ from prepare.generic import CHANNELS
 from prepare.night import Night, Options, prepare_night
 
 
-@pytest.fixture
-def run(tiny_probe_run):
-    return tiny_probe_run
-
-
-@pytest.fixture
-def make_edf(psg_writer):
-    return psg_writer
-
-
-@pytest.fixture
-def write_edf(edf_writer):
-    return edf_writer
-
-
 def prepared(path, **options):
     night = Night(dataset="edf", night_id="n", subject="n", visit="", edf=path, labelled=False)
     return prepare_night(night, CHANNELS, Options(required=(), **options))
@@ -51,8 +36,8 @@ def dimension_offset(index: int, ns: int) -> int:
 # Headers pyedflib refuses
 
 
-def test_non_ascii_labels_and_units_that_pyedflib_refuses(tmp_path, run, capsys, make_edf):
-    clean = make_edf(tmp_path / "clean.edf", 6 * 60)
+def test_non_ascii_labels_and_units_that_pyedflib_refuses(tmp_path, tiny_probe_run, capsys, psg_writer):
+    clean = psg_writer(tmp_path / "clean.edf", 6 * 60)
     vendor = tmp_path / "vendor.edf"
     vendor.write_bytes(clean.read_bytes())
     patch(vendor, label_offset(0), "EEG C4–M1".encode("utf-8"), 16)        # UTF-8 en dash (3 bytes)
@@ -63,11 +48,11 @@ def test_non_ascii_labels_and_units_that_pyedflib_refuses(tmp_path, run, capsys,
         pyedflib.EdfReader(str(vendor))
     header = edf.read_header(vendor)
     assert header.labels()[:2] == ["EEG C4–M1", "Oil gauche\u00e9"] and header.signals[0].dimension == "µV"
-    assert header.start == make_edf.start
+    assert header.start == psg_writer.start
     channel_map = tmp_path / "map.yaml"
     channel_map.write_text("EEG: EEG C4–M1\nEOG: Oil gauche\u00e9\n", encoding="utf-8")
     out = tmp_path / "out"
-    assert predict.main([str(vendor), "--run", str(run), "--channels", str(channel_map), "--out", str(out),
+    assert predict.main([str(vendor), "--run", str(tiny_probe_run), "--channels", str(channel_map), "--out", str(out),
                          "--device", "cpu"]) == 0
     stats = json.loads((out / "vendor.stats.json").read_text())
     assert stats["source_labels"]["EEG"] == "EEG C4–M1" and stats["absent_slots"] == []
@@ -78,8 +63,8 @@ def test_non_ascii_labels_and_units_that_pyedflib_refuses(tmp_path, run, capsys,
     assert np.array_equal(ours, reference)
 
 
-def test_a_utf8_character_cut_by_the_label_width_is_dropped(tmp_path, make_edf):
-    path = make_edf(tmp_path / "cut.edf", 60)
+def test_a_utf8_character_cut_by_the_label_width_is_dropped(tmp_path, psg_writer):
+    path = psg_writer(tmp_path / "cut.edf", 60)
     patch(path, label_offset(0), "EEG-C4-M1-links–".encode("utf-8")[:16], 16)   # the dash's 3 bytes cut after 1
     assert edf.read_header(path).labels()[0] == "EEG-C4-M1-links"
 
@@ -113,7 +98,7 @@ def write_edf_plus(path, fs: int, record_s: float, onsets, kind="EDF+D", seed=0)
     return digital.astype(float) * 0.1                                                # [n_records, spr] µV
 
 
-def test_edf_plus_d_records_are_placed_at_their_start_times(tmp_path, run):
+def test_edf_plus_d_records_are_placed_at_their_start_times(tmp_path, tiny_probe_run):
     path = tmp_path / "disc.edf"
     onsets = [0, 10, 20, 90, 100, 110, 120, 130, 140, 150, 160, 170]            # a 60-s gap after the third record
     values = write_edf_plus(path, fs=100, record_s=10, onsets=onsets)
@@ -124,7 +109,7 @@ def test_edf_plus_d_records_are_placed_at_their_start_times(tmp_path, run):
     assert len(eeg) == 18000 and np.isnan(eeg[3000:9000]).all()
     assert np.allclose(eeg[:3000], values[:3].ravel()) and np.allclose(eeg[9000:], values[3:].ravel())
     out = tmp_path / "out"
-    assert predict.main([str(path), "--run", str(run), "--out", str(out), "--device", "cpu"]) == 0
+    assert predict.main([str(path), "--run", str(tiny_probe_run), "--out", str(out), "--device", "cpu"]) == 0
     stats = json.loads((out / "disc.stats.json").read_text())
     assert stats["n_epochs"] == 6 and any("EDF+D" in w for w in stats["warnings"])
 
@@ -137,12 +122,12 @@ def test_contiguous_edf_plus_d_reads_as_continuous(tmp_path):
     assert np.allclose(edf.read_signal(header, "EEG C4-M1"), values.ravel())
 
 
-def test_overlapping_edf_plus_d_records_are_a_one_line_error(tmp_path, run, capsys):
+def test_overlapping_edf_plus_d_records_are_a_one_line_error(tmp_path, tiny_probe_run, capsys):
     path = tmp_path / "overlap.edf"
     write_edf_plus(path, fs=100, record_s=10, onsets=[0, 10, 15, 30])
     with pytest.raises(edf.EdfError, match=rf"^{path}: EDF\+D record 2 starts at 15 s, before record 1 ends \(20 s\)"):
         edf.read_header(path)
-    assert predict.main([str(path), "--run", str(run), "--device", "cpu"]) == 1
+    assert predict.main([str(path), "--run", str(tiny_probe_run), "--device", "cpu"]) == 1
     error, = capsys.readouterr().err.strip().splitlines()
     assert error.startswith(f"error: {path}: EDF+D record 2") and "overlap" in error
 
@@ -152,12 +137,12 @@ def test_overlapping_edf_plus_d_records_are_a_one_line_error(tmp_path, run, caps
 
 
 @pytest.mark.parametrize("fs,record_s", [(200, 1), (256, 1), (512, 1), (128, 0.5), (255.5, 2), (50, 1)])
-def test_odd_sampling_rates_give_the_same_sine_at_125_hz(tmp_path, fs, record_s, write_edf):
+def test_odd_sampling_rates_give_the_same_sine_at_125_hz(tmp_path, fs, record_s, edf_writer):
     seconds = 120
     t = np.arange(int(seconds * fs)) / fs
     eeg = 50 * np.sqrt(2) * np.sin(2 * np.pi * 10 * t)                        # 10 Hz, RMS 50 µV
     eog = 30 * np.sin(2 * np.pi * 2 * t)
-    path = write_edf(tmp_path / "odd.edf", [("C4-M1", fs, "uV", eeg, (-500, 500)), ("E1-M2", fs, "uV", eog, (-500, 500)),
+    path = edf_writer(tmp_path / "odd.edf", [("C4-M1", fs, "uV", eeg, (-500, 500)), ("E1-M2", fs, "uV", eog, (-500, 500)),
                                             ("Chin1-Chin2", fs, "uV", eog / 3, (-500, 500))], record_s=record_s)
     assert edf.read_header(path).signals[0].fs == fs
     signals, _, attrs = prepared(path)
@@ -167,13 +152,13 @@ def test_odd_sampling_rates_give_the_same_sine_at_125_hz(tmp_path, fs, record_s,
 
 
 @pytest.mark.parametrize("dimension,scale", [("V", 1e-6), ("mV", 1e-3), ("uV", 1.0), ("µV", 1.0)])
-def test_physical_dimension_in_volts_or_millivolts_is_converted_to_microvolts(tmp_path, dimension, scale, write_edf):
+def test_physical_dimension_in_volts_or_millivolts_is_converted_to_microvolts(tmp_path, dimension, scale, edf_writer):
     rng = np.random.default_rng(0)
     eeg = rng.normal(0, 40, 100 * 120)                                        # µV
     channels = [("C4-M1", 100, "uV", eeg, (-500, 500)), ("E1-M2", 100, "uV", eeg / 2, (-500, 500)),
                 ("Chin1-Chin2", 100, "uV", eeg / 4, (-500, 500))]
-    reference = write_edf(tmp_path / "ref.edf", channels)
-    scaled = write_edf(tmp_path / "scaled.edf",
+    reference = edf_writer(tmp_path / "ref.edf", channels)
+    scaled = edf_writer(tmp_path / "scaled.edf",
                        [("C4-M1", 100, "uV", eeg * scale, (-500 * scale, 500 * scale)), *channels[1:]])
     if dimension != "uV":
         patch(scaled, dimension_offset(0, 3), dimension.encode("latin-1"), 8)
@@ -188,27 +173,27 @@ def test_physical_dimension_in_volts_or_millivolts_is_converted_to_microvolts(tm
 # Fewer data records than the header says
 
 
-def test_short_file_is_staged_as_far_as_it_goes_or_fails_with_strict(tmp_path, run, capsys, make_edf):
-    full = make_edf(tmp_path / "full.edf", 10 * 60)
+def test_short_file_is_staged_as_far_as_it_goes_or_fails_with_strict(tmp_path, tiny_probe_run, capsys, psg_writer):
+    full = psg_writer(tmp_path / "full.edf", 10 * 60)
     raw = full.read_bytes()
     record_bytes = 2 * (100 * 4 + 1 + 10 * 2)                                 # 4 × 100 Hz, SpO2 1 Hz, belts 10 Hz
     short = tmp_path / "short.edf"
     short.write_bytes(raw[: len(raw) - 185 * record_bytes - 7])               # 185 s and a bit of a record missing
     out = tmp_path / "out"
-    assert predict.main([str(short), "--run", str(run), "--out", str(out), "--device", "cpu"]) == 0
+    assert predict.main([str(short), "--run", str(tiny_probe_run), "--out", str(out), "--device", "cpu"]) == 0
     captured = capsys.readouterr()
     assert "warning: " in captured.out and "truncated: read 414 of 600 data records" in captured.out
     stats = json.loads((out / "short.stats.json").read_text())
     assert stats["n_epochs"] == 414 // 30 and "truncated: read 414 of 600 data records" in stats["warnings"]
-    assert predict.main([str(short), "--run", str(run), "--out", str(tmp_path / "strict"), "--strict",
+    assert predict.main([str(short), "--run", str(tiny_probe_run), "--out", str(tmp_path / "strict"), "--strict",
                          "--device", "cpu"]) == 1
     error, = capsys.readouterr().err.strip().splitlines()
     assert error == f"error: {short}: truncated: header says 600 data records, file holds 414"
 
 
-def test_a_night_without_any_usable_channel_fails(tmp_path, run, capsys, write_edf):
-    path = write_edf(tmp_path / "none.edf", [("Pleth", 100, "", np.random.default_rng(0).normal(0, 1, 6000), (-5, 5))])
-    assert predict.main([str(path), "--run", str(run), "--device", "cpu"]) == 1
+def test_a_night_without_any_usable_channel_fails(tmp_path, tiny_probe_run, capsys, edf_writer):
+    path = edf_writer(tmp_path / "none.edf", [("Pleth", 100, "", np.random.default_rng(0).normal(0, 1, 6000), (-5, 5))])
+    assert predict.main([str(path), "--run", str(tiny_probe_run), "--device", "cpu"]) == 1
     error, = capsys.readouterr().err.strip().splitlines()
     assert error.startswith(f"error: {path}: no usable channel: slot ECG: none of its labels is in the EDF")
 
