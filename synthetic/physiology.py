@@ -2,7 +2,8 @@
 
 Owns `stage_sequence` (a plausible hypnogram), the per-stage tables, the per-subject `Profile`, and
 `render` / `night_signals` (each slot's signal plus the scored events: hypopneas, desaturations,
-arousals). It knows nothing of files or datasets (cohort.py, writers.py). A caricature chosen to be
+arousals). It knows nothing of files or datasets (cohort.py, writers.py); generic noise and
+recording artefacts come from noise.py. A caricature chosen to be
 learnable (alpha in wake, theta in N1, spindles and K-complexes in N2, delta in N3, rapid eye
 movements and atonia in REM, stage-dependent heart rate and breathing, SpO2 dips): a model that
 scores these nights well says nothing about real sleep. Draws come from the Generator passed in.
@@ -15,6 +16,8 @@ import numpy as np
 from scipy import signal as sps
 
 from prepare.signals import EPOCH_S
+
+from .noise import add_electrode_pops, add_movement, band_noise, lowpass_noise, place, slow_drift, smooth
 
 W, N1, N2, N3, REM = 0, 1, 2, 3, 4
 MOVEMENT = -1            # in a physiological stage sequence: wake with a body-movement artefact
@@ -145,46 +148,6 @@ def draw_profile(rng: np.random.Generator) -> Profile:
         atonia=rng.uniform(0.3, 0.65))
 
 
-# ---------------------------------------------------------------------------------------------
-# Signal helpers
-# ---------------------------------------------------------------------------------------------
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    return x / (x.std() + 1e-12)
-
-
-def _band_noise(rng, n: int, fs: float, lo: float, hi: float) -> np.ndarray:
-    """Unit-variance noise band-limited to [lo, hi] Hz (hi is capped below Nyquist)."""
-    hi = min(hi, 0.45 * fs)
-    sos = sps.butter(2, [lo, hi], "bandpass", fs=fs, output="sos")
-    return _unit(sps.sosfilt(sos, rng.standard_normal(n)))
-
-
-def lowpass_noise(rng, n: int, fs: float, fc: float) -> np.ndarray:
-    """Unit-variance first-order low-pass noise (a 1/f^2 spectrum above fc)."""
-    a = np.exp(-2 * np.pi * fc / fs)
-    return _unit(sps.lfilter([1 - a], [1, -a], rng.standard_normal(n)))
-
-
-def _smooth(x: np.ndarray, width: int) -> np.ndarray:
-    """Moving average over `width` samples with edge padding (keeps the length)."""
-    if width <= 1:
-        return x
-    padded = np.pad(x, (width // 2, width - 1 - width // 2), mode="edge")
-    c = np.cumsum(np.concatenate([[0.0], padded]))
-    return (c[width:] - c[:-width]) / width
-
-
-def _place(x: np.ndarray, onsets: np.ndarray, waves: np.ndarray) -> None:
-    """Add waveforms waves[k] (all of one length) into x starting at sample onsets[k]."""
-    if len(onsets) == 0:
-        return
-    idx = onsets[:, None] + np.arange(waves.shape[1])[None, :]
-    keep = idx < len(x)
-    np.add.at(x, idx[keep], waves[keep])
-
-
 class _Night:
     """Per-second bookkeeping for one night: which stage, envelopes, event onsets."""
 
@@ -221,11 +184,7 @@ class _Night:
         if factor is not None:
             own = self.stage_sec == self.stage_ep[self.epoch_sec]
             x = np.where(own, x * np.asarray(factor)[self.epoch_sec], x)
-        return _smooth(x, smooth_s)
-
-    def drift(self, depth: float) -> np.ndarray:
-        """Slow multiplicative drift over the night (electrode impedance, posture): per second."""
-        return np.exp(depth * lowpass_noise(self.rng, self.n_sec, 1.0, 1 / 1800))
+        return smooth(x, smooth_s)
 
     def onsets(self, per_min, burstiness: float = 0.0, margin_s: float = 0.0) -> np.ndarray:
         """Event times (s): Poisson at the current stage's rate; burstiness > 0 clusters them in
@@ -249,23 +208,13 @@ class _Night:
                           [(e, self.rng.integers(3, 10)) for e in bursts]:
             start = ep * EPOCH_S + int(self.rng.integers(0, EPOCH_S - length + 1))
             mask[start:start + length] = 1.0
-        return _smooth(mask, 2)[:self.n_sec]
+        return smooth(mask, 2)[:self.n_sec]
 
-    def add_movement(self, x: np.ndarray, fs: int, amp: float) -> None:
-        """Broadband high-amplitude artefact plus a slow swing where the movement mask is on."""
-        m = self.at_rate(self.movement_sec, fs)
-        idx = np.flatnonzero(m)
-        if len(idx):
-            swing = np.sin(2 * np.pi * 0.7 * idx / fs + self.rng.uniform(0, 2 * np.pi))
-            x[idx] += m[idx] * amp * (self.rng.standard_normal(len(idx)) + 1.5 * swing)
-
-    def add_pops(self, x: np.ndarray, fs: int, per_hour: float = 1.0) -> None:
-        """Electrode pops: a sudden step that decays over a few hundred ms."""
-        t = self.rng.random(self.rng.poisson(per_hour * self.n_sec / 3600)) * max(self.n_sec - 1, 0)
-        tau = self.rng.uniform(0.1, 0.4, len(t))[:, None]
-        amp = self.rng.choice([-1, 1], len(t))[:, None] * self.rng.uniform(150, 400, len(t))[:, None]
-        rel = np.arange(int(fs * 1.5))[None, :] / fs
-        _place(x, (t * fs).astype(int), amp * np.exp(-rel / tau))
+    def add_artefacts(self, x: np.ndarray, fs: int, movement: float, pops_per_hour: float = 0.0) -> None:
+        """Body movements of amplitude `movement` where the movement mask is on, then electrode pops."""
+        add_movement(x, self.rng, fs, self.at_rate(self.movement_sec, fs), movement)
+        if pops_per_hour:
+            add_electrode_pops(x, self.rng, fs, self.n_sec, pops_per_hour)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -289,40 +238,39 @@ def _eeg(night: _Night, fs: int) -> tuple[np.ndarray, np.ndarray]:
     alpha_env = night.envelope(alpha, factor=factor) + alpha[W] * 0.8 * night.arousal_sec
     background = (0.8 * lowpass_noise(rng, n, fs, 1.5) + 0.5 * lowpass_noise(rng, n, fs, 12.0))
     x = env(EEG_BACKGROUND, jitter=0.1) * background
-    x += night.at_rate(alpha_env, fs) * _band_noise(rng, n, fs, p.alpha_hz - 1, p.alpha_hz + 1)
-    x += env(EEG_THETA) * _band_noise(rng, n, fs, 4, 7)
+    x += night.at_rate(alpha_env, fs) * band_noise(rng, n, fs, p.alpha_hz - 1, p.alpha_hz + 1)
+    x += env(EEG_THETA) * band_noise(rng, n, fs, 4, 7)
     # Slow waves build up and fade over about a minute, so N2 next to N3 already carries some delta.
     delta = EEG_DELTA * np.array([1, 1, 1, p.slow_waves, 1])
-    slow = env(delta, jitter=0.2, smooth_s=60) * _band_noise(rng, n, fs, 0.5, 2.0)
+    slow = env(delta, jitter=0.2, smooth_s=60) * band_noise(rng, n, fs, 0.5, 2.0)
 
     # Sleep spindles: 11-15 Hz, 0.5-2 s, waxing and waning.
     t0 = night.onsets(SPINDLES_PER_MIN * p.spindle_density, margin_s=2)
     rel = np.arange(2 * fs)[None, :] / fs
     dur = rng.uniform(0.5, 2.0, len(t0))[:, None]
     shape = np.where(rel < dur, np.sin(np.pi * rel / dur) ** 2, 0.0)
-    _place(x, (t0 * fs).astype(int), rng.uniform(20, 40, len(t0))[:, None] * shape *
+    place(x, (t0 * fs).astype(int), rng.uniform(20, 40, len(t0))[:, None] * shape *
            np.sin(2 * np.pi * rng.uniform(11, 15, len(t0))[:, None] * rel + rng.uniform(0, 6.3, len(t0))[:, None]))
 
     # K-complexes: a sharp negative wave followed by a slower positive one (~150-250 µV peak to peak).
     t0 = night.onsets(KCOMPLEX_PER_MIN, margin_s=2)
     rel = np.arange(int(1.5 * fs))[None, :] / fs
     kc = -np.exp(-((rel - 0.25) / 0.07) ** 2) + 0.55 * np.exp(-((rel - 0.6) / 0.16) ** 2)
-    _place(slow, (t0 * fs).astype(int), rng.uniform(100, 160, len(t0))[:, None] * kc)
+    place(slow, (t0 * fs).astype(int), rng.uniform(100, 160, len(t0))[:, None] * kc)
 
     # REM sawtooth waves: 2-5 Hz bursts lasting 2-4 s.
     t0 = night.onsets(SAWTOOTH_PER_MIN, margin_s=4)
     rel = np.arange(4 * fs)[None, :] / fs
     dur = rng.uniform(2, 4, len(t0))[:, None]
     shape = np.where(rel < dur, np.sin(np.pi * rel / dur), 0.0)
-    _place(x, (t0 * fs).astype(int), rng.uniform(20, 40, len(t0))[:, None] * shape *
+    place(x, (t0 * fs).astype(int), rng.uniform(20, 40, len(t0))[:, None] * shape *
            sps.sawtooth(2 * np.pi * rng.uniform(2, 5, len(t0))[:, None] * rel, 0.85))
 
-    gain = p.eeg_gain * night.at_rate(night.drift(0.15), fs)
+    gain = p.eeg_gain * night.at_rate(slow_drift(rng, night.n_sec, 0.15), fs)
     x = gain * (x + slow)
     slow = gain * slow
     x += p.noise_uv * rng.standard_normal(n)
-    night.add_movement(x, fs, 60)
-    night.add_pops(x, fs)
+    night.add_artefacts(x, fs, 60, pops_per_hour=1.0)
     return x, slow
 
 
@@ -331,14 +279,14 @@ def _eeg_other(night: _Night, eeg: np.ndarray, fs: int, similarity: float) -> np
     n = len(eeg)
     x = similarity * eeg + 6.0 * lowpass_noise(night.rng, n, fs, 4.0)
     x += night.profile.noise_uv * night.rng.standard_normal(n)
-    night.add_pops(x, fs, 0.5)
+    add_electrode_pops(x, night.rng, fs, night.n_sec, 0.5)
     return x
 
 
 def _eog(night: _Night, fs: int, leak: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Left and right EOG (µV). Horizontal movements are mirror images, blinks are in phase."""
     rng, n = night.rng, night.n_sec * fs
-    eye = night.at_rate(night.envelope(EOG_SLOW, smooth_s=10), fs) * _band_noise(rng, n, fs, 0.15, 0.6)
+    eye = night.at_rate(night.envelope(EOG_SLOW, smooth_s=10), fs) * band_noise(rng, n, fs, 0.15, 0.6)
 
     # Saccades (wake) and rapid eye movements (REM, clustered): fast rise, then the amplifier's
     # high-pass lets the deflection decay.
@@ -346,18 +294,17 @@ def _eog(night: _Night, fs: int, leak: np.ndarray) -> tuple[np.ndarray, np.ndarr
     rel = np.arange(3 * fs)[None, :] / fs
     step = (1 - np.exp(-rel / 0.02)) * np.exp(-rel / 0.8)
     amp = rng.choice([-1, 1], len(t0))[:, None] * rng.uniform(60, 200, len(t0))[:, None]
-    _place(eye, (t0 * fs).astype(int), amp * step)
+    place(eye, (t0 * fs).astype(int), amp * step)
 
     blinks = np.zeros(n)
     t0 = night.onsets(BLINKS_PER_MIN, margin_s=1)
     rel = np.arange(int(0.5 * fs))[None, :] / fs
-    _place(blinks, (t0 * fs).astype(int), rng.uniform(80, 200, len(t0))[:, None] * np.exp(-((rel - 0.2) / 0.06) ** 2))
+    place(blinks, (t0 * fs).astype(int), rng.uniform(80, 200, len(t0))[:, None] * np.exp(-((rel - 0.2) / 0.06) ** 2))
 
     sides = []
     for sign in (1, -1):
         x = sign * eye + blinks + 0.3 * leak + night.profile.noise_uv * rng.standard_normal(n)
-        night.add_movement(x, fs, 100)
-        night.add_pops(x, fs, 0.5)
+        night.add_artefacts(x, fs, 100, pops_per_hour=0.5)
         sides.append(x)
     return sides[0], sides[1]
 
@@ -368,15 +315,14 @@ def _emg(night: _Night, fs: int) -> np.ndarray:
     relaxed = np.where(night.stage_ep == W, rng.uniform(0.4, 1.1, len(night.stage_ep)), 1.0)   # quiet wake
     table = np.concatenate([EMG_TONE[:REM], [EMG_TONE[N2] * night.profile.atonia]])
     tone = night.envelope(table, factor=relaxed) + 0.8 * EMG_TONE[W] * night.arousal_sec
-    tone *= night.profile.emg_gain * night.drift(0.25)
-    x = night.at_rate(tone, fs) * _band_noise(rng, n, fs, 10, 100)
+    tone *= night.profile.emg_gain * slow_drift(rng, night.n_sec, 0.25)
+    x = night.at_rate(tone, fs) * band_noise(rng, n, fs, 10, 100)
     t0 = night.onsets(TWITCHES_PER_MIN, burstiness=1.0, margin_s=1)
     length = max(2, int(0.25 * fs))
-    _place(x, (t0 * fs).astype(int), rng.uniform(10, 30, len(t0))[:, None] * np.hanning(length)[None, :] *
+    place(x, (t0 * fs).astype(int), rng.uniform(10, 30, len(t0))[:, None] * np.hanning(length)[None, :] *
            rng.standard_normal((len(t0), length)))
     x += 0.5 * rng.standard_normal(n)
-    night.add_movement(x, fs, 60)
-    night.add_pops(x, fs, 0.5)
+    night.add_artefacts(x, fs, 60, pops_per_hour=0.5)
     return x
 
 
@@ -407,7 +353,7 @@ def _ecg(night: _Night, fs: int, hr: np.ndarray, resp_phase: np.ndarray) -> np.n
     x = 1000 * night.profile.ecg_mv * template[((phase % 1) * len(template)).astype(int)]
     x += 40 * np.sin(np.interp(t, t_slow, resp_phase))                    # respiratory baseline wander
     x += 8 * rng.standard_normal(n)
-    night.add_movement(x, fs, 150)
+    night.add_artefacts(x, fs, 150)
     return x
 
 
@@ -426,7 +372,7 @@ def _breathing(night: _Night) -> tuple[np.ndarray, np.ndarray]:
         if e["kind"] == "hypopnea":
             s = int(e["start"])
             flat[s:s + int(e["duration"])] = e["depth"]
-    depth *= night.at_rate(_smooth(flat, 3), SLOW_FS)
+    depth *= night.at_rate(smooth(flat, 3), SLOW_FS)
     return phase, np.clip(depth, 0.05, 3)
 
 
@@ -440,7 +386,7 @@ def _belts(night: _Night, phase: np.ndarray, depth: np.ndarray, fs: int) -> tupl
     for gain, shift in ((1.0, 0.0), (rng.uniform(0.6, 1.0), lead)):
         x = night.profile.belt_gain * gain * d * (np.sin(ph + shift) + 0.12 * np.sin(2 * (ph + shift) + 0.5))
         x += 0.01 * rng.standard_normal(n)
-        night.add_movement(x, fs, 0.3)
+        night.add_artefacts(x, fs, 0.3)
         out.append(x)
     return out[0], out[1]
 
@@ -473,7 +419,7 @@ def _arousals(night: _Night) -> None:
         s = int(t)
         night.arousal_sec[s:s + int(dur)] = 1.0
         night.events.append({"kind": "arousal", "start": float(s), "duration": dur})
-    night.arousal_sec[:] = _smooth(night.arousal_sec, 2)
+    night.arousal_sec[:] = smooth(night.arousal_sec, 2)
 
 
 def _spo2(night: _Night, fs: int) -> np.ndarray:

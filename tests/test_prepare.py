@@ -4,7 +4,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pandas as pd
@@ -221,16 +220,12 @@ def test_killed_run_resumes_to_the_same_result(cohorts, tmp_path):
     synthetic.write_cohort("mros", src, nights=4, hours=1, seed=11)
     reference, resumed = tmp_path / "reference", tmp_path / "resumed"
     run_prepare("mros", src, reference)
-    env = {**os.environ, "PYTHONPATH": ROOT}
-    job = subprocess.Popen([sys.executable, "-m", "prepare", "mros", str(src), str(resumed)], cwd=ROOT, env=env,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 60
-    while time.time() < deadline and not list(resumed.glob("mros/*.zarr")):
-        time.sleep(0.02)
-    os.killpg(job.pid, signal.SIGKILL)
-    job.wait()
-    done_at_kill = len(list((resumed / "mros").glob("*.zarr")))
-    assert 1 <= done_at_kill < 4, "the kill should land mid-batch"
+    # the job kills itself right after writing its second night, before the manifest
+    env = {**os.environ, "PYTHONPATH": ROOT, "PFTSLEEP_KILL_AFTER_NIGHT": "2"}
+    job = subprocess.run([sys.executable, "-m", "prepare", "mros", str(src), str(resumed)], cwd=ROOT, env=env,
+                         capture_output=True, timeout=300)
+    assert job.returncode == -signal.SIGKILL
+    assert len(list((resumed / "mros").glob("*.zarr"))) == 2
     assert not (resumed / "manifest.csv").exists()
     run_prepare("mros", src, resumed)
     assert _tree(resumed) == _tree(reference)

@@ -5,12 +5,12 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
 import synthetic
+import runs
 import train_pretrain
 from prepare.__main__ import main as prepare_main
 
@@ -87,23 +87,19 @@ def test_two_gloo_processes_equal_one_process(nights, tmp_path):
 
 
 def test_killed_run_resumes_to_the_same_parameters(nights, tmp_path):
-    steps = ["--train.max_steps", "8", "--train.ckpt_every", "1", "--train.batch_size", "2"]
+    steps = ["--train.max_steps", "8", "--train.ckpt_every", "2", "--train.batch_size", "2"]
     reference = tmp_path / "reference"
     train_pretrain.main(run_args(nights, reference, *steps))
     killed = tmp_path / "killed"
-    env = {**os.environ, "PYTHONPATH": ROOT}
-    job = subprocess.Popen([sys.executable, "train_pretrain.py", *run_args(nights, killed, *steps)], cwd=ROOT, env=env,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and not (killed / "ckpt.pt").exists():
-        time.sleep(0.05)
-    time.sleep(1.0)   # let it run on past its checkpoint, into a step that will be lost
-    os.killpg(job.pid, signal.SIGKILL)
-    job.wait()
-    step_at_kill = torch.load(killed / "ckpt.pt", weights_only=True)["step"]
-    assert 1 <= step_at_kill < 8 and not (killed / "ckpt_final.pt").exists()
+    # the run kills itself right after step 3: its checkpoint holds step 2, and step 3 (logged) is lost
+    env = {**os.environ, "PYTHONPATH": ROOT, "PFTSLEEP_KILL_AFTER_STEP": "3"}
+    job = subprocess.run([sys.executable, "train_pretrain.py", *run_args(nights, killed, *steps)], cwd=ROOT, env=env,
+                         capture_output=True, timeout=300)
+    assert job.returncode == -signal.SIGKILL
+    assert runs.load_checkpoint(killed / runs.LATEST, "cpu")["step"] == 2 and not (killed / runs.FINAL).exists()
+    assert [m["step"] for m in runs.read_metrics(killed) if "loss" in m] == [1, 2, 3]
     train_pretrain.main(run_args(nights, killed, *steps, "--resume"))
     resumed, uninterrupted = params(killed), params(reference)
     for key in uninterrupted:
         assert torch.equal(resumed[key], uninterrupted[key]), key
-    assert [m["step"] for m in metrics(killed) if "loss" in m] == list(range(1, 9))
+    assert [m["step"] for m in runs.read_metrics(killed) if "loss" in m] == list(range(1, 9))

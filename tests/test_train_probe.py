@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import synthetic
+import runs
 import train_pretrain
 import train_probe
 from model import load_encoder, load_probe
@@ -146,14 +147,17 @@ def test_channel_dropout_on_embeddings_is_zeroing_the_channel(encoder_run):
     assert torch.allclose(expected[0, others], embeddings[0, others], atol=1e-5)   # the other channels do not move
 
 
-def test_probe_and_pretraining_run_with_channel_dropout(encoder_run, tmp_path):
+def test_channel_dropout_changes_pretraining_and_probe_training(encoder_run, tmp_path):
+    """Same seed, same data: runs with train.channel_dropout 0.5 must end with other weights than runs without (a
+    dropout that did nothing would leave them equal), and still train (finite losses)."""
     nights = encoder_run / "nights"
-    train_pretrain.main([*SMALL_ENCODER, "--data.root", str(nights), "--run", str(tmp_path / "enc"),
-                         "--train.max_steps", "2", "--train.channel_dropout", "0.5"])
-    run = tmp_path / "probe"
-    train_probe.main([*SMALL_PROBE, "--data.root", str(nights), "--encoder", str(tmp_path / "enc"), "--run", str(run),
-                      "--train.max_steps", "2", "--train.channel_dropout", "0.5"])
-    for folder in (tmp_path / "enc", run):
-        assert "channel_dropout: 0.5" in (folder / "config.yaml").read_text()
-    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert all(np.isfinite(m["loss"]) for m in lines if "loss" in m)
+    for p in ("0.0", "0.5"):
+        train_pretrain.main([*SMALL_ENCODER, "--data.root", str(nights), "--run", str(tmp_path / f"enc{p}"),
+                             "--train.max_steps", "2", "--train.channel_dropout", p])
+        train_probe.main([*SMALL_PROBE, "--data.root", str(nights), "--encoder", str(tmp_path / "enc0.0"),
+                          "--run", str(tmp_path / f"probe{p}"), "--train.max_steps", "2", "--train.channel_dropout", p])
+    for name in ("enc", "probe"):
+        plain, dropped = (runs.read_run(tmp_path / f"{name}{p}").checkpoint["model"] for p in ("0.0", "0.5"))
+        assert any(not torch.equal(plain[k], dropped[k]) for k in plain if k.startswith(name[:5])), name
+        assert "channel_dropout: 0.5" in (tmp_path / f"{name}0.5" / "config.yaml").read_text()
+        assert all(np.isfinite(m["loss"]) for m in runs.read_metrics(tmp_path / f"{name}0.5") if "loss" in m)
