@@ -121,9 +121,9 @@ class SelfAttention(nn.Module):
             attn_mask = (~key_padding | all_padded[:, None])[:, None, None, :]           # [S, 1, 1, N]
         # Fused kernels want one head dim for q, k and v: pad v with zeros to ℓ·d (dropped after), so no layer falls back
         # to materialising [S, H, N, N] scores. Per call: on CPU the fused *backward* at head dim 384 is slower than the
-        # fallback (bench/pretrain.py), so there only forward-only calls (staging, caching) take the fused kernel.
+        # fallback (bench/pretrain.py), so there only inference-mode calls (staging: no backward can follow) take it.
         width = v.shape[-1]
-        fused = q.device.type != "cpu" or not torch.is_grad_enabled()
+        fused = q.device.type != "cpu" or torch.is_inference_mode_enabled()
         pad = q.shape[-1] - width if fused else 0
         padded_v = F.pad(v, (0, pad)) if pad else v                                      # [S, H, N, ℓ·d]
         out = F.scaled_dot_product_attention(q, k, padded_v, attn_mask=attn_mask, scale=1.0)[..., :width]  # [S, H, N, d]

@@ -40,7 +40,7 @@ from runs import write_atomic
 MIN_AWAKENING_EPOCHS = 2                                   # an awakening is >= 1 min of W inside the SPT
 
 
-@torch.no_grad()
+@torch.inference_mode()   # no backward can follow: on CPU too, attention takes the fused kernel (model.py)
 def stage_night(encoder, probe, signals, window_samples: int, stride_samples: int | None = None,
                 batch_size: int = 4, device="cpu") -> torch.Tensor:
     """signals [C, T] (float32 array or tensor) -> stage probabilities per full 30-s epoch [T // 3750, classes]."""

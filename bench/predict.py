@@ -4,7 +4,7 @@ per 8-h night).
 Random weights at the paper config (Encoder(ModelConfig()), ProbeHead(ProbeConfig())), input [7, hours × 3600 × 125]
 noise, staged by stage.stage_night with the paper's 8-h window (so an 8-h night is one window). The staging runs in
 a child process so that its peak RSS is its own (it includes importing torch and building the model, as a real
-`predict.py` run would); only the stage_night call is timed. Staging is forward-only, so attention takes the fused
+`predict.py` run would); only the stage_night call is timed. Staging runs in inference mode, so attention takes the fused
 kernel on CPU too (model.SelfAttention.sdpa_attention decides per call), and stage_night runs the encoder one channel
 sequence at a time on CPU (Encoder.encode's sequences_per_pass). EDF reading and filtering are `bench/prepare.py`'s.
 

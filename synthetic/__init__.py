@@ -9,7 +9,7 @@ conversion, filtering, night stores, training, evaluation) without access to NSR
 writes `polysomnography/...` exactly where a real NSRR download keeps it, so `python -m prepare shhs
 /tmp/synth OUT` reads it like the real thing; the true stages go to `/tmp/synth/.truth/`.
 
-Modules: physiology (stage sequence, stage-dependent signals), writers (EDF and annotation files),
+Modules: physiology (stage sequence, stage-dependent signals), noise (generic signal-synthesis helpers), writers (EDF and annotation files),
 cohort (per-dataset layouts, nights, `write_cohort`, truth files), __main__ (the CLI).
 """
 from .cohort import DATASETS, LAYOUTS, RenderedNight, plan_night, render_night, write_cohort

@@ -21,7 +21,8 @@ import numpy as np
 
 from prepare.signals import EPOCH_S
 
-from .physiology import MOVEMENT, W, draw_profile, lowpass_noise, render, stage_sequence
+from .noise import lowpass_noise
+from .physiology import MOVEMENT, W, draw_profile, render, stage_sequence
 from .writers import (runs, write_edf, write_luna_annot, write_nsrr_xml, write_profusion_xml,
                       write_sleep_edf_hypnogram, write_wsc_allscore, write_wsc_stg)
 

@@ -2,11 +2,11 @@
 
 Owns `stage_sequence` (a plausible hypnogram), the per-stage tables, the per-subject `Profile`, and
 `render` / `night_signals` (each slot's signal plus the scored events: hypopneas, desaturations,
-arousals). It knows nothing of files or datasets (cohort.py, writers.py); generic noise and
-recording artefacts come from noise.py. A caricature chosen to be
-learnable (alpha in wake, theta in N1, spindles and K-complexes in N2, delta in N3, rapid eye
-movements and atonia in REM, stage-dependent heart rate and breathing, SpO2 dips): a model that
-scores these nights well says nothing about real sleep. Draws come from the Generator passed in.
+arousals). It knows nothing of files or datasets (cohort.py, writers.py); generic noise and the
+recording artefacts come from noise.py. A caricature chosen to be learnable (alpha in wake, theta
+in N1, spindles and K-complexes in N2, delta in N3, rapid eye movements and atonia in REM,
+stage-dependent heart rate and breathing, SpO2 dips): a model that scores these nights well says
+nothing about real sleep. Draws come from the Generator passed in.
 """
 from __future__ import annotations
 

@@ -1,11 +1,16 @@
-"""Shared test fixtures: small EDFs written with pyedflib (an independent writer for our reader) and run folders with
-random weights written by runs.py (as a trained run is). Test modules take these as fixtures, never by import."""
+"""Shared test fixtures: small EDFs written with pyedflib (an independent writer for our reader), run folders with
+random weights written by runs.py (as a trained run is), and one prepared synthetic SHHS cohort for the training tests.
+Test modules take these as fixtures, never by import."""
 import dataclasses
 import datetime as dt
+import os
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyedflib
 import pytest
 import torch
@@ -14,7 +19,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import runs  # noqa: E402
+import synthetic  # noqa: E402
 from model import Encoder, ModelConfig, ProbeConfig, ProbeHead  # noqa: E402
+from prepare.__main__ import main as prepare_main  # noqa: E402
 
 PSG_START = dt.datetime(2001, 2, 3, 23, 59, 45)       # crosses midnight within the first minute
 WINDOW_EPOCHS = 10                                    # the tiny probe run's window: 5 minutes
@@ -92,6 +99,84 @@ def tiny_probe_run(tmp_path_factory):
     probe_cfg = ProbeConfig(d_model=16, hidden_size=8, n_layers=1, dropout=0.0)
     return write_probe_run(tmp_path_factory.mktemp("tiny") / "run", model_cfg, probe_cfg,
                            {"window_s": WINDOW_EPOCHS * 30.0})
+
+
+@pytest.fixture(scope="session")
+def shhs_nights(tmp_path_factory):
+    """6 one-hour synthetic SHHS nights (3 subjects × 2 visits, seed 5) written and prepared once for the session,
+    every night in the train split (the hash split of 3 subjects need not fill every split): 12 half-hour windows.
+    Read-only: a test that writes into the folder copies it into its tmp_path first."""
+    root = tmp_path_factory.mktemp("shhs")
+    synthetic.write_cohort("shhs", root / "src", nights=6, hours=1, seed=5)
+    prepare_main(["shhs", str(root / "src"), str(root / "nights")])
+    manifest = pd.read_csv(root / "nights" / "manifest.csv", dtype=str)
+    manifest["split"] = "train"
+    manifest.to_csv(root / "nights" / "manifest.csv", index=False)
+    return root / "nights"
+
+
+def run_until_killed(args, what: str, count: int) -> None:
+    """`python *args` in the repository with PFTSLEEP_KILL_AFTER_<WHAT>=count (runs.kill_point), which must end it by
+    SIGKILL at that point."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), f"PFTSLEEP_KILL_AFTER_{what.upper()}": str(count)}
+    job = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert job.returncode == -signal.SIGKILL, f"exit status {job.returncode}, not SIGKILL:\n{job.stderr[-3000:]}"
+
+
+def check_kill_and_resume(script: str, main, args, folder: Path, total_steps: int) -> None:
+    """Training script `script` (in-process: `main`) with arguments args(run), which must set train.ckpt_every 2 and
+    train.max_steps total_steps (> 3), killed right after step 3 and resumed, ends as the uninterrupted run: the same
+    weights exactly, and metrics.jsonl lines of steps 1..total_steps once each with the same values (timings aside)."""
+    reference, killed = folder / "reference", folder / "killed"
+    main(args(reference))
+    run_until_killed([script, *args(killed)], "step", 3)
+    # the run killed itself right after step 3: ckpt.pt holds step 2, and step 3, already logged, is lost
+    assert runs.load_checkpoint(killed / runs.LATEST, "cpu")["step"] == 2 and not (killed / runs.FINAL).exists()
+    assert [m["step"] for m in runs.read_metrics(killed) if "loss" in m] == [1, 2, 3]
+    main([*args(killed), "--resume"])
+    resumed, uninterrupted = (runs.read_run(run).checkpoint for run in (killed, reference))
+    assert resumed["step"] == uninterrupted["step"] == total_steps
+    assert resumed["model"].keys() == uninterrupted["model"].keys()
+    for key in uninterrupted["model"]:
+        assert torch.equal(resumed["model"][key], uninterrupted["model"][key]), key
+    logged, expected = ([{k: v for k, v in m.items() if k not in ("windows_per_s", "s_per_step")}
+                         for m in runs.read_metrics(run)] for run in (killed, reference))
+    assert [m["step"] for m in logged if "loss" in m] == list(range(1, total_steps + 1))
+    assert logged == expected
+
+
+@pytest.fixture(scope="session")
+def killed_run():
+    """killed_run(args, what, count): runs `python *args` until runs.kill_point(what, count) SIGKILLs it."""
+    return run_until_killed
+
+
+@pytest.fixture(scope="session")
+def kill_and_resume():
+    """kill_and_resume(script, main, args, folder, total_steps): see check_kill_and_resume."""
+    return check_kill_and_resume
+
+
+@pytest.fixture
+def training_inputs(monkeypatch):
+    """record(module, name) -> list: replaces the model class `module.name` (for this test) by a subclass whose
+    forward, in training mode, appends its positional arguments (detached copies) to the list it returns."""
+    originals = {}
+
+    def record(module, name):
+        base = originals.setdefault((module, name), getattr(module, name))
+        calls = []
+
+        class Recording(base):
+            def forward(self, *args, **kwargs):
+                if self.training:
+                    calls.append([a.detach().clone() if torch.is_tensor(a) else a for a in args])
+                return super().forward(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, Recording)
+        return calls
+    return record
 
 
 def pytest_configure(config):

@@ -126,7 +126,8 @@ def test_truncated_edf_is_one_line_error_and_all_failed_exits_1(tmp_path, tiny_p
 
 
 def test_staging_takes_the_fused_kernel_and_it_is_the_same_function(tiny_probe_run, monkeypatch):
-    """Staging is forward-only, so on CPU attention pads v for the fused kernel; training (a graph) does not."""
+    """Staging runs in inference mode, so on CPU attention pads v for the fused kernel; other calls (training,
+    validation, the probe's embedding cache) keep the fallback."""
     run = runs.read_run(tiny_probe_run)
     encoder, probe = run.encoder(), run.probe()
     signals = torch.randn(7, 23 * 3750)
@@ -137,11 +138,11 @@ def test_staging_takes_the_fused_kernel_and_it_is_the_same_function(tiny_probe_r
     fused = stage.stage_night(encoder, probe, signals, WINDOW_EPOCHS * 3750, 5 * 3750)
     assert widths and all(q == v for q, v in widths)                  # v padded to the q/k head dim
     widths.clear()
-    with torch.enable_grad():                                          # a call that records a graph: no padding
-        patches, key_padding = encoder.patchify(signals[None, :, :WINDOW_EPOCHS * 3750].requires_grad_())
-        encoder.encode(patches, key_padding)
+    for mode in (torch.enable_grad, torch.no_grad):                   # training, and validation / caching: no padding
+        with mode():
+            encoder.embed(signals[None, :, :WINDOW_EPOCHS * 3750])
     assert widths and all(v == encoder.cfg.d_model // encoder.cfg.n_heads for _, v in widths)
-    monkeypatch.setattr(torch, "is_grad_enabled", lambda: True)        # the unfused path, forward only
+    monkeypatch.setattr(torch, "is_inference_mode_enabled", lambda: False)   # the unfused path for staging
     unfused = stage.stage_night(encoder, probe, signals, WINDOW_EPOCHS * 3750, 5 * 3750)
     assert torch.allclose(fused, unfused, atol=1e-5)
 

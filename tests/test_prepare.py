@@ -1,7 +1,6 @@
 """python -m prepare end to end on synthetic cohorts in every dataset's native layout, bad input, and resume."""
 import os
 import shutil
-import signal
 import subprocess
 import sys
 
@@ -215,18 +214,16 @@ def _tree(out):
     return files
 
 
-def test_killed_run_resumes_to_the_same_result(cohorts, tmp_path):
-    src = tmp_path / "src"
-    synthetic.write_cohort("mros", src, nights=4, hours=1, seed=11)
-    reference, resumed = tmp_path / "reference", tmp_path / "resumed"
+def test_killed_run_resumes_to_the_same_result(cohorts, tmp_path, killed_run, capsys):
+    src, reference, resumed = cohorts / "mros", tmp_path / "reference", tmp_path / "resumed"
     run_prepare("mros", src, reference)
-    # the job kills itself right after writing its second night, before the manifest
-    env = {**os.environ, "PYTHONPATH": ROOT, "PFTSLEEP_KILL_AFTER_NIGHT": "2"}
-    job = subprocess.run([sys.executable, "-m", "prepare", "mros", str(src), str(resumed)], cwd=ROOT, env=env,
-                         capture_output=True, timeout=300)
-    assert job.returncode == -signal.SIGKILL
-    assert len(list((resumed / "mros").glob("*.zarr"))) == 2
+    # the job (one worker: nights in night_id order) kills itself right after its second night, before the manifest
+    killed_run(["-m", "prepare", "mros", src, resumed], "night", 2)
+    first_two = sorted(p.name for p in (reference / "mros").glob("*.zarr"))[:2]
+    assert sorted(p.name for p in (resumed / "mros").iterdir()) == first_two     # whole stores only, no temporaries
     assert not (resumed / "manifest.csv").exists()
+    capsys.readouterr()
     run_prepare("mros", src, resumed)
+    assert "1 written, 2 skipped (already done), 0 failed" in capsys.readouterr().out
     assert _tree(resumed) == _tree(reference)
     assert not [p for p in (resumed / "mros").iterdir() if p.name.startswith(".")]

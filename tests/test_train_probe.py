@@ -1,17 +1,16 @@
-"""train_probe.py: wake trimming, CutMix, focal loss, the embedding cache, and a short run end to end."""
-import json
+"""train_probe.py: wake trimming, CutMix, focal loss, the embedding cache, a short run end to end, kill + resume
+equals no kill, and channel dropout replacing whole channels' embeddings by absent ones."""
+import shutil
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-import synthetic
 import runs
 import train_pretrain
 import train_probe
 from model import load_encoder, load_probe
-from prepare.__main__ import main as prepare_main
 
 W, N1, N2, N3, R = 0, 1, 2, 3, 4
 
@@ -69,29 +68,32 @@ SMALL_PROBE = ["--config", "configs/probe_tiny.yaml", "--probe.hidden_size", "16
                "--data.val_split", "train", "--train.batch_size", "4", "--train.log_every", "1"]
 
 
+def probe_args(nights, encoder, run, *extra):
+    return [*SMALL_PROBE, "--data.root", str(nights), "--encoder", str(encoder), "--run", str(run), *map(str, extra)]
+
+
 @pytest.fixture(scope="module")
-def encoder_run(tmp_path_factory):
+def encoder_run(shhs_nights, tmp_path_factory):
+    """A tiny encoder pretrained for 2 steps on the shared nights, with its embedding cache of SMALL_PROBE's windows
+    already built (by a 1-step probe run), so that every probe run here reuses it, whichever tests run."""
     root = tmp_path_factory.mktemp("probe")
-    synthetic.write_cohort("shhs", root / "src", nights=4, hours=1, seed=9)
-    prepare_main(["shhs", str(root / "src"), str(root / "nights")])
-    train_pretrain.main([*SMALL_ENCODER, "--data.root", str(root / "nights"), "--run", str(root / "encoder"),
+    train_pretrain.main([*SMALL_ENCODER, "--data.root", str(shhs_nights), "--run", str(root / "encoder"),
                          "--train.max_steps", "2"])
-    return root
+    train_probe.main(probe_args(shhs_nights, root / "encoder", root / "warm", "--train.max_steps", "1"))
+    return root / "encoder"
 
 
-def test_probe_run_and_cache_equal_live_encoder(encoder_run, tmp_path):
-    nights, encoder_dir = encoder_run / "nights", encoder_run / "encoder"
+def test_probe_run_and_cache_equal_live_encoder(shhs_nights, encoder_run, tmp_path):
     run = tmp_path / "probe"
-    train_probe.main([*SMALL_PROBE, "--data.root", str(nights), "--encoder", str(encoder_dir), "--run", str(run),
-                      "--train.max_steps", "3"])
-    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train_probe.main(probe_args(shhs_nights, encoder_run, run, "--train.max_steps", "3"))
+    lines = runs.read_metrics(run)
     assert [m["step"] for m in lines if "loss" in m] == [1, 2, 3] and "val_kappa" in lines[-1]
-    caches = list((encoder_dir / "embeddings").glob("*.zarr"))
+    caches = list((encoder_run / "embeddings").glob("*.zarr"))
     assert len(caches) == 1 and (caches[0] / "complete").exists()
     # the cached embeddings are the live encoder's, and the probe on them gives the live logits
     encoder, probe = load_encoder(run), load_probe(run)
     nights_set = train_probe.labelled_nights(train_probe.config.load(
-        train_probe.Config, "configs/probe_tiny.yaml", ["--data.root", str(nights), "--data.window_s", "1800",
+        train_probe.Config, "configs/probe_tiny.yaml", ["--data.root", str(shhs_nights), "--data.window_s", "1800",
                                                         "--data.stride_s", "1800"]), "train")
     import zarr
     cache = zarr.open_array(caches[0], mode="r")
@@ -108,13 +110,30 @@ def test_probe_run_and_cache_equal_live_encoder(encoder_run, tmp_path):
         assert (cached_logits.argmax(-1) == live_logits.argmax(-1)).float().mean() > 0.95
     # a second run reuses the cache instead of recomputing it
     before = caches[0].joinpath("complete").stat().st_mtime
-    train_probe.main([*SMALL_PROBE, "--data.root", str(nights), "--encoder", str(encoder_dir), "--run",
-                      str(tmp_path / "again"), "--train.max_steps", "1"])
+    train_probe.main(probe_args(shhs_nights, encoder_run, tmp_path / "again", "--train.max_steps", "1"))
     assert caches[0].joinpath("complete").stat().st_mtime == before
 
 
+@pytest.mark.xfail(strict=True, reason="train_probe.embedding_cache iterates a DataLoader without its own generator, "
+                   "which draws from the global RNG: the run that builds the cache trains otherwise than later runs")
+def test_a_run_that_builds_the_cache_trains_as_one_that_reuses_it(shhs_nights, encoder_run, tmp_path):
+    encoder = tmp_path / "encoder"
+    shutil.copytree(encoder_run, encoder, ignore=shutil.ignore_patterns("embeddings"))
+    for run in ("builds", "reuses"):
+        train_probe.main(probe_args(shhs_nights, encoder, tmp_path / run, "--train.max_steps", "2"))
+    builds, reuses = ([m["loss"] for m in runs.read_metrics(tmp_path / run) if "loss" in m]
+                      for run in ("builds", "reuses"))
+    assert builds == reuses
+
+
+def test_killed_probe_run_resumes_to_the_same_parameters(shhs_nights, encoder_run, tmp_path, kill_and_resume):
+    steps = ["--train.max_steps", "6", "--train.ckpt_every", "2"]           # CutMix on: its draws must resume too
+    kill_and_resume("train_probe.py", train_probe.main, lambda run: probe_args(shhs_nights, encoder_run, run, *steps),
+                    tmp_path, 6)
+
+
 def test_channel_dropout_on_embeddings_is_zeroing_the_channel(encoder_run):
-    encoder = load_encoder(encoder_run / "encoder")
+    encoder = load_encoder(encoder_run)
     L = 1800 * 125
     signals = torch.randn(2, 7, L) * 30
     padding_mask = torch.zeros(2, L, dtype=torch.bool)
@@ -147,17 +166,20 @@ def test_channel_dropout_on_embeddings_is_zeroing_the_channel(encoder_run):
     assert torch.allclose(expected[0, others], embeddings[0, others], atol=1e-5)   # the other channels do not move
 
 
-def test_channel_dropout_changes_pretraining_and_probe_training(encoder_run, tmp_path):
-    """Same seed, same data: runs with train.channel_dropout 0.5 must end with other weights than runs without (a
-    dropout that did nothing would leave them equal), and still train (finite losses)."""
-    nights = encoder_run / "nights"
-    for p in ("0.0", "0.5"):
-        train_pretrain.main([*SMALL_ENCODER, "--data.root", str(nights), "--run", str(tmp_path / f"enc{p}"),
-                             "--train.max_steps", "2", "--train.channel_dropout", p])
-        train_probe.main([*SMALL_PROBE, "--data.root", str(nights), "--encoder", str(tmp_path / "enc0.0"),
-                          "--run", str(tmp_path / f"probe{p}"), "--train.max_steps", "2", "--train.channel_dropout", p])
-    for name in ("enc", "probe"):
-        plain, dropped = (runs.read_run(tmp_path / f"{name}{p}").checkpoint["model"] for p in ("0.0", "0.5"))
-        assert any(not torch.equal(plain[k], dropped[k]) for k in plain if k.startswith(name[:5])), name
-        assert "channel_dropout: 0.5" in (tmp_path / f"{name}0.5" / "config.yaml").read_text()
-        assert all(np.isfinite(m["loss"]) for m in runs.read_metrics(tmp_path / f"{name}0.5") if "loss" in m)
+def test_channel_dropout_replaces_whole_channels_of_the_probe_input(shhs_nights, encoder_run, tmp_path,
+                                                                     training_inputs):
+    """The same seed and first batch with and without train.channel_dropout, CutMix off (so nothing else draws): with
+    it, some channels' embeddings given to the probe (never all of a window's) are exactly the absent-channel
+    embedding, and its first loss differs. A dropout that does nothing fails here."""
+    seen = {}
+    for p in (0.0, 0.5):
+        seen[p] = training_inputs(train_probe, "ProbeHead")
+        train_probe.main(probe_args(shhs_nights, encoder_run, tmp_path / f"p{p}", "--train.max_steps", "1",
+                                    "--train.cutmix_p", "0", "--train.channel_dropout", p))
+    (plain, padding_mask), (embeddings, _) = seen[0.0][0], seen[0.5][0]
+    dropped = (embeddings != plain).flatten(2).any(dim=-1)             # [B, C]
+    assert dropped.any() and not dropped.all(dim=1).any()
+    absent = train_probe.absent_embeddings(load_encoder(encoder_run), padding_mask, train_probe.nullcontext(), {})
+    assert torch.equal(embeddings[dropped], absent[dropped])
+    assert runs.read_run(tmp_path / "p0.5").config["train"]["channel_dropout"] == 0.5
+    assert runs.read_metrics(tmp_path / "p0.5")[0]["loss"] != runs.read_metrics(tmp_path / "p0.0")[0]["loss"]
