@@ -46,6 +46,11 @@ def _coerce(value, annotation: str, name: str):
         if "None" in allowed:
             return None
         raise SystemExit(f"config: {name} cannot be null")
+    if isinstance(value, str) and "float" in allowed:
+        try:                 # YAML 1.1 reads 1e-4 (no dot) as a string; people type it on the command line
+            value = float(value)
+        except ValueError:
+            pass
     for kind in allowed:
         base = kind.split("[")[0]
         if base in kinds and isinstance(value, kinds[base]) and not (base in ("int", "float") and isinstance(value, bool)):

@@ -42,6 +42,8 @@ class DataConfig:
     val_split: str = "val"               # manifest split used for validation
     window_s: float = 28800.0            # window length in seconds (8 h in the paper)
     stride_s: float | None = None        # hop between the windows of a long night (null = window_s)
+    first_window_only: bool = False      # one window per night, its first (upstream: hours 0-8 only); else cover it all
+    split_fractions: list | None = None  # [train, val, test] shares re-drawn by subject hash (null = manifest's 80/10/10)
     crop_wake_min: float | None = None   # crop each night to at most this many minutes of wake before sleep onset / after final wake
     num_workers: int = 2                 # DataLoader worker processes per training process
 
@@ -75,7 +77,7 @@ class NightDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, stores, window_s: float = 8 * 3600, stride_s: float | None = None,
-                 crop_wake_min: float | None = None):
+                 crop_wake_min: float | None = None, first_window_only: bool = False):
         self.stores = [Path(s) for s in stores]
         self.window_epochs = int(round(window_s / 30))
         self.window_samples = self.window_epochs * EPOCH_SAMPLES
@@ -86,19 +88,21 @@ class NightDataset(torch.utils.data.Dataset):
         for night, store in enumerate(self.stores):
             _, stages, _ = read_night(store)
             first, last = sleep_span(stages, crop_wake_min)
-            for start in window_starts(first, last, self.window_epochs, stride_epochs):
+            starts = window_starts(first, last, self.window_epochs, stride_epochs)
+            for start in starts[:1] if first_window_only else starts:
                 self.windows.append((night, start, last))
         self._open = {}     # night index -> (channels, stages, present), opened lazily in each worker
 
     @classmethod
-    def from_manifest(cls, root, split=None, datasets=None, **kwargs) -> "NightDataset":
-        manifest = read_manifest(root, split, datasets)
+    def from_manifest(cls, root, split=None, datasets=None, split_fractions=None, **kwargs) -> "NightDataset":
+        manifest = read_manifest(root, split, datasets, split_fractions)
         return cls([Path(root) / p for p in manifest["path"]], **kwargs)
 
     @classmethod
     def from_config(cls, cfg: DataConfig, split: str, **kwargs) -> "NightDataset":
-        return cls.from_manifest(cfg.root, split, cfg.datasets, window_s=cfg.window_s, stride_s=cfg.stride_s,
-                                 crop_wake_min=cfg.crop_wake_min, **kwargs)
+        return cls.from_manifest(cfg.root, split, cfg.datasets, cfg.split_fractions, window_s=cfg.window_s,
+                                 stride_s=cfg.stride_s, crop_wake_min=cfg.crop_wake_min,
+                                 first_window_only=cfg.first_window_only, **kwargs)
 
     def __len__(self) -> int:
         return len(self.windows)

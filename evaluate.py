@@ -1,10 +1,22 @@
-"""Evaluate a probe run: stage every selected night whole, then score the hypnograms against the technologists'.
+"""Evaluate a probe run: stage every selected night, then score the hypnograms against the technologists'.
 
     python evaluate.py --run runs/probe --out runs/probe/eval                          # test split, all datasets
     python evaluate.py --run runs/probe --datasets mesa,apples,mros:2 --split all --out eval/external
+    python evaluate.py --run runs/probe --protocol upstream --label-lag 1 --out runs/probe/eval_upstream_lag1
 
-Each night is staged completely by `stage.stage_night`: windows of --window-s (default: the run's data.window_s)
-every --stride-s (default: half a window), the stage probabilities of an epoch averaged over the windows that saw it.
+--protocol decides which epochs of a night are staged and scored (`stage.stage_night` stages them either way):
+  night      (default) every night whole: windows of --window-s (default: the run's data.window_s) every --stride-s
+             (default: half a window), the stage probabilities of an epoch averaged over the windows that saw it
+  upstream   what upstream's pipeline could score (docs/upstream.md §11 item 7): only the first --window-s seconds of
+             each night (8 h in the paper), cropped before staging and staged with exactly one window from epoch 0
+             (stride = window; a shorter night is zero-padded and masked, so it is staged as under `night`). Epochs
+             after the window are not scored at all: not in κ, not in predictions.csv, not in n_epochs. --stride-s
+             does not apply.
+--label-lag K (default 0) shifts the technologists' stages K epochs later before scoring: truth[e] := stages[e − K],
+the first K epochs unscored (K < 0: |K| epochs earlier, the last |K| unscored), as upstream's hypnogram reader delivered
+MrOS, APPLES and WSC labels one epoch late (docs/upstream.md §11 item 8): what a label lag costs in κ
+(bench/label_lag.py). |K| must be less than the shortest selected night (under `upstream`: than the scored window).
+The lag applies to the whole night, before an `upstream` crop.
 Epochs the technologists left unscored (stage -1: movement, artefact, no annotation) are excluded everywhere.
 --absent EEG (or THOR,ABDO) zeroes those slots in every night first, as predict.py feeds a slot an EDF lacks: the
 κ a user gets without them (bench/channel_dropout.py tabulates it per slot).
@@ -24,12 +36,15 @@ They are computed pooled (all epochs of all selected nights together), per datas
 (each resample would re-sort every epoch).
 
 Writes into --out (docs/design.md §11), each file atomically:
-  results.json      {"pooled": {...}, "datasets": {name: {...}}}: kappa, accuracy, macro_f1, f1_per_class, auroc,
-                    auprc, confusion, n_nights, n_epochs (scored epochs), classes, and the *_ci intervals;
-                    per-class values are {"W": …, "N1": …, …}; undefined values (e.g. κ when p_e = 1) are null
+  results.json      {"pooled": {...}, "datasets": {name: {...}}, "settings": {"protocol": …, "label_lag": K}}:
+                    kappa, accuracy, macro_f1, f1_per_class, auroc, auprc, confusion, n_nights, n_epochs (scored
+                    epochs), classes, and the *_ci intervals; per-class values are {"W": …, "N1": …, …}; undefined
+                    values (e.g. κ when p_e = 1) are null
   per_night.csv     night_id, dataset, n_epochs, kappa, accuracy, macro_f1
   predictions.csv   one row per scored epoch: night_id, dataset, epoch, true, pred, p_W, p_N1, p_N2, p_N3, p_REM
-  results.md        ours beside the paper's numbers (configs/paper_results.yaml), per dataset and pooled
+  results.md        the settings, the protocol, the label lag and the run's recipe (its config's train.recipe, or
+                    "recipe: not recorded"); ours beside the paper's numbers (configs/paper_results.yaml), per
+                    dataset and pooled
   confusion.png, hypnogram_<night_id>.png   (matplotlib; skipped with a note if it is not installed)
 """
 from __future__ import annotations
@@ -55,6 +70,12 @@ from prepare.signals import EPOCH_SAMPLES, SLOTS
 from prepare.store import read_manifest, read_night
 
 PAPER_RESULTS = Path(__file__).resolve().parent / "configs" / "paper_results.yaml"
+PROTOCOLS = {   # name -> what results.md says about it
+    "night": "every night staged whole: windows of {window_s:g} s every {stride_s:g} s, probabilities averaged where "
+             "windows overlap",
+    "upstream": "only the first {window_s:g} s of each night, staged with one window from its start (what upstream's "
+                "pipeline could score); later epochs are not scored",
+}
 
 
 def load_run(run_dir: Path):
@@ -69,32 +90,47 @@ def load_run(run_dir: Path):
                          f"sections, and ckpt_final.pt): {str(e).splitlines()[0]}")
 
 
-def select_nights(root: Path, split: str, datasets: list | None) -> pd.DataFrame:
+def select_nights(root: Path, split: str, datasets: list | None, split_fractions=None) -> pd.DataFrame:
     if not (root / "manifest.csv").exists():
         raise SystemExit(f"evaluate.py: {root}/manifest.csv not found (--data.root must be a prepare output folder)")
-    nights = read_manifest(root, None if split == "all" else split, datasets)
+    nights = read_manifest(root, None if split == "all" else split, datasets, split_fractions)
     if nights.empty:
         raise SystemExit(f"evaluate.py: no night in {root}/manifest.csv matches split={split} "
                          f"datasets={','.join(datasets) if datasets else 'all'}")
     return nights
 
 
+def lag_labels(stages: np.ndarray, lag: int) -> np.ndarray:
+    """stages shifted `lag` epochs later: out[e] = stages[e − lag], -1 (unscored) where e − lag falls outside."""
+    stages = np.asarray(stages, np.int64)
+    lagged = np.full_like(stages, -1)
+    kept = max(len(stages) - abs(lag), 0)
+    lagged[max(lag, 0):max(lag, 0) + kept] = stages[max(-lag, 0):max(-lag, 0) + kept]
+    return lagged
+
+
 def stage_all(nights: pd.DataFrame, root: Path, encoder, probe, window_s: float, stride_s: float,
-              batch_size: int, device: str, absent: tuple[str, ...] = ()) -> list[dict]:
+              batch_size: int, device: str, absent: tuple[str, ...] = (), first_epochs: int | None = None,
+              label_lag: int = 0) -> list[dict]:
     """Per night: {night_id, dataset, visit, stages [E] int64 (-1 unscored), probs [E, K] float32}. Slots named in
-    `absent` are zeroed, as predict.py feeds a channel missing from an EDF."""
+    `absent` are zeroed, as predict.py feeds a channel missing from an EDF. The stages are shifted `label_lag` epochs
+    later (lag_labels); with `first_epochs` only that many epochs from the start of the night are staged and scored
+    (signals and stages cropped before staging: the upstream protocol)."""
     window = int(round(window_s / 30)) * EPOCH_SAMPLES
     stride = int(round(stride_s / 30)) * EPOCH_SAMPLES
     encoder, probe = encoder.to(device), probe.to(device)
     staged = []
     for row in tqdm(nights.itertuples(), total=len(nights), desc="staging nights", unit="night"):
         channels, stages, _ = read_night(root / row.path)
+        stages = lag_labels(stages, label_lag)
+        if first_epochs is not None:
+            channels, stages = [c[:first_epochs * EPOCH_SAMPLES] for c in channels], stages[:first_epochs]
         signals = np.stack([np.asarray(c, np.float32) for c in channels])                   # [7, T]
         signals[[SLOTS.index(slot) for slot in absent]] = 0.0
         probs = stage.stage_night(encoder, probe, signals, window, stride, batch_size, device).numpy()   # [T // 3750, K]
         n = min(len(probs), len(stages))            # both are T // 3750; guard against a store that disagrees
         staged.append({"night_id": str(row.night_id), "dataset": row.dataset, "visit": str(row.visit),
-                       "stages": np.asarray(stages[:n], np.int64), "probs": probs[:n].astype(np.float32)})
+                       "stages": stages[:n], "probs": probs[:n].astype(np.float32)})
     return staged
 
 
@@ -204,9 +240,17 @@ def fmt(value, ci=None, digits: int = 3) -> str:
     return text
 
 
-def results_markdown(results: dict, nights: list[dict], paper: dict, settings: dict) -> str:
+def results_markdown(results: dict, nights: list[dict], paper: dict, settings: dict, recipe=None) -> str:
+    """settings: the options as given (protocol and label_lag among them); recipe: the run's train.recipe, if any."""
+    lag = settings["label_lag"]
+    lag_text = ("none (the technologists' stages as scored)" if lag == 0 else
+                f"{abs(lag)} epoch{'s' * (abs(lag) != 1)} {'later' if lag > 0 else 'earlier'} (the "
+                f"{'first' if lag > 0 else 'last'} {abs(lag)} of each night unscored)")
     lines = ["# Sleep staging results", "",
              "Settings: " + ", ".join(f"{k} `{v}`" for k, v in settings.items()), "",
+             f"Protocol `{settings['protocol']}`: " + PROTOCOLS[settings["protocol"]].format(**settings) + ".  ",
+             f"Label lag: {lag_text}.  ",
+             f"recipe: {'not recorded' if recipe is None else recipe}", "",
              "| | nights | epochs | κ (95 % CI) | paper κ | accuracy (95 % CI) | macro-F1 (95 % CI) |",
              "|---|---|---|---|---|---|---|"]
     notes = []
@@ -284,11 +328,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--split", default="test", choices=["test", "val", "train", "all"],
                         help="manifest split to evaluate; 'all' ignores the split, e.g. for an external test cohort "
                              "(default: test)")
+    parser.add_argument("--protocol", default="night", metavar="{" + ",".join(PROTOCOLS) + "}",
+                        help="night: stage and score every night whole; upstream: only the first --window-s seconds "
+                             "of each night, one window from its start, as upstream's pipeline (default: night)")
+    parser.add_argument("--label-lag", dest="label_lag", default="0", metavar="K",
+                        help="shift the technologists' stages this many epochs later before scoring (negative: "
+                             "earlier); the epochs left without a stage are unscored. |K| must be less than the "
+                             "shortest selected night (default: 0)")
     parser.add_argument("--window-s", dest="window_s", type=float,
-                        help="window length in seconds (default: the run's data.window_s)")
+                        help="window length in seconds (default: the run's data.window_s); under --protocol upstream "
+                             "also the part of each night that is scored")
     parser.add_argument("--stride-s", dest="stride_s", type=float,
                         help="hop between windows in seconds, at least 30; overlapping epochs average their "
-                             "probabilities (default: half a window)")
+                             "probabilities (default: half a window; not with --protocol upstream)")
     parser.add_argument("--absent", default="",
                         help="comma-separated slots to zero in every night, e.g. EEG or THOR,ABDO: how the model does "
                              f"when an EDF lacks them (slots: {', '.join(SLOTS)}; default: none)")
@@ -312,7 +364,15 @@ def main(argv=None) -> dict:
     data = {**vars(DataConfig()), **(run_config.get("data") or {})}          # an imported run may have no data:
     root = args.data_root or Path(data["root"])
     window_s = args.window_s or data["window_s"]
-    stride_s = args.stride_s or window_s / 2
+    if args.protocol not in PROTOCOLS:
+        raise SystemExit(f"evaluate.py: --protocol {args.protocol}: unknown (protocols: {', '.join(PROTOCOLS)})")
+    if args.protocol == "upstream" and args.stride_s:
+        raise SystemExit("evaluate.py: --stride-s does not apply to --protocol upstream (one window per night)")
+    stride_s = window_s if args.protocol == "upstream" else args.stride_s or window_s / 2
+    try:
+        label_lag = int(args.label_lag)
+    except ValueError:
+        raise SystemExit(f"evaluate.py: --label-lag {args.label_lag}: not a whole number of epochs") from None
     if window_s < 30 or stride_s < 30:
         raise SystemExit(f"evaluate.py: --window-s ({window_s}) and --stride-s ({stride_s}) must be at least 30")
     datasets = [d.strip() for d in args.datasets.split(",") if d.strip()] if args.datasets else None
@@ -320,12 +380,21 @@ def main(argv=None) -> dict:
     if unknown := [slot for slot in absent if slot not in SLOTS]:
         raise SystemExit(f"evaluate.py: --absent {','.join(unknown)}: not a slot (slots: {', '.join(SLOTS)})")
 
-    nights = stage_all(select_nights(root, args.split, datasets), root, encoder, probe, window_s, stride_s,
-                       args.batch_size, args.device, absent)
+    # the split the run was trained with (data.split_fractions, e.g. the upstream recipe's 0.49/0.21/0.30)
+    selected = select_nights(root, args.split, datasets, data.get("split_fractions"))
+    first_epochs = int(round(window_s / 30)) if args.protocol == "upstream" else None
+    scored_epochs = selected["n_epochs"].clip(upper=first_epochs)                   # epochs each night has to score
+    if abs(label_lag) >= scored_epochs.min():
+        shortest = selected["night_id"][scored_epochs.idxmin()]
+        raise SystemExit(f"evaluate.py: --label-lag {label_lag}: |K| must be less than the shortest selected night "
+                         f"({shortest}: {scored_epochs.min()} epochs{' in the window' if first_epochs else ''})")
+
+    nights = stage_all(selected, root, encoder, probe, window_s, stride_s, args.batch_size, args.device, absent,
+                       first_epochs, label_lag)
     results = {"pooled": score(nights, args.bootstrap, args.seed), "datasets": {}}
     for name in sorted({n["dataset"] for n in nights}):
         results["datasets"][name] = score([n for n in nights if n["dataset"] == name], args.bootstrap, args.seed)
-    results = to_json(results)
+    results = to_json({**results, "settings": {"protocol": args.protocol, "label_lag": label_lag}})
 
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -334,9 +403,9 @@ def main(argv=None) -> dict:
         runs.write_atomic(out / name, lambda temp: table.to_csv(temp, index=False, float_format="%.6g"))
     paper = yaml.safe_load(PAPER_RESULTS.read_text()) if PAPER_RESULTS.exists() else {}
     settings = {"run": args.run, "data.root": root, "split": args.split, "datasets": args.datasets or "all",
-                "window_s": window_s, "stride_s": stride_s, "absent": ",".join(absent) or "none",
-                "bootstrap": args.bootstrap, "seed": args.seed}
-    report = results_markdown(results, nights, paper, settings)
+                "protocol": args.protocol, "window_s": window_s, "stride_s": stride_s, "label_lag": label_lag,
+                "absent": ",".join(absent) or "none", "bootstrap": args.bootstrap, "seed": args.seed}
+    report = results_markdown(results, nights, paper, settings, (run_config.get("train") or {}).get("recipe"))
     runs.write_atomic(out / "results.md", lambda temp: temp.write_text(report))
     figures = write_figures(out, np.array(results["pooled"]["confusion"]), nights, args.png_nights)
 

@@ -49,6 +49,7 @@ class ModelConfig:
 
 @dataclass
 class ProbeConfig:                       # the paper's values, not the upstream class defaults
+    kind: str = "gru"                    # "gru": the paper's | "linear": one Linear(C·D→classes) per patch
     n_channels: int = 7
     d_model: int = 512
     hidden_size: int = 1024
@@ -83,8 +84,7 @@ class SelfAttention(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: Tensor, key_padding: Tensor | None, prev=None):
-        """x [S, N, D] (S = B·C sequences), key_padding [S, N] bool (True = padded patch) or None,
-        prev: what the previous layer handed on (None in the first layer) -> (output [S, N, D], what to hand on)."""
+        """x [S, N, D] (S = B·C), key_padding [S, N] or None, prev: the last layer's carry -> (out [S, N, D], carry)"""
         S, N, D = x.shape
         # head h owns features h·d … h·d+d-1 (upstream's split)
         q, k, v = (proj(x).view(S, N, self.n_heads, self.head_dim).transpose(1, 2)
@@ -137,8 +137,7 @@ class SelfAttention(nn.Module):
 
 
 def token_batch_norm(norm: nn.BatchNorm1d, x: Tensor) -> Tensor:
-    """BatchNorm1d(D) over all S·N tokens of x [S, N, D] (padded ones included, as upstream's transpose to [S, D, N]);
-    under DDP the training statistics are synchronised over all processes, as the paper trained."""
+    """BatchNorm1d over all S·N tokens of x [S, N, D] (padding included, as upstream); synchronised under DDP."""
     tokens = x.reshape(-1, x.shape[-1])                                                  # [S·N, D]
     if norm.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         return synced_batch_norm(norm, tokens).view_as(x)
@@ -146,8 +145,7 @@ def token_batch_norm(norm: nn.BatchNorm1d, x: Tensor) -> Tensor:
 
 
 def synced_batch_norm(norm: nn.BatchNorm1d, tokens: Tensor) -> Tensor:
-    """Training-mode BatchNorm over the sums of every process (gloo too; torch.nn.SyncBatchNorm needs a GPU). The
-    differentiable all_reduce makes DDP's gradients equal those of one process holding the whole batch."""
+    """Training-mode BatchNorm over every process's sums (gloo too), gradients flowing back through all_reduce."""
     D = tokens.shape[-1]
     t = tokens.float()                                                                   # [M, D]
     stats = torch.cat([t.sum(0), (t * t).sum(0), t.new_full((1,), t.shape[0])])         # [2D + 1]
@@ -200,8 +198,7 @@ def revin_statistics(signals: Tensor, valid: Tensor | None, eps: float) -> tuple
 
 
 class Encoder(nn.Module):
-    """RevIN → non-overlapping patches → per-channel Linear(P→D) + learned positions → channel-independent
-    transformer."""
+    """RevIN → patches → per-channel Linear(P→D) + learned positions → channel-independent transformer."""
 
     def __init__(self, cfg: ModelConfig = ModelConfig()):
         super().__init__()
@@ -294,8 +291,8 @@ class PretrainHead(nn.Module):
 
 
 class ProbeHead(nn.Module):
-    """Sleep stages from frozen embeddings: per-channel affine → channels concatenated per patch → 2-layer BiGRU over
-    the night → MLP per patch → logits averaged over the 5 patches of each 30-s epoch."""
+    """Stages from frozen embeddings: per-channel affine → channels concatenated per patch → 2-layer BiGRU over the
+    night → MLP per patch (kind "linear": one linear map per patch) → logits averaged over each epoch's 5 patches."""
 
     def __init__(self, cfg: ProbeConfig = ProbeConfig()):
         super().__init__()
@@ -303,6 +300,10 @@ class ProbeHead(nn.Module):
         H = cfg.hidden_size
         self.channel_weight = nn.Parameter(torch.ones(cfg.n_channels))
         self.channel_bias = nn.Parameter(torch.zeros(cfg.n_channels))
+        assert cfg.kind in ("gru", "linear"), cfg.kind
+        if cfg.kind == "linear":
+            self.linear = nn.Linear(cfg.n_channels * cfg.d_model, cfg.n_classes)
+            return
         self.gru = nn.GRU(cfg.n_channels * cfg.d_model, H, num_layers=cfg.n_layers, batch_first=True,
                           dropout=cfg.dropout, bidirectional=True)
         # indices 0, 1, 4 match upstream's layers.0.{0,1,4}
@@ -310,27 +311,26 @@ class ProbeHead(nn.Module):
                                  nn.Linear(H, cfg.n_classes))
 
     def forward(self, embeddings: Tensor, padding_mask: Tensor | None = None) -> Tensor:
-        """embeddings [B, C, N, D], padding_mask [B, T] bool (True = padded) or None
-        -> logits [B, N // 5, n_classes]: one vector per 30-s epoch."""
+        """embeddings [B, C, N, D], padding_mask [B, T] bool (True = padded) or None -> logits [B, N // 5, classes]."""
         B, C, N, D = embeddings.shape
         x = embeddings * self.channel_weight[:, None, None] + self.channel_bias[:, None, None]   # [B, C, N, D]
         x = x.transpose(1, 2).reshape(B, N, C * D)                # [B, N, C·D], channel-major (feature c·D + d)
-        if padding_mask is None:
-            hidden, _ = self.gru(x)                                                      # [B, N, 2H]
+        if self.cfg.kind == "linear":
+            logits = self.linear(x)                                                      # [B, N, classes]
+        elif padding_mask is None:
+            logits = self.mlp(self.gru(x)[0])                                            # [B, N, classes]
         else:
             # only trailing padding is honoured (as upstream): the backward GRU starts at the last valid patch
             lengths = valid_lengths(padding_mask, N)
             packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
-            hidden, _ = pad_packed_sequence(self.gru(packed)[0], batch_first=True, total_length=N)
-            # hidden [B, N, 2H], zeros past each length; the MLP still sees them (MLP(0) enters a mixed epoch, upstream)
-        logits = self.mlp(hidden)                                                        # [B, N, classes]
+            hidden, _ = pad_packed_sequence(self.gru(packed)[0], batch_first=True, total_length=N)   # [B, N, 2H]
+            logits = self.mlp(hidden)   # zeros past each length still go through the MLP (a mixed epoch), as upstream
         k, E = self.cfg.patches_per_epoch, N // self.cfg.patches_per_epoch
         return logits[:, :E * k].reshape(B, E, k, -1).mean(dim=2)                        # [B, E, classes]
 
 
 def valid_lengths(padding_mask: Tensor, n_patches: int) -> Tensor:
-    """padding_mask [B, T] -> number of patches before the trailing fully padded ones [B]. Patch length is T // N, as
-    upstream. A night that is all padding keeps all N patches (upstream's argmin rule gives the same)."""
+    """padding_mask [B, T] -> patches before the trailing fully padded ones [B]; all N for an all-padded night."""
     B, T = padding_mask.shape
     P = T // n_patches                                                                   # as upstream
     padded = padding_mask[:, :n_patches * P].reshape(B, n_patches, P).all(dim=-1)         # [B, N]

@@ -6,6 +6,9 @@ A run folder is what train_pretrain.py, train_probe.py and import_upstream.py wr
     config.yaml      the resolved config (sections model:, and pretrain:/probe:, data:, train: for trained runs)
     ckpt.pt          the latest checkpoint while training (every train.ckpt_every steps)
     ckpt_final.pt    the checkpoint at the end (the only one an imported run has)
+    ckpt_best.pt     with train.keep_best (or the probe's train.patience): the checkpoint of the best validation
+                     score so far, which then IS the run's model for every reader (train_probe.py --encoder,
+                     evaluate.py, predict.py; read_run)
     metrics.jsonl    one JSON object per logging step (step, loss, lr, …; val_* at validation steps)
     embeddings/      an encoder run's cached embeddings for the probe (embedding_cache_dir)
 
@@ -36,7 +39,7 @@ import yaml
 
 from model import Encoder, ModelConfig, ProbeConfig, ProbeHead
 
-CONFIG, LATEST, FINAL, METRICS = "config.yaml", "ckpt.pt", "ckpt_final.pt", "metrics.jsonl"
+CONFIG, LATEST, FINAL, BEST, METRICS = "config.yaml", "ckpt.pt", "ckpt_final.pt", "ckpt_best.pt", "metrics.jsonl"
 
 
 def write_atomic(path: str | Path, write) -> None:
@@ -66,7 +69,7 @@ def write_atomic(path: str | Path, write) -> None:
 
 @dataclass
 class Run:
-    """A run folder read once: `config` (a dict) and `checkpoint` (the final one if it exists, else the latest)."""
+    """A run folder read once: `config` (a dict) and `checkpoint` (read_run says which)."""
     path: Path
     config: dict
     checkpoint: dict
@@ -97,12 +100,19 @@ def read_config(run_dir: str | Path) -> dict:
 
 
 def read_run(run_dir: str | Path) -> Run:
-    """The config and checkpoint of a run folder; FileNotFoundError if it is not one."""
+    """The config and checkpoint of a run folder; FileNotFoundError if it is not one. The checkpoint is
+    ckpt_best.pt for a run trained with train.keep_best (the lowest validation loss, upstream's choice), else
+    ckpt_final.pt, else (a run still going or killed) ckpt.pt."""
     run_dir = Path(run_dir)
-    ckpt = next((run_dir / name for name in (FINAL, LATEST) if (run_dir / name).exists()), None)
-    if ckpt is None or not (run_dir / CONFIG).exists():
+    if not (run_dir / CONFIG).exists():
         raise FileNotFoundError(f"{run_dir}: not a run folder (needs {CONFIG} and {FINAL} or {LATEST})")
-    return Run(run_dir, read_config(run_dir), torch.load(ckpt, map_location="cpu", weights_only=True))
+    config = read_config(run_dir)
+    train = config.get("train") or {}
+    names = ((BEST,) if train.get("keep_best") or train.get("patience") else ()) + (FINAL, LATEST)
+    ckpt = next((run_dir / name for name in names if (run_dir / name).exists()), None)
+    if ckpt is None:
+        raise FileNotFoundError(f"{run_dir}: not a run folder (needs {CONFIG} and {FINAL} or {LATEST})")
+    return Run(run_dir, config, torch.load(ckpt, map_location="cpu", weights_only=True))
 
 
 def load_encoder(run_dir) -> Encoder:
@@ -150,7 +160,29 @@ def resume(ckpt: dict, optimizer, scheduler, rank: int, world: int, device) -> d
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
     restore_rng(ckpt, rank, world, device)
-    return {key: ckpt[key] for key in ("step", "epoch", "step_in_epoch")}
+    return {key: ckpt.get(key, default) for key, default in new_progress().items()}
+
+
+def new_progress() -> dict:
+    """The counters a training checkpoint carries: best (the best validation score so far, None before any) and stale
+    (validations since it) serve train.keep_best and train.patience."""
+    return {"step": 0, "epoch": 0, "step_in_epoch": 0, "best": None, "stale": 0}
+
+
+def track_best(run_dir: Path, score: float | None, higher_is_better: bool, patience: int, model, optimizer,
+               scheduler, cfg, progress: dict, device, master: bool) -> bool:
+    """After a validation: save ckpt_best.pt when `score` (the same in every process) is the best so far; returns
+    True when `patience` (> 0) validations in a row have not improved on it, i.e. training should stop. Collective,
+    like save_training_checkpoint."""
+    if score is None:
+        return False
+    best = progress["best"]
+    if best is None or (score > best if higher_is_better else score < best):
+        progress["best"], progress["stale"] = score, 0
+        save_training_checkpoint(Path(run_dir) / BEST, model, optimizer, scheduler, cfg, progress, device, master)
+        return False
+    progress["stale"] += 1
+    return 0 < patience <= progress["stale"]
 
 
 def append_metrics(run_dir: Path, record: dict) -> None:
@@ -205,10 +237,17 @@ def total_steps(n_windows: int, world: int, tc, what: str) -> tuple[int, int]:
     return per_step, tc.max_steps if tc.max_steps is not None else tc.epochs * steps_per_epoch
 
 
-def one_cycle(parameters, tc, total_steps: int):
-    """AdamW with the one-cycle schedule (starting at max_lr / 25), stepped once per optimiser step."""
+def one_cycle(parameters, tc, total_steps: int, n_windows: int):
+    """AdamW with the one-cycle schedule (from max_lr / 25 up to max_lr, then annealed), stepped once per optimiser
+    step. train.schedule "full": the cycle spans the run's optimiser steps (the paper's text). "upstream": the cycle is
+    sized as upstream's code sizes it, epochs × (training windows // batch_size), i.e. in one process's micro-batches,
+    but is still stepped per optimiser step, so only 1 / (grad_accum × processes) of it is ever traversed: with the
+    paper's 8 × 2, the LR rises from 4e-4 to about 1.39e-3 and never anneals (docs/upstream.md §11 item 1)."""
+    if tc.schedule not in ("full", "upstream"):
+        raise SystemExit(f"config: train.schedule must be full or upstream, got {tc.schedule!r}")
+    cycle = total_steps if tc.schedule == "full" else tc.epochs * (n_windows // tc.batch_size)
     optimizer = torch.optim.AdamW(parameters, lr=tc.max_lr / 25, weight_decay=tc.weight_decay)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=tc.max_lr, total_steps=max(total_steps, 1),
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=tc.max_lr, total_steps=max(cycle, 1),
                                                     pct_start=tc.pct_start)
     return optimizer, scheduler
 

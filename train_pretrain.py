@@ -41,12 +41,15 @@ class TrainConfig:
     epochs: int = 100                    # passes over the training windows (the paper: 100)
     max_steps: int | None = None         # optimiser steps in all (null = epochs; 0 = save the untrained model)
     max_lr: float = 0.01                 # one-cycle peak learning rate (the paper: 0.01; starts at max_lr / 25)
+    schedule: str = "full"               # "full": one cycle over the run | "upstream": sized as upstream, 1/16 traversed
     pct_start: float = 0.3               # fraction of the steps spent warming up to max_lr
     weight_decay: float = 1e-4           # AdamW weight decay (the paper: 1e-4)
     grad_clip: float = 0.0               # clip the gradient norm to this (0 = off, as in the paper)
     channel_dropout: float = 0.0         # zero each present channel of a window with this probability (0 = off, as the paper)
+    keep_best: bool = False              # also keep ckpt_best.pt (lowest val_loss), which then is the run's model
     bf16: bool = True                    # bf16 autocast on CUDA (ignored on CPU)
     compile: bool = False                # torch.compile the model
+    recipe: str = "custom"               # the recipe's name (paper, upstream, tiny), reported by evaluate.py
     seed: int = 0                        # seeds the window order, dropout and corruption
     log_every: int = 10                  # optimiser steps between metrics.jsonl lines
     eval_every: int = 500                # optimiser steps between validation passes (and at the end)
@@ -77,7 +80,8 @@ def validate(model, dataset, cfg: Config, rank: int, world: int, device, autocas
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device)                       # [sum of losses, windows]
     loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.train.batch_size, num_workers=cfg.data.num_workers,
-                                         sampler=list(range(rank, len(dataset), world)))
+                                         sampler=list(range(rank, len(dataset), world)),
+                                         generator=torch.Generator())   # validating must not move the global RNG
     for batch in loader:
         with autocast:
             loss = model(batch["signals"].to(device), batch["padding_mask"].to(device), batch["present"].to(device))
@@ -100,8 +104,8 @@ def main(argv=None) -> None:
     per_step, total_steps = runs.total_steps(len(train_set), world, tc, f"training windows in {cfg.data.root}")
 
     model = Pretrainer(cfg.model, cfg.pretrain).to(device)
-    optimizer, scheduler = runs.one_cycle(model.parameters(), tc, total_steps)
-    progress = {"step": 0, "epoch": 0, "step_in_epoch": 0}
+    optimizer, scheduler = runs.one_cycle(model.parameters(), tc, total_steps, len(train_set))
+    progress = runs.new_progress()
     if args.resume and (args.run / runs.LATEST).exists():
         ckpt = runs.load_checkpoint(args.run / runs.LATEST, device)
         model.load_state_dict(ckpt["model"])
@@ -159,6 +163,9 @@ def main(argv=None) -> None:
             if master and val_loss is not None:
                 runs.append_metrics(args.run, {"step": step, "val_loss": val_loss})
                 bar.write(f"step {step}: val_loss {val_loss:.4f}")
+            if tc.keep_best:
+                runs.track_best(args.run, val_loss, False, 0, raw_model, optimizer, scheduler, cfg, progress, device,
+                                master)
         if step % tc.ckpt_every == 0 or step == total_steps:
             runs.save_training_checkpoint(args.run / runs.LATEST, raw_model, optimizer, scheduler, cfg, progress,
                                           device, master)

@@ -49,19 +49,26 @@ class TrainConfig:
     epochs: int = 30                     # passes over the training windows (the paper: 30)
     max_steps: int | None = None         # optimiser steps in all (null = epochs; 0 = save the untrained model)
     max_lr: float = 0.01                 # one-cycle peak learning rate (the paper: 0.01)
+    schedule: str = "full"               # "full": one cycle over the run | "upstream": sized as upstream, 1/16 traversed
     pct_start: float = 0.3               # fraction of the steps spent warming up to max_lr
     weight_decay: float = 1e-3           # AdamW weight decay (the paper: 1e-3)
     grad_clip: float = 0.0               # clip the gradient norm to this (0 = off)
     focal_gamma: float = 2.0             # focal loss exponent (0 = cross-entropy; the paper: 2)
+    focal_form: str = "standard"         # "standard": (1 - p_t)^γ·CE | "upstream": Σ_c (1 - p_c)^γ·CE, as upstream's code
     class_weights: bool = False          # weight the loss by inverse class frequency of the training split
-    loss_trim_wake: bool = True          # leave excess pre/post-sleep wake out of the loss (unscore_excess_wake)
+    loss_trim_wake: str = "paper"        # excess wake left out of the loss: "paper" | "upstream" | "none" (trim rules)
     cutmix_p: float = 0.5                # probability per batch of shuffling 30-s epochs across its nights
     channel_dropout: float = 0.0         # replace each present channel of a window by an absent one with this probability
     cache_embeddings: bool = True        # compute the frozen encoder's embeddings once (float16 zarr) and reuse them
+    keep_best: bool = False              # also keep ckpt_best.pt (best best_metric), which then is the run's model
+    best_metric: str = "val_loss"        # what "best" means: "val_loss" (upstream) | "val_kappa"
+    patience: int = 0                    # stop after this many validations without a better best_metric (0 = off;
+                                         # train.epochs is then the maximum); implies keeping ckpt_best.pt
     bf16: bool = True                    # bf16 autocast on CUDA (ignored on CPU)
+    recipe: str = "custom"               # the recipe's name (paper, upstream, tiny), reported by evaluate.py
     seed: int = 0                        # seeds the window order, dropout and CutMix
     log_every: int = 10                  # optimiser steps between metrics.jsonl lines
-    eval_every: int = 200                # optimiser steps between validation passes (and at the end)
+    eval_every: int = 200                # optimiser steps between validation passes (and at the end; 0 = every epoch)
     ckpt_every: int = 200                # optimiser steps between checkpoints (and at the end)
 
 
@@ -88,9 +95,9 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, Config]:
 
 
 def unscore_excess_wake(stages: torch.Tensor) -> torch.Tensor:
-    """The paper's rule (upstream, after L-SeqSleepNet): when wake is the most frequent stage of a window, the wake
-    before sleep onset and after the final awakening is dropped from the loss (set to -1), earliest first, until no
-    more of it is left than epochs of the second most frequent stage. stages [E] -> [E]."""
+    """`loss_trim_wake: paper`, our reading of the paper's text (after L-SeqSleepNet): when wake is the most frequent
+    stage of a window, the wake before sleep onset and after the final awakening is dropped from the loss (set to -1),
+    earliest first, until no more of it is left than epochs of the second most frequent stage. stages [E] -> [E]."""
     counts = torch.bincount(stages[stages >= 0], minlength=N_CLASSES)
     second = counts[1:].max()
     if counts[0] <= second:
@@ -111,6 +118,32 @@ def unscore_excess_wake(stages: torch.Tensor) -> torch.Tensor:
     if excess > from_evening:
         stages[after_last[len(after_last) - (excess - from_evening):]] = -1
     return stages
+
+
+def unscore_excess_wake_upstream(stages: torch.Tensor) -> torch.Tensor:
+    """`loss_trim_wake: upstream`, upstream's slumber.trim_wake_epochs_from_hypnogram as it runs (docs/upstream.md §11
+    item 5): when wake outnumbers every sleep stage, "evening wake" is the first run only if epoch 0 is wake, and
+    "morning wake" is the last run after the final wake/non-wake change, WHATEVER its stage (a night that ends asleep
+    loses sleep epochs); the excess over the second largest class goes from the start, then from the end. A window
+    with no sleep is left alone (upstream raises there). stages [E] -> [E]."""
+    counts = torch.bincount(stages[stages >= 0], minlength=N_CLASSES)
+    second = int(counts[1:].max())
+    if counts[0] <= second or second == 0:
+        return stages
+    changes = torch.nonzero(torch.diff((stages == 0).int())).flatten()                 # last index before a change
+    evening = int(changes[0]) + 1 if stages[0] == 0 else 0
+    morning = len(stages) - (int(changes[-1]) + 1)
+    excess = evening + morning - second
+    if excess <= 0:
+        return stages
+    stages = stages.clone()
+    stages[:min(excess, evening)] = -1
+    if excess > evening:
+        stages[len(stages) - (excess - evening):] = -1
+    return stages
+
+
+WAKE_TRIMS = {"paper": unscore_excess_wake, "upstream": unscore_excess_wake_upstream, "none": lambda stages: stages}
 
 
 def cutmix_epochs(embeddings: torch.Tensor, stages: torch.Tensor, n_valid_epochs: torch.Tensor, p: float,
@@ -135,19 +168,23 @@ def cutmix_epochs(embeddings: torch.Tensor, stages: torch.Tensor, n_valid_epochs
     return mixed, mixed_stages
 
 
-def focal_loss(logits: torch.Tensor, stages: torch.Tensor, gamma: float, weights: torch.Tensor | None) -> torch.Tensor:
-    """Mean of (1 - p_t)^γ · CE over scored epochs (stage -1 ignored). logits [B, E, 5], stages [B, E]."""
+def focal_loss(logits: torch.Tensor, stages: torch.Tensor, gamma: float, weights: torch.Tensor | None,
+               form: str = "standard") -> torch.Tensor:
+    """Focal loss over scored epochs (stage -1 ignored). logits [B, E, 5], stages [B, E] -> scalar.
+    "standard" (Lin et al.): mean of (1 - p_t)^γ · CE_t; with class weights w, Σ w_t·loss_t / Σ w_t.
+    "upstream" (its loss.py as it runs, docs/upstream.md §11 item 4): the factor is summed over all classes,
+    Σ_c (1 - p_c)^γ · w_t·CE_t, averaged over the scored epochs."""
     logits, stages = logits.reshape(-1, logits.shape[-1]).float(), stages.reshape(-1)
     scored = stages >= 0
     if not scored.any():
         return logits.sum() * 0.0
     log_p = F.log_softmax(logits[scored], dim=-1)                                       # [M, 5]
     log_p_true = log_p.gather(1, stages[scored, None]).squeeze(1)                      # [M]
+    w = weights[stages[scored]] if weights is not None else torch.ones_like(log_p_true)
+    if form == "upstream":
+        return ((1 - log_p.exp()) ** gamma).sum(dim=1).mul(-w * log_p_true).mean()
     loss = -(1 - log_p_true.exp()) ** gamma * log_p_true
-    if weights is not None:
-        w = weights[stages[scored]]
-        return (loss * w).sum() / w.sum()
-    return loss.mean()
+    return (loss * w).sum() / w.sum()
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -210,7 +247,8 @@ def embedding_cache(encoder, nights: NightDataset, encoder_dir: Path, cfg: Confi
         array = zarr.open_array(path, mode="r+")
         mine = list(range(rank, len(nights), world))
         loader = torch.utils.data.DataLoader(nights, batch_size=cfg.train.batch_size, sampler=mine,
-                                             num_workers=cfg.data.num_workers)
+                                             num_workers=cfg.data.num_workers,
+                                             generator=torch.Generator())   # caching must not move the global RNG
         position = 0
         for batch in tqdm(loader, desc="caching embeddings", disable=rank != 0):
             with autocast:
@@ -270,13 +308,14 @@ def class_weights(nights: NightDataset) -> torch.Tensor:
 
 
 def labelled_nights(cfg: Config, split: str) -> NightDataset:
-    manifest = read_manifest(cfg.data.root, split, cfg.data.datasets)
+    manifest = read_manifest(cfg.data.root, split, cfg.data.datasets, cfg.data.split_fractions)
     manifest = manifest[manifest["n_scored"] > 0]
     return NightDataset([Path(cfg.data.root) / p for p in manifest["path"]], window_s=cfg.data.window_s,
-                        stride_s=cfg.data.stride_s, crop_wake_min=cfg.data.crop_wake_min)
+                        stride_s=cfg.data.stride_s, crop_wake_min=cfg.data.crop_wake_min,
+                        first_window_only=cfg.data.first_window_only)
 
 
-def probe_inputs(batch: dict, encoder, cfg: Config, device, autocast, trim: bool):
+def probe_inputs(batch: dict, encoder, cfg: Config, device, autocast, trim: str):
     """(embeddings [B, C, N, D], padding_mask [B, L], stages [B, E], n_valid_epochs [B]) on the device."""
     n_valid = batch["n_valid_epochs"].to(device)
     epoch_samples = cfg.model.patch_len * cfg.probe.patches_per_epoch
@@ -288,8 +327,8 @@ def probe_inputs(batch: dict, encoder, cfg: Config, device, autocast, trim: bool
         with torch.no_grad(), autocast:
             embeddings = encoder.embed(batch["signals"].to(device, non_blocking=True), padding_mask).float()
     stages = batch["stages"].to(device)
-    if trim:
-        stages = torch.stack([unscore_excess_wake(s) for s in stages])
+    if trim != "none":
+        stages = torch.stack([WAKE_TRIMS[trim](s) for s in stages])
     return embeddings, padding_mask, stages, n_valid
 
 
@@ -302,12 +341,13 @@ def validate(probe, encoder, dataset, cfg: Config, rank, world, device, autocast
     confusion = torch.zeros(N_CLASSES, N_CLASSES, dtype=torch.float64, device=device)
     loss_sum = torch.zeros(2, dtype=torch.float64, device=device)
     loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.train.batch_size, num_workers=cfg.data.num_workers,
-                                         sampler=list(range(rank, len(dataset), world)))
+                                         sampler=list(range(rank, len(dataset), world)),
+                                         generator=torch.Generator())   # validating must not move the global RNG
     for batch in loader:
-        embeddings, padding_mask, stages, _ = probe_inputs(batch, encoder, cfg, device, autocast, trim=False)
+        embeddings, padding_mask, stages, _ = probe_inputs(batch, encoder, cfg, device, autocast, trim="none")
         with autocast:
             logits = probe(embeddings, padding_mask)
-        loss = focal_loss(logits, stages, cfg.train.focal_gamma, weights)
+        loss = focal_loss(logits, stages, cfg.train.focal_gamma, weights, cfg.train.focal_form)
         scored = stages >= 0
         loss_sum += torch.tensor([loss.item() * scored.sum().item(), scored.sum().item()], device=device)
         pairs = stages[scored] * N_CLASSES + logits.argmax(-1)[scored]
@@ -329,6 +369,11 @@ def main(argv=None) -> None:
     torch.manual_seed(tc.seed * 1000 + rank)
     autocast = runs.autocast(device, tc.bf16)
 
+    if tc.best_metric not in ("val_loss", "val_kappa"):
+        raise SystemExit(f"config: train.best_metric must be val_loss or val_kappa, got {tc.best_metric!r}")
+    if tc.loss_trim_wake not in WAKE_TRIMS or tc.focal_form not in ("standard", "upstream"):
+        raise SystemExit(f"config: train.loss_trim_wake must be one of {', '.join(WAKE_TRIMS)} (got "
+                         f"{tc.loss_trim_wake!r}) and train.focal_form standard or upstream (got {tc.focal_form!r})")
     encoder_run = runs.read_run(args.encoder)
     cfg.model = ModelConfig(**encoder_run.config["model"])
     cfg.probe.n_channels, cfg.probe.d_model = cfg.model.n_channels, cfg.model.d_model
@@ -349,8 +394,8 @@ def main(argv=None) -> None:
     per_step, total_steps = runs.total_steps(len(train_set), world, tc, "labelled training windows")
 
     probe = ProbeHead(cfg.probe).to(device)
-    optimizer, scheduler = runs.one_cycle(probe.parameters(), tc, total_steps)
-    progress = {"step": 0, "epoch": 0, "step_in_epoch": 0}
+    optimizer, scheduler = runs.one_cycle(probe.parameters(), tc, total_steps, len(train_set))
+    progress = runs.new_progress()
     if args.resume and (args.run / runs.LATEST).exists():
         ckpt = runs.load_checkpoint(args.run / runs.LATEST, device)
         probe.load_state_dict({k.removeprefix("probe."): v for k, v in ckpt["model"].items() if k.startswith("probe.")})
@@ -365,7 +410,8 @@ def main(argv=None) -> None:
         print(f"probe: {sum(p.numel() for p in probe.parameters()):,} parameters on {world} × {device.type}; "
               f"{len(train_set)} training windows, {len(val_set)} validation windows, {total_steps} optimiser steps")
     bar = tqdm(total=total_steps, initial=progress["step"], desc="probe", disable=not master)
-    started, loss_sum, steps_since_log = time.time(), 0.0, 0
+    started, loss_sum, steps_since_log, stop = time.time(), 0.0, 0, False
+    steps_per_epoch = len(train_set) // (world * per_step)
     absent_memo = {}                                                 # absent_embeddings per number of valid samples
 
     for micro, batch in runs.micro_batches(train_set, progress, total_steps, tc.batch_size, per_step, tc.seed, rank, world,
@@ -381,7 +427,7 @@ def main(argv=None) -> None:
         with sync:
             with autocast:
                 logits = model(embeddings, padding_mask)                            # [B, E, 5]
-            loss = focal_loss(logits, stages, tc.focal_gamma, weights) / tc.grad_accum
+            loss = focal_loss(logits, stages, tc.focal_gamma, weights, tc.focal_form) / tc.grad_accum
             loss.backward()
         loss_sum += loss.item()
         if not last_micro:
@@ -400,22 +446,29 @@ def main(argv=None) -> None:
                 bar.set_postfix(loss=f"{loss_mean:.4f}")
                 runs.append_metrics(args.run, record)
             started, loss_sum, steps_since_log = time.time(), 0.0, 0
-        if step % tc.eval_every == 0 or step == total_steps:
+        epoch_end = progress["step_in_epoch"] == steps_per_epoch
+        if (step % tc.eval_every == 0 if tc.eval_every else epoch_end) or step == total_steps:
             scores = validate(probe, encoder, val_set, cfg, rank, world, device, autocast, weights)
             if master and scores is not None:
                 runs.append_metrics(args.run, {"step": step, **scores})
                 bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+            if tc.keep_best or tc.patience:
+                stop = runs.track_best(args.run, scores and scores[tc.best_metric], tc.best_metric == "val_kappa",
+                                       tc.patience, checkpointed, optimizer, scheduler, cfg, progress, device, master)
         if step % tc.ckpt_every == 0 or step == total_steps:
             runs.save_training_checkpoint(args.run / runs.LATEST, checkpointed, optimizer, scheduler, cfg, progress,
                                           device, master)
         runs.kill_point("step", step)
-        if step == total_steps:
+        if step == total_steps or stop:
             break
 
     bar.close()
     runs.save_training_checkpoint(args.run / runs.FINAL, checkpointed, optimizer, scheduler, cfg, progress, device, master)
     if master:
-        print(f"done: {progress['step']} steps; run folder {args.run}")
+        why = f" (stopped: {tc.best_metric} not better for {tc.patience} validations)" if stop else ""
+        best = (f"; the run's model is ckpt_best.pt ({tc.best_metric} {progress['best']:.4f})"
+                if progress["best"] is not None else "")
+        print(f"done: {progress['step']} steps{why}{best}; run folder {args.run}")
     runs.teardown_distributed()
 
 

@@ -93,16 +93,17 @@ def read_attrs(store: Path) -> dict:
         return json.load(f).get("attributes", {})
 
 
-def split_of(dataset: str, subject: str) -> str:
-    """Stable hash of (dataset, subject): visits of one subject share a split, new nights never move old ones."""
+def split_of(dataset: str, subject: str, fractions=SPLIT_FRACTIONS) -> str:
+    """Stable hash of (dataset, subject): visits of one subject share a split, new nights never move old ones.
+    `fractions`: ((name, share), …) summing to 1, e.g. upstream's 70/30 then 70/30 (0.49, 0.21, 0.30)."""
     digest = hashlib.sha256(f"{dataset}/{subject}".encode()).digest()
     u = int.from_bytes(digest[:8], "big") / 2**64
     edge = 0.0
-    for name, fraction in SPLIT_FRACTIONS:
+    for name, fraction in fractions:
         edge += fraction
         if u < edge:
             return name
-    return SPLIT_FRACTIONS[-1][0]
+    return fractions[-1][0]
 
 
 def manifest_row(out: Path, store: Path) -> dict:
@@ -135,11 +136,15 @@ def write_manifest(out: Path) -> list[dict]:
     return rows
 
 
-def read_manifest(root: str | Path, split: str | None = None, datasets=None) -> pd.DataFrame:
+def read_manifest(root: str | Path, split: str | None = None, datasets=None, split_fractions=None) -> pd.DataFrame:
     """Rows of `<root>/manifest.csv`, optionally one split and a selection of datasets ('shhs') or dataset visits
     ('mros:1'), so that the paper's cohorts (train on SHHS, WSC, MrOS visit 1; test on MESA, APPLES, MrOS visit 2)
-    are configs, not code."""
+    are configs, not code. split_fractions [train, val, test] re-draws the split column with other shares by the
+    same subject hash (data.split_fractions; null = the manifest's 80/10/10)."""
     manifest = pd.read_csv(Path(root) / "manifest.csv", dtype={"subject": str, "visit": str, "night_id": str})
+    if split_fractions:
+        fractions = tuple(zip(("train", "val", "test"), split_fractions))
+        manifest["split"] = [split_of(d, s, fractions) for d, s in zip(manifest["dataset"], manifest["subject"])]
     if split is not None:
         manifest = manifest[manifest["split"] == split]
     if datasets:

@@ -120,3 +120,17 @@ def test_channel_dropout_rate_and_never_the_last_channel():
     one = torch.zeros(1000, 7, dtype=torch.bool)
     one[:, 2] = True
     assert torch.equal(drop_channels(one, 0.9), one)                 # a single present channel always stays
+
+
+def test_first_window_only_and_redrawn_split_fractions(tmp_path):
+    long_night = make_store(tmp_path, "long", 250)[0]
+    every = NightDataset([long_night], window_s=100 * 30)
+    first = NightDataset([long_night], window_s=100 * 30, first_window_only=True)
+    assert len(every) == 3 and [w[1] for w in first.windows] == [0]          # hours 0..window only, as upstream
+    rows = [{"dataset": "shhs", "subject": str(i)} for i in range(400)]
+    shares = [store.split_of(r["dataset"], r["subject"], (("train", 0.49), ("val", 0.21), ("test", 0.30)))
+              for r in rows]
+    counts = {name: shares.count(name) / len(rows) for name in ("train", "val", "test")}
+    assert counts["train"] == pytest.approx(0.49, abs=0.06) and counts["test"] == pytest.approx(0.30, abs=0.06)
+    # the same subject hash: a subject in the 80/10/10 test split (u >= 0.9) stays in test with 0.49/0.21/0.30
+    assert all(s == "test" for r, s in zip(rows, shares) if store.split_of(r["dataset"], r["subject"]) == "test")

@@ -154,7 +154,8 @@ def evaluated(tmp_path_factory, probe_run_writer):
 def test_cli_writes_the_contract_files(evaluated):
     root, run, out, results = evaluated
     on_disk = json.loads((out / "results.json").read_text())
-    assert on_disk == results and set(on_disk) == {"pooled", "datasets"} and set(on_disk["datasets"]) == {"shhs", "mesa"}
+    assert on_disk == results and set(on_disk) == {"pooled", "datasets", "settings"}
+    assert set(on_disk["datasets"]) == {"shhs", "mesa"} and on_disk["settings"] == {"protocol": "night", "label_lag": 0}
     keys = {"kappa", "accuracy", "macro_f1", "f1_per_class", "auroc", "auprc", "confusion", "n_nights", "n_epochs",
             "kappa_ci", "accuracy_ci", "macro_f1_ci"}
     for group in [on_disk["pooled"], *on_disk["datasets"].values()]:
@@ -167,6 +168,8 @@ def test_cli_writes_the_contract_files(evaluated):
     assert sorted(per_night["n_epochs"]) == [10, 23, 28]
     report = (out / "results.md").read_text()
     assert "0.60" in report and "Fox et al. 2025" in report          # MESA's paper κ beside ours
+    assert "Protocol `night`: every night staged whole: windows of 600 s every 300 s" in report
+    assert "Label lag: none" in report and "recipe: not recorded" in report
     for name in ["confusion.png", "hypnogram_mesa-0003.png", "hypnogram_shhs1-0001.png"]:
         assert (out / name).stat().st_size > 0
 
@@ -229,3 +232,101 @@ def test_absent_slot_is_zeroed_in_every_night(evaluated, tmp_path):
     assert "absent `EEG,ABDO`" in (tmp_path / "absent" / "results.md").read_text()
     with pytest.raises(SystemExit, match=r"--absent EYE: not a slot \(slots: ECG, EOG"):
         ev.main(["--run", str(run), "--absent", "eye", "--out", str(tmp_path / "o")])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Protocols and label lag
+
+
+def night_predictions(folder, night_id):
+    predictions = pd.read_csv(folder / "predictions.csv", dtype={"night_id": str})
+    return predictions[predictions["night_id"] == night_id]
+
+
+PROBS = ["p_W", "p_N1", "p_N2", "p_N3", "p_REM"]
+
+
+def test_upstream_protocol_scores_one_window_from_the_start(evaluated, tmp_path):
+    root, run, out, results = evaluated
+    from runs import load_encoder, load_probe
+    recorded = tmp_path / "run"                                            # the run with a recipe in its config
+    recorded.mkdir()
+    for name in ("ckpt_final.pt", "config.yaml"):
+        (recorded / name).write_bytes((run / name).read_bytes())
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    (recorded / "config.yaml").write_text(yaml.safe_dump({**config, "train": {"recipe": "as_run"}}))
+    upstream = ev.main(["--run", str(recorded), "--split", "all", "--bootstrap", "0", "--protocol", "upstream",
+                        "--png-nights", "0", "--out", str(tmp_path / "up")])
+    window = 20                                                            # the run's window_s, in epochs
+    expected_epochs = 0
+    for night_id, dataset, n_epochs in [("shhs1-0001", "shhs", 30), ("mesa-0003", "mesa", 25), ("shhs1-0002", "shhs", 12)]:
+        channels, stages, _ = store.read_night(root / dataset / f"{night_id}.zarr")
+        # only epochs [0, window) are scored: the technologists' scored epochs among them, each once
+        scored = np.flatnonzero(stages[:window] >= 0)
+        expected_epochs += len(scored)
+        night = night_predictions(tmp_path / "up", night_id)
+        assert night["epoch"].tolist() == scored.tolist() and (night["true"] == stages[scored]).all()
+        # the probabilities: one window over the night cropped to the window (zero-padded when shorter)
+        cropped = np.stack([np.asarray(c[:window * EPOCH], np.float32) for c in channels])
+        probs = stage.stage_night(load_encoder(run), load_probe(run), cropped, window * EPOCH, window * EPOCH).numpy()
+        assert len(probs) == min(n_epochs, window)
+        assert np.allclose(night[PROBS].to_numpy(), probs[night["epoch"]], atol=1e-5)
+    assert upstream["pooled"]["n_epochs"] == expected_epochs == 18 + 18 + 10
+    assert upstream["settings"] == {"protocol": "upstream", "label_lag": 0}
+    per_night = pd.read_csv(tmp_path / "up" / "per_night.csv").set_index("night_id")["n_epochs"].to_dict()
+    assert per_night == {"shhs1-0001": 18, "mesa-0003": 18, "shhs1-0002": 10}
+    # a night shorter than the window: staged as under the night protocol
+    short = night_predictions(tmp_path / "up", "shhs1-0002").reset_index(drop=True)
+    pd.testing.assert_frame_equal(short, night_predictions(out, "shhs1-0002").reset_index(drop=True), atol=1e-6)
+    # a longer one is not: under `night` its first window overlaps the second
+    longer = night_predictions(tmp_path / "up", "shhs1-0001")[PROBS].to_numpy()
+    assert not np.allclose(longer, night_predictions(out, "shhs1-0001")[PROBS].to_numpy()[:len(longer)], atol=1e-5)
+    report = (tmp_path / "up" / "results.md").read_text()
+    assert "Protocol `upstream`: only the first 600 s of each night" in report and "recipe: as_run" in report
+
+
+def test_label_lag_shifts_the_truth_and_kappa_follows(evaluated, tmp_path):
+    root, run, out, results = evaluated
+    lagged = ev.main(["--run", str(run), "--split", "all", "--bootstrap", "0", "--label-lag", "1",
+                      "--png-nights", "0", "--out", str(tmp_path / "lag1")])
+    predictions = pd.read_csv(tmp_path / "lag1" / "predictions.csv", dtype={"night_id": str})
+    for night_id, dataset in [("shhs1-0001", "shhs"), ("shhs1-0002", "shhs"), ("mesa-0003", "mesa")]:
+        _, stages, _ = store.read_night(root / dataset / f"{night_id}.zarr")
+        shifted = np.concatenate([[-1], stages[:-1]])                      # truth[e] = stages[e − 1]; epoch 0 unscored
+        night = predictions[predictions["night_id"] == night_id]
+        assert night["epoch"].tolist() == np.flatnonzero(shifted >= 0).tolist()
+        assert night["true"].tolist() == shifted[night["epoch"]].tolist() and 0 not in night["epoch"].tolist()
+        # the predictions themselves do not move (compared on the epochs scored in both runs)
+        both = night.merge(night_predictions(out, night_id), on="epoch", suffixes=("", "_unlagged"))
+        assert len(both) >= len(night) - 2
+        assert np.allclose(both[PROBS].to_numpy(), both[[f"{c}_unlagged" for c in PROBS]].to_numpy(), atol=1e-6)
+    t, p = predictions["true"].to_numpy(), predictions["pred"].to_numpy()
+    p_o = np.mean(t == p)
+    p_e = sum(np.mean(t == k) * np.mean(p == k) for k in range(5))
+    assert (p_o - p_e) / (1 - p_e) == pytest.approx(lagged["pooled"]["kappa"])
+    assert lagged["pooled"]["n_epochs"] == len(predictions) and lagged["settings"] == {"protocol": "night", "label_lag": 1}
+    assert "Label lag: 1 epoch later (the first 1 of each night unscored)" in (tmp_path / "lag1" / "results.md").read_text()
+
+
+def test_lag_labels_both_ways():
+    stages = np.array([0, 1, 2, 3, 4, -1, 2], np.int8)
+    assert ev.lag_labels(stages, 0).tolist() == stages.tolist()
+    assert ev.lag_labels(stages, 2).tolist() == [-1, -1, 0, 1, 2, 3, 4]
+    assert ev.lag_labels(stages, -1).tolist() == [1, 2, 3, 4, -1, 2, -1]
+    assert ev.lag_labels(stages, 7).tolist() == [-1] * 7 and ev.lag_labels(stages, -9).tolist() == [-1] * 7
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--protocol", "whole"], r"--protocol whole: unknown \(protocols: night, upstream\)"),
+    (["--protocol", "upstream", "--stride-s", "300"], "--stride-s does not apply to --protocol upstream"),
+    (["--label-lag", "1.5"], "--label-lag 1.5: not a whole number of epochs"),
+    (["--label-lag", "12"], r"--label-lag 12: \|K\| must be less than the shortest selected night \(shhs1-0002: 12 epochs\)"),
+    (["--label-lag", "-12"], r"--label-lag -12: .*\(shhs1-0002: 12 epochs\)"),
+    (["--protocol", "upstream", "--window-s", "300", "--label-lag", "10"],
+     r"--label-lag 10: .*\((shhs1-0001|mesa-0003|shhs1-0002): 10 epochs in the window\)"),
+])
+def test_bad_protocol_and_label_lag_are_one_line_errors(evaluated, tmp_path, flags, message):
+    root, run, out, results = evaluated
+    with pytest.raises(SystemExit, match=message) as error:
+        ev.main(["--run", str(run), "--split", "all", "--out", str(tmp_path / "o"), *flags])
+    assert "\n" not in str(error.value) and not (tmp_path / "o").exists()

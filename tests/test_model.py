@@ -338,3 +338,16 @@ def test_one_sequence_per_pass_gives_the_same_embeddings(attention):
         for per_pass in (1, 2, 4):
             torch.testing.assert_close(encoder.embed(signals, padding_mask, sequences_per_pass=per_pass), whole,
                                        atol=1e-5, rtol=1e-5)
+
+
+def test_linear_probe_is_one_linear_map_per_patch_averaged_over_the_epoch():
+    cfg = ProbeConfig(kind="linear", n_channels=3, d_model=4, n_classes=5)
+    probe = ProbeHead(cfg).eval()
+    assert not hasattr(probe, "gru") and sum(p.numel() for p in probe.parameters()) == 3 * 4 * 5 + 5 + 2 * 3
+    embeddings = torch.randn(2, 3, 10, 4)                                      # [B, C, N, D]: 2 epochs of 5 patches
+    x = embeddings.transpose(1, 2).reshape(2, 10, 12)                          # channel-major features per patch
+    expected = (x @ probe.linear.weight.T + probe.linear.bias).reshape(2, 2, 5, 5).mean(dim=2)
+    torch.testing.assert_close(probe(embeddings), expected)
+    torch.testing.assert_close(probe(embeddings, torch.zeros(2, 10 * 7, dtype=torch.bool)), expected)
+    with pytest.raises(AssertionError):
+        ProbeHead(ProbeConfig(kind="svm"))

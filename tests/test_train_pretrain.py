@@ -88,3 +88,30 @@ def test_channel_dropout_zeroes_whole_channels_of_the_training_input(shhs_nights
     assert torch.equal(signals[present], plain[present])               # ...and the others are what they were
     assert runs.read_run(tmp_path / "p0.5").config["train"]["channel_dropout"] == 0.5
     assert runs.read_metrics(tmp_path / "p0.5")[0]["loss"] != runs.read_metrics(tmp_path / "p0.0")[0]["loss"]
+
+
+def test_upstream_schedule_and_best_checkpoint(shhs_nights, tmp_path):
+    """train.schedule upstream: the LR of every step equals a OneCycleLR built with upstream's arguments
+    (epochs, steps_per_epoch = training windows // batch size) and stepped once per optimiser step. train.keep_best:
+    ckpt_best.pt holds the step of the lowest val_loss, and it is what read_run gives."""
+    run = tmp_path / "run"
+    train_pretrain.main(run_args(shhs_nights, run, "--train.max_steps", "5", "--train.batch_size", "2",
+                                 "--train.grad_accum", "2", "--train.epochs", "4", "--train.schedule", "upstream",
+                                 "--train.keep_best", "true", "--train.eval_every", "1"))
+    n_windows = 12                                     # 6 one-hour nights in 30-min windows
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=0.003 / 25)
+    upstream = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.003, epochs=4, steps_per_epoch=n_windows // 2)
+    expected = []
+    for _ in range(5):
+        optimizer.step()
+        upstream.step()
+        expected.append(upstream.get_last_lr()[0])
+    logged = [m["lr"] for m in runs.read_metrics(run) if "lr" in m]
+    assert logged == pytest.approx(expected, rel=1e-12)
+    # the cycle is sized in micro-batches (4 epochs × 12 // 2 = 24) while 4 epochs are 12 optimiser steps: the run
+    # could only ever traverse 1 / grad_accum of it (1/16 with the paper's 8 × 2 processes)
+    assert runs.load_checkpoint(run / runs.FINAL, "cpu")["scheduler"]["total_steps"] == 24
+    val = {m["step"]: m["val_loss"] for m in runs.read_metrics(run) if "val_loss" in m}
+    best_step = min(val, key=val.get)
+    assert runs.read_run(run).checkpoint["step"] == best_step
+    assert runs.load_checkpoint(run / runs.BEST, "cpu")["best_val_loss"] == pytest.approx(val[best_step])

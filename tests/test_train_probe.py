@@ -114,8 +114,6 @@ def test_probe_run_and_cache_equal_live_encoder(shhs_nights, encoder_run, tmp_pa
     assert caches[0].joinpath("complete").stat().st_mtime == before
 
 
-@pytest.mark.xfail(strict=True, reason="train_probe.embedding_cache iterates a DataLoader without its own generator, "
-                   "which draws from the global RNG: the run that builds the cache trains otherwise than later runs")
 def test_a_run_that_builds_the_cache_trains_as_one_that_reuses_it(shhs_nights, encoder_run, tmp_path):
     encoder = tmp_path / "encoder"
     shutil.copytree(encoder_run, encoder, ignore=shutil.ignore_patterns("embeddings"))
@@ -183,3 +181,66 @@ def test_channel_dropout_replaces_whole_channels_of_the_probe_input(shhs_nights,
     assert torch.equal(embeddings[dropped], absent[dropped])
     assert runs.read_run(tmp_path / "p0.5").config["train"]["channel_dropout"] == 0.5
     assert runs.read_metrics(tmp_path / "p0.5")[0]["loss"] != runs.read_metrics(tmp_path / "p0.0")[0]["loss"]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The two recipes' switches: wake trimming rules, focal-loss forms
+
+
+@pytest.mark.parametrize("rule", ["paper", "upstream"])
+def test_wake_trimming_rules_on_the_edge_cases(rule):
+    trim = train_probe.WAKE_TRIMS[rule]
+    # wake is not the largest class: both rules leave the window alone
+    balanced = torch.tensor([W, W, N2, N2, N2, W])
+    assert torch.equal(trim(balanced), balanced)
+    # all wake (or wake and unscored only): nothing to compare with, left alone (upstream's code raises there)
+    for stages in (torch.tensor([W] * 6), torch.tensor([-1, W, W, -1])):
+        assert torch.equal(trim(stages), stages)
+    # evening wake, wake in the middle, morning wake: W 12 > N2 4; pre/post wake 6 + 4 exceeds 4 by 6: the evening goes
+    night = torch.tensor([W] * 6 + [N2, N2, W, W, N2, N2] + [W] * 4)
+    assert trim(night).tolist() == [-1] * 6 + [N2, N2, W, W, N2, N2] + [W] * 4   # wake in the middle never touched
+    # starting asleep: no evening wake; W 7 > N2 3, the 6 morning epochs exceed 3 by 3: the latest 3 go
+    asleep_first = torch.tensor([N2, N2, W, N2] + [W] * 6)
+    assert trim(asleep_first).tolist() == [N2, N2, W, N2] + [W] * 3 + [-1] * 3
+    # ending asleep: W 8 > R 2. The paper's reading has no morning wake: 7 evening - 2 = 5 go. Upstream's "morning" is
+    # the last run whatever its stage (R R): 7 + 2 - 2 = 7 go, all from the evening
+    ends_asleep = torch.tensor([W] * 7 + [N2, N2, N3, W, R, R])
+    tail = [N2, N2, N3, W, R, R]
+    assert trim(ends_asleep).tolist() == ([-1] * 5 + [W, W] + tail if rule == "paper" else [-1] * 7 + tail)
+    # a short evening, a night ending asleep: W 6 > R 3. Paper: 2 evening epochs do not exceed 3, nothing goes.
+    # Upstream: its "morning" is everything after the last wake/non-wake change (N1 N1 R R R, 5 epochs):
+    # 2 + 5 - 3 = 4 go, the 2 evening epochs and the last 2 R epochs
+    short_evening = torch.tensor([W, W, N2, W, W, W, W, N1, N1, R, R, R])
+    expected = (short_evening.tolist() if rule == "paper"
+                else [-1, -1, N2, W, W, W, W, N1, N1, R, -1, -1])
+    assert trim(short_evening).tolist() == expected
+
+
+def test_upstream_focal_loss_sums_the_factor_over_classes():
+    logits = torch.tensor([[[2.0, 0.5, 0.1, -1.0, 0.0], [0.0, 0.0, 3.0, 0.0, 0.0], [9.0, 9.0, 9.0, 9.0, 9.0]]])
+    stages = torch.tensor([[0, 1, -1]])
+    p = F.softmax(logits[0, :2], dim=-1)                                       # [2, 5]
+    ce = -torch.log(torch.stack([p[0, 0], p[1, 1]]))                            # [2]
+    expected = ((1 - p) ** 2).sum(dim=1) * ce                                   # Σ_c (1 - p_c)^γ · CE, per epoch
+    got = train_probe.focal_loss(logits, stages, 2.0, None, "upstream")
+    assert got.item() == pytest.approx(expected.mean().item(), rel=1e-6)
+    standard = train_probe.focal_loss(logits, stages, 2.0, None, "standard")
+    assert got.item() > 2 * standard.item()                                      # a scaled cross-entropy, not focal
+    weights = torch.tensor([1.0, 3.0, 1.0, 1.0, 1.0])                           # upstream: weighted CE, mean over epochs
+    weighted = train_probe.focal_loss(logits, stages, 2.0, weights, "upstream")
+    assert weighted.item() == pytest.approx((expected * torch.tensor([1.0, 3.0])).mean().item(), rel=1e-6)
+
+
+def test_patience_stops_early_and_the_best_epoch_is_the_runs_model(shhs_nights, encoder_run, tmp_path):
+    """eval_every 0: validation at every epoch's end; patience 1 with a learning rate too small to change the
+    probe (κ stays equal, so never better): training stops after the second validation, and read_run gives the
+    checkpoint of the first one."""
+    run = tmp_path / "run"
+    train_probe.main(probe_args(shhs_nights, encoder_run, run, "--train.epochs", "10", "--train.eval_every", "0",
+                                "--train.patience", "1", "--train.best_metric", "val_kappa", "--train.max_lr", "1e-12",
+                                "--train.cutmix_p", "0"))
+    validations = [m for m in runs.read_metrics(run) if "val_kappa" in m]
+    steps_per_epoch = 12 // 4                               # 12 half-hour windows, batch 4, no accumulation
+    assert [m["step"] for m in validations] == [steps_per_epoch, 2 * steps_per_epoch]
+    assert runs.read_run(run).checkpoint["step"] == steps_per_epoch
+    assert runs.load_checkpoint(run / runs.FINAL, "cpu")["step"] == 2 * steps_per_epoch
