@@ -114,4 +114,4 @@ def test_upstream_schedule_and_best_checkpoint(shhs_nights, tmp_path):
     val = {m["step"]: m["val_loss"] for m in runs.read_metrics(run) if "val_loss" in m}
     best_step = min(val, key=val.get)
     assert runs.read_run(run).checkpoint["step"] == best_step
-    assert runs.load_checkpoint(run / runs.BEST, "cpu")["best_val_loss"] == pytest.approx(val[best_step])
+    assert runs.load_checkpoint(run / runs.BEST, "cpu")["best"] == pytest.approx(val[best_step])
