@@ -10,6 +10,7 @@ A run folder is what train_pretrain.py, train_probe.py and import_upstream.py wr
                      score so far, which then IS the run's model for every reader (train_probe.py --encoder,
                      evaluate.py, predict.py; read_run)
     metrics.jsonl    one JSON object per logging step (step, loss, lr, …; val_* at validation steps)
+    cohorts.json     the nights a training run used, per role: {"train": ["shhs/shhs1-200001", …], "val": […]}
     embeddings/      an encoder run's cached embeddings for the probe (embedding_cache_dir)
 
 A checkpoint is {"model": state dict with keys encoder.*, head.* (pretraining head) and/or probe.*, and, for trained
@@ -40,6 +41,7 @@ import yaml
 from model import Encoder, ModelConfig, ProbeConfig, ProbeHead
 
 CONFIG, LATEST, FINAL, BEST, METRICS = "config.yaml", "ckpt.pt", "ckpt_final.pt", "ckpt_best.pt", "metrics.jsonl"
+COHORTS = "cohorts.json"
 
 
 def write_atomic(path: str | Path, write) -> None:
@@ -252,12 +254,19 @@ def one_cycle(parameters, tc, total_steps: int, n_windows: int):
     return optimizer, scheduler
 
 
-def start_run(run_dir: Path, cfg, progress: dict) -> None:
-    """The master's first writes: the folder, the resolved config, and metrics.jsonl cut back to the checkpoint's step
-    (a killed run may have logged steps after its last checkpoint; the resumed run logs them again)."""
+def start_run(run_dir: Path, cfg, progress: dict, cohorts: dict[str, list[Path]]) -> None:
+    """The master's first writes: the folder, the resolved config, the nights used per role (cohorts: role -> night
+    stores), and metrics.jsonl cut back to the checkpoint's step (a killed run may have logged steps after its last
+    checkpoint; the resumed run logs them again)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(run_dir, cfg)
+    named = {role: sorted({f"{Path(p).parent.name}/{Path(p).stem}" for p in stores}) for role, stores in cohorts.items()}
+    write_atomic(run_dir / COHORTS, lambda temp: temp.write_text(json.dumps(named, indent=1) + "\n"))
     keep_metrics_until(run_dir, progress["step"])
+
+
+def read_cohorts(run_dir: Path) -> dict[str, list[str]]:
+    return json.loads((Path(run_dir) / COHORTS).read_text())
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -120,7 +120,7 @@ def main(argv=None) -> None:
     autocast = runs.autocast(device, tc.bf16)
 
     if master:
-        runs.start_run(args.run, cfg, progress)
+        runs.start_run(args.run, cfg, progress, {"train": train_set.stores, "val": val_set.stores})
         print(f"pretraining {sum(p.numel() for p in raw_model.parameters()):,} parameters on {world} × {device.type}; "
               f"{len(train_set)} training windows, {len(val_set)} validation windows, {total_steps} optimiser steps")
     bar = tqdm(total=total_steps, initial=progress["step"], desc="pretrain", disable=not master)

@@ -406,7 +406,7 @@ def main(argv=None) -> None:
     checkpointed = torch.nn.ModuleDict({"encoder": encoder, "probe": probe})
 
     if master:
-        runs.start_run(args.run, cfg, progress)
+        runs.start_run(args.run, cfg, progress, {"train": train_nights.stores, "val": val_nights.stores})
         print(f"probe: {sum(p.numel() for p in probe.parameters()):,} parameters on {world} × {device.type}; "
               f"{len(train_set)} training windows, {len(val_set)} validation windows, {total_steps} optimiser steps")
     bar = tqdm(total=total_steps, initial=progress["step"], desc="probe", disable=not master)
