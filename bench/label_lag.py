@@ -9,7 +9,7 @@ training nights included, for a steadier if flattering figure), each staged whol
 
 Every step runs the repository's own command line and keeps its output under --out; a step whose output exists is
 skipped and a killed training run resumes (--resume), so rerunning after a kill picks up where it stopped. Training
-takes nearly all the time: 27 minutes on 2 CPU cores that another test run was sharing (pretraining 4, probe 22); an
+takes nearly all the time: about 4 minutes on 2 idle CPU cores (much longer when another job shares them); an
 evaluation takes seconds.
 
     python bench/label_lag.py [--out bench/out/label_lag] [--nights 30] [--hours 2] [--split test]
