@@ -18,3 +18,18 @@ def test_unknown_or_mistyped_fields_are_one_line_errors():
         config.load(train_probe.Config, None, ["--train.trim_wake", "true"])
     with pytest.raises(SystemExit, match="train.max_lr must be float, got 'fast'"):
         config.load(train_probe.Config, None, ["--train.max_lr", "fast"])
+
+
+def test_recipe_switches_with_unknown_values_are_one_line_errors(tmp_path):
+    import torch
+
+    import runs
+    cfg = config.load(train_probe.Config, "configs/probe_tiny.yaml", ["--train.schedule", "cosine"])
+    with pytest.raises(SystemExit, match="train.schedule must be full or upstream, got 'cosine'"):
+        runs.one_cycle([torch.nn.Parameter(torch.zeros(1))], cfg.train, 10, 40)
+    base = ["--config", "configs/probe_tiny.yaml", "--encoder", str(tmp_path / "none"), "--run-dir", str(tmp_path / "r")]
+    with pytest.raises(SystemExit, match="train.loss_trim_wake must be one of paper, upstream, none"):
+        train_probe.main([*base, "--train.loss_trim_wake", "sometimes"])
+    with pytest.raises(SystemExit, match="train.best_metric must be val_loss or val_kappa, got 'kappa'"):
+        train_probe.main([*base, "--train.best_metric", "kappa"])
+    assert not (tmp_path / "r").exists()                                        # nothing written
