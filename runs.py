@@ -14,7 +14,8 @@ A run folder is what train_pretrain.py, train_probe.py and import_upstream.py wr
     embeddings/      an encoder run's cached embeddings for the probe (embedding_cache_dir)
 
 A checkpoint is {"model": state dict with keys encoder.*, head.* (pretraining head) and/or probe.*, and, for trained
-runs, "optimizer", "scheduler", "step", "epoch", "step_in_epoch", "rng_cpu"/"rng_cuda" (one state per process) and
+runs, "optimizer", "scheduler", "step", "epoch", "step_in_epoch", "best", "stale" (new_progress), "rng_cpu"/"rng_cuda"
+(one state per process) and
 "config"}. Checkpoints load with torch.load(weights_only=True), configs with yaml.safe_load: a run folder never runs
 code. Every file is written by `write_atomic` (temporary name, then rename), so a killed job never leaves half a file
 under a final name.
