@@ -15,6 +15,13 @@ many minutes after its last one; a night with no sleep epoch is kept whole. (Not
 with train_probe.py's `train.loss_trim_wake`, which keeps the night and only leaves some wake
 epochs out of the probe's loss.)
 
+Masking epochs (`data.mask_epochs`, "none" by default; upstream's code, docs/upstream.md §11 item 6): the
+unscored epochs of a window (no stage, movement, artefact) and, under "paper" or "upstream", the wake that
+rule trims (`WAKE_TRIMS`, the same rules as train_probe.py's loss trim) are marked padding: the encoder drops
+their patches as attention keys and the pretraining loss ignores them. The signals stay (RevIN still sees them,
+as upstream's). A night with no scored epoch at all is never masked (upstream masks only where a hypnogram
+exists). Only training and validation windows are masked: evaluate.py and predict.py stage every epoch.
+
 Channel dropout (`drop_channels`, the `train.channel_dropout` switch of both training scripts): a
 channel the night store marks absent is zeros, and so is a channel missing from a user's EDF at
 prediction time (predict.py). Training with some present channels dropped the same way lets the
@@ -28,10 +35,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from prepare.annotations import STAGES
 from prepare.signals import EPOCH_SAMPLES, SLOTS
 from prepare.store import read_manifest, read_night
 
 N_CHANNELS = len(SLOTS)
+N_CLASSES = len(STAGES)
+EPOCH_MASKS = ("none", "unscored", "paper", "upstream")   # data.mask_epochs: "unscored" masks with no wake trim
 
 
 @dataclass
@@ -45,7 +55,12 @@ class DataConfig:
     first_window_only: bool = False      # one window per night, its first (upstream: hours 0-8 only); else cover it all
     split_fractions: list | None = None  # [train, val, test] shares re-drawn by subject hash (null = manifest's 80/10/10)
     crop_wake_min: float | None = None   # crop each night to at most this many minutes of wake before sleep onset / after final wake
+    mask_epochs: str = "none"            # encoder padding: "none" | "unscored" | "paper" | "upstream" (+ that wake trim; §11.6)
     num_workers: int = 2                 # DataLoader worker processes per training process
+
+    def __post_init__(self):
+        if self.mask_epochs not in EPOCH_MASKS:
+            raise SystemExit(f"config: data.mask_epochs must be one of {', '.join(EPOCH_MASKS)} (got {self.mask_epochs!r})")
 
 
 def sleep_span(stages: np.ndarray, crop_wake_min: float | None) -> tuple[int, int]:
@@ -67,17 +82,72 @@ def window_starts(first: int, last: int, window_epochs: int, stride_epochs: int)
     return starts + [last - window_epochs]
 
 
+def unscore_excess_wake(stages: torch.Tensor) -> torch.Tensor:
+    """Wake trim `paper`, our reading of the paper's text (after L-SeqSleepNet): when wake is the most frequent
+    stage of a window, the wake before sleep onset and after the final awakening is dropped from the loss (set to -1),
+    earliest first, until no more of it is left than epochs of the second most frequent stage. stages [E] -> [E]."""
+    counts = torch.bincount(stages[stages >= 0], minlength=N_CLASSES)
+    second = counts[1:].max()
+    if counts[0] <= second:
+        return stages
+    asleep = torch.nonzero(stages >= 1).flatten()
+    if len(asleep) == 0:
+        return stages
+    evening = int(((stages[: asleep[0]] == 0)).sum())             # wake (and unscored) before sleep onset
+    morning = int(((stages[asleep[-1] + 1:] == 0)).sum())
+    excess = evening + morning - int(second)
+    if excess <= 0:
+        return stages
+    stages = stages.clone()
+    from_evening = min(excess, evening)
+    before_onset = torch.nonzero(stages[: asleep[0]] == 0).flatten()
+    stages[before_onset[:from_evening]] = -1
+    after_last = torch.nonzero(stages[asleep[-1] + 1:] == 0).flatten() + asleep[-1] + 1
+    if excess > from_evening:
+        stages[after_last[len(after_last) - (excess - from_evening):]] = -1
+    return stages
+
+
+def unscore_excess_wake_upstream(stages: torch.Tensor) -> torch.Tensor:
+    """Wake trim `upstream`, upstream's slumber.trim_wake_epochs_from_hypnogram as it runs (docs/upstream.md §11
+    item 5): when wake outnumbers every sleep stage, "evening wake" is the first run only if epoch 0 is wake, and
+    "morning wake" is the last run after the final wake/non-wake change, WHATEVER its stage (a night that ends asleep
+    loses sleep epochs); the excess over the second largest class goes from the start, then from the end. A window
+    with no sleep is left alone (upstream raises there). stages [E] -> [E]."""
+    counts = torch.bincount(stages[stages >= 0], minlength=N_CLASSES)
+    second = int(counts[1:].max())
+    if counts[0] <= second or second == 0:
+        return stages
+    changes = torch.nonzero(torch.diff((stages == 0).int())).flatten()                 # last index before a change
+    evening = int(changes[0]) + 1 if stages[0] == 0 else 0
+    morning = len(stages) - (int(changes[-1]) + 1)
+    excess = evening + morning - second
+    if excess <= 0:
+        return stages
+    stages = stages.clone()
+    stages[:min(excess, evening)] = -1
+    if excess > evening:
+        stages[len(stages) - (excess - evening):] = -1
+    return stages
+
+
+WAKE_TRIMS = {"paper": unscore_excess_wake, "upstream": unscore_excess_wake_upstream, "none": lambda stages: stages}
+
+
 class NightDataset(torch.utils.data.Dataset):
     """Windows over night stores.
 
-    Item: {"signals": float32 [7, L], "padding_mask": bool [L] (True = padded), "stages": int64
-    [L / 3750] (-1 for padded or unscored epochs), "present": bool [7] (False = the store marks the
-    channel absent; its signal is zeros), "night": index into `self.stores`, "start": first sample
-    of the window in the night}. L = window_s × 125.
+    Item: {"signals": float32 [7, L], "padding_mask": bool [L] (True = padded), "padded_epochs": bool
+    [L / 3750] (the same mask per epoch), "stages": int64 [L / 3750] (-1 for padded or unscored epochs),
+    "present": bool [7] (False = the store marks the channel absent; its signal is zeros), "night": index into
+    `self.stores`, "start": first sample of the window in the night}. L = window_s × 125.
     """
 
     def __init__(self, stores, window_s: float = 8 * 3600, stride_s: float | None = None,
-                 crop_wake_min: float | None = None, first_window_only: bool = False):
+                 crop_wake_min: float | None = None, first_window_only: bool = False, mask_epochs: str = "none"):
+        if mask_epochs not in EPOCH_MASKS:
+            raise ValueError(f"data.mask_epochs must be one of {', '.join(EPOCH_MASKS)} (got {mask_epochs!r})")
+        self.mask_epochs = mask_epochs
         self.stores = [Path(s) for s in stores]
         self.window_epochs = int(round(window_s / 30))
         self.window_samples = self.window_epochs * EPOCH_SAMPLES
@@ -102,7 +172,7 @@ class NightDataset(torch.utils.data.Dataset):
     def from_config(cls, cfg: DataConfig, split: str, **kwargs) -> "NightDataset":
         return cls.from_manifest(cfg.root, split, cfg.datasets, cfg.split_fractions, window_s=cfg.window_s,
                                  stride_s=cfg.stride_s, crop_wake_min=cfg.crop_wake_min,
-                                 first_window_only=cfg.first_window_only, **kwargs)
+                                 first_window_only=cfg.first_window_only, mask_epochs=cfg.mask_epochs, **kwargs)
 
     def __len__(self) -> int:
         return len(self.windows)
@@ -126,6 +196,17 @@ class NightDataset(torch.utils.data.Dataset):
         window_stages[:n_epochs] = torch.from_numpy(self._night(night)[1][start_epoch: start_epoch + n_epochs].astype(np.int64))
         return window_stages
 
+    def padded_epochs(self, index: int) -> torch.Tensor:
+        """The window's epochs the encoder treats as padding [L / 3750] bool: those past the night's end and, under
+        data.mask_epochs, its unscored and trimmed ones."""
+        night, start_epoch, last_epoch = self.windows[index]
+        stages = self.stages_of(index)                                                  # [E]
+        padded = torch.arange(self.window_epochs) >= min(self.window_epochs, last_epoch - start_epoch)
+        if self.mask_epochs == "none" or not (self._night(night)[1] >= 0).any():
+            return padded
+        trim = WAKE_TRIMS["none" if self.mask_epochs == "unscored" else self.mask_epochs]
+        return padded | (trim(stages) < 0)
+
     def __getitem__(self, index: int) -> dict:
         night, start_epoch, last_epoch = self.windows[index]
         channels, stages, present = self._night(night)
@@ -134,10 +215,10 @@ class NightDataset(torch.utils.data.Dataset):
         signals = np.zeros((N_CHANNELS, self.window_samples), np.float32)    # [7, L]
         for c, channel in enumerate(channels):
             signals[c, :n] = channel[start: start + n]
-        padding_mask = np.ones(self.window_samples, bool)                    # [L]
-        padding_mask[:n] = False
-        return {"signals": torch.from_numpy(signals), "padding_mask": torch.from_numpy(padding_mask),
-                "stages": self.stages_of(index), "present": present, "night": night, "start": start}
+        padded_epochs = self.padded_epochs(index)                            # [E]
+        return {"signals": torch.from_numpy(signals), "padding_mask": padded_epochs.repeat_interleave(EPOCH_SAMPLES),
+                "padded_epochs": padded_epochs, "stages": self.stages_of(index), "present": present,
+                "night": night, "start": start}
 
 
 def drop_channels(present: torch.Tensor, p: float) -> torch.Tensor:

@@ -34,7 +34,7 @@ from tqdm import tqdm
 import config
 import metrics
 import runs
-from data import DataConfig, NightDataset, drop_channels
+from data import WAKE_TRIMS, DataConfig, NightDataset, drop_channels
 from model import ModelConfig, ProbeConfig, ProbeHead
 from prepare.annotations import STAGES
 from prepare.store import read_manifest
@@ -94,58 +94,6 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, Config]:
 # labels: wake trimming, CutMix, focal loss
 
 
-def unscore_excess_wake(stages: torch.Tensor) -> torch.Tensor:
-    """`loss_trim_wake: paper`, our reading of the paper's text (after L-SeqSleepNet): when wake is the most frequent
-    stage of a window, the wake before sleep onset and after the final awakening is dropped from the loss (set to -1),
-    earliest first, until no more of it is left than epochs of the second most frequent stage. stages [E] -> [E]."""
-    counts = torch.bincount(stages[stages >= 0], minlength=N_CLASSES)
-    second = counts[1:].max()
-    if counts[0] <= second:
-        return stages
-    asleep = torch.nonzero(stages >= 1).flatten()
-    if len(asleep) == 0:
-        return stages
-    evening = int(((stages[: asleep[0]] == 0)).sum())             # wake (and unscored) before sleep onset
-    morning = int(((stages[asleep[-1] + 1:] == 0)).sum())
-    excess = evening + morning - int(second)
-    if excess <= 0:
-        return stages
-    stages = stages.clone()
-    from_evening = min(excess, evening)
-    before_onset = torch.nonzero(stages[: asleep[0]] == 0).flatten()
-    stages[before_onset[:from_evening]] = -1
-    after_last = torch.nonzero(stages[asleep[-1] + 1:] == 0).flatten() + asleep[-1] + 1
-    if excess > from_evening:
-        stages[after_last[len(after_last) - (excess - from_evening):]] = -1
-    return stages
-
-
-def unscore_excess_wake_upstream(stages: torch.Tensor) -> torch.Tensor:
-    """`loss_trim_wake: upstream`, upstream's slumber.trim_wake_epochs_from_hypnogram as it runs (docs/upstream.md §11
-    item 5): when wake outnumbers every sleep stage, "evening wake" is the first run only if epoch 0 is wake, and
-    "morning wake" is the last run after the final wake/non-wake change, WHATEVER its stage (a night that ends asleep
-    loses sleep epochs); the excess over the second largest class goes from the start, then from the end. A window
-    with no sleep is left alone (upstream raises there). stages [E] -> [E]."""
-    counts = torch.bincount(stages[stages >= 0], minlength=N_CLASSES)
-    second = int(counts[1:].max())
-    if counts[0] <= second or second == 0:
-        return stages
-    changes = torch.nonzero(torch.diff((stages == 0).int())).flatten()                 # last index before a change
-    evening = int(changes[0]) + 1 if stages[0] == 0 else 0
-    morning = len(stages) - (int(changes[-1]) + 1)
-    excess = evening + morning - second
-    if excess <= 0:
-        return stages
-    stages = stages.clone()
-    stages[:min(excess, evening)] = -1
-    if excess > evening:
-        stages[len(stages) - (excess - evening):] = -1
-    return stages
-
-
-WAKE_TRIMS = {"paper": unscore_excess_wake, "upstream": unscore_excess_wake_upstream, "none": lambda stages: stages}
-
-
 def cutmix_epochs(embeddings: torch.Tensor, stages: torch.Tensor, n_valid_epochs: torch.Tensor, p: float,
                   patches_per_epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
     """With probability p, shuffle the 30-s epochs (their 5 patch embeddings and their label) across all nights and
@@ -193,7 +141,7 @@ def focal_loss(logits: torch.Tensor, stages: torch.Tensor, gamma: float, weights
 
 class ProbeWindows(torch.utils.data.Dataset):
     """NightDataset windows for the probe: item = {embeddings [C, N, D] float32 (when cached) or signals [C, L],
-    padding_mask [L], stages [E], n_valid_epochs}."""
+    padding_mask [L], padded_epochs [E], stages [E], n_valid_epochs}."""
 
     def __init__(self, nights: NightDataset, cache=None):
         self.nights, self.cache = nights, cache
@@ -208,14 +156,10 @@ class ProbeWindows(torch.utils.data.Dataset):
             item = self.nights[index]
         else:
             item = {"embeddings": torch.from_numpy(self.cache[index].astype(np.float32)),
-                    "stages": self.nights.stages_of(index), "present": self.nights.present_of(index)}
+                    "padded_epochs": self.nights.padded_epochs(index), "stages": self.nights.stages_of(index),
+                    "present": self.nights.present_of(index)}
         item["n_valid_epochs"] = n_valid_epochs
         return item
-
-
-def padding_from_counts(n_valid_epochs: torch.Tensor, window_samples: int, epoch_samples: int) -> torch.Tensor:
-    """[B] valid epochs -> padding mask [B, L] (True = padded), as the data loader would have given it."""
-    return torch.arange(window_samples, device=n_valid_epochs.device)[None, :] >= (n_valid_epochs * epoch_samples)[:, None]
 
 
 def cache_key(encoder: torch.nn.Module, nights: NightDataset) -> str:
@@ -226,6 +170,7 @@ def cache_key(encoder: torch.nn.Module, nights: NightDataset) -> str:
         digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     digest.update(json.dumps([[str(nights.stores[n]), s, e] for n, s, e in nights.windows]).encode())
     digest.update(str(nights.window_samples).encode())
+    digest.update(nights.mask_epochs.encode())     # masked epochs are padding for the encoder: other embeddings
     return digest.hexdigest()[:16]
 
 
@@ -270,11 +215,12 @@ def absent_embeddings(encoder, padding_mask: torch.Tensor, autocast, memo: dict)
     """What the frozen encoder makes of all-zero (absent) channels under each window's padding: padding_mask [B, L]
     -> [B, C, N, D]. In eval mode the encoder treats every channel on its own, so a window with channel c zeroed
     has exactly these embeddings in row c and its own in the others (tests/test_train_probe.py): channel dropout can
-    act on cached embeddings. Memoised by the number of valid samples (full windows and night ends: few values);
-    rounded through float16 like the cache, so a dropped channel looks exactly like one the store marks absent."""
+    act on cached embeddings. Memoised by the padded patches (full windows and night ends: few values unless
+    data.mask_epochs is on); rounded through float16 like the cache, so a dropped channel looks exactly like one the
+    store marks absent."""
     rows = []
     for mask in padding_mask:                                                            # [L]
-        key = int((~mask).sum())
+        key = mask[::encoder.cfg.patch_len].cpu().numpy().tobytes()
         if key not in memo:
             if len(memo) >= 16:
                 memo.clear()
@@ -312,15 +258,14 @@ def labelled_nights(cfg: Config, split: str) -> NightDataset:
     manifest = manifest[manifest["n_scored"] > 0]
     return NightDataset([Path(cfg.data.root) / p for p in manifest["path"]], window_s=cfg.data.window_s,
                         stride_s=cfg.data.stride_s, crop_wake_min=cfg.data.crop_wake_min,
-                        first_window_only=cfg.data.first_window_only)
+                        first_window_only=cfg.data.first_window_only, mask_epochs=cfg.data.mask_epochs)
 
 
 def probe_inputs(batch: dict, encoder, cfg: Config, device, autocast, trim: str):
     """(embeddings [B, C, N, D], padding_mask [B, L], stages [B, E], n_valid_epochs [B]) on the device."""
     n_valid = batch["n_valid_epochs"].to(device)
     epoch_samples = cfg.model.patch_len * cfg.probe.patches_per_epoch
-    window_samples = batch["stages"].shape[1] * epoch_samples
-    padding_mask = padding_from_counts(n_valid, window_samples, epoch_samples)
+    padding_mask = batch["padded_epochs"].to(device).repeat_interleave(epoch_samples, dim=1)   # [B, L]
     if "embeddings" in batch:
         embeddings = batch["embeddings"].to(device, non_blocking=True)
     else:

@@ -134,3 +134,36 @@ def test_first_window_only_and_redrawn_split_fractions(tmp_path):
     assert counts["train"] == pytest.approx(0.49, abs=0.06) and counts["test"] == pytest.approx(0.30, abs=0.06)
     # the same subject hash: a subject in the 80/10/10 test split (u >= 0.9) stays in test with 0.49/0.21/0.30
     assert all(s == "test" for r, s in zip(rows, shares) if store.split_of(r["dataset"], r["subject"]) == "test")
+
+
+@pytest.mark.parametrize("rule, masked", [
+    ("none", []),
+    ("unscored", [7]),
+    # the paper's reading: wake beyond the second class's 3 epochs, from the evening first: 8 - 3 = 5 epochs
+    ("paper", [0, 1, 2, 3, 4, 7]),
+    # upstream's: the window's trailing padding is its "morning wake" (4 epochs), so the whole evening run goes
+    ("upstream", [0, 1, 2, 3, 4, 5, 7]),
+])
+def test_mask_epochs_marks_unscored_and_trimmed_epochs_as_padding(tmp_path, rule, masked):
+    W, N2 = 0, 2
+    stages = np.array([W] * 6 + [N2, -1, N2, N2, W, W], np.int8)                       # 12 epochs in a 16-epoch window
+    path = make_store(tmp_path, "n", 12, stages=stages)[0]
+    item = NightDataset([path], window_s=16 * 30, mask_epochs=rule)[0]
+    expected = torch.zeros(16, dtype=torch.bool)
+    expected[masked + [12, 13, 14, 15]] = True                                          # past the night's end: always
+    assert torch.equal(item["padded_epochs"], expected)
+    assert torch.equal(item["padding_mask"], expected.repeat_interleave(EPOCH))
+    assert item["stages"].tolist() == stages.tolist() + [-1] * 4                        # the labels stay the truth
+    assert torch.equal(item["signals"][:, :EPOCH], torch.from_numpy(signals_of(path)[:, :EPOCH]))   # signals stay
+
+
+def signals_of(path):
+    return np.stack([np.asarray(c[:EPOCH], np.float32) for c in store.read_night(path)[0]])
+
+
+def test_mask_epochs_leaves_a_night_without_stages_alone(tmp_path):
+    path = make_store(tmp_path, "unscored", 10, stages=np.full(10, -1, np.int8))[0]
+    item = NightDataset([path], window_s=12 * 30, mask_epochs="upstream")[0]
+    assert item["padded_epochs"].tolist() == [False] * 10 + [True] * 2
+    with pytest.raises(ValueError, match="data.mask_epochs must be one of none, unscored, paper, upstream"):
+        NightDataset([path], window_s=12 * 30, mask_epochs="off")

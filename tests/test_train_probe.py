@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import data
 import runs
 import train_pretrain
 import train_probe
@@ -18,13 +19,13 @@ W, N1, N2, N3, R = 0, 1, 2, 3, 4
 def test_unscore_excess_wake_follows_the_papers_rule():
     # 10 W before onset, 4 N2, 2 REM, 8 W after: W (18) > N2 (4), so 14 wake epochs go, the evening ones first.
     stages = torch.tensor([W] * 10 + [N2, N2, W, N2, N2, R, R] + [W] * 8)
-    trimmed = train_probe.unscore_excess_wake(stages)
+    trimmed = data.unscore_excess_wake(stages)
     assert trimmed[:10].tolist() == [-1] * 10
     assert trimmed[10:17].tolist() == stages[10:17].tolist()          # wake inside sleep is never touched
     assert trimmed[17:].tolist() == [W] * 4 + [-1] * 4                 # 4 of the morning wake go, the latest ones
     assert (trimmed == W).sum() == 4 + 1 == (stages == N2).sum() + 1
     balanced = torch.tensor([W, W, N2, N2, N2, W])
-    assert torch.equal(train_probe.unscore_excess_wake(balanced), balanced)      # wake not the largest class: unchanged
+    assert torch.equal(data.unscore_excess_wake(balanced), balanced)      # wake not the largest class: unchanged
 
 
 def test_cutmix_moves_epochs_with_their_labels_and_keeps_padding():
@@ -114,6 +115,32 @@ def test_probe_run_and_cache_equal_live_encoder(shhs_nights, encoder_run, tmp_pa
     assert caches[0].joinpath("complete").stat().st_mtime == before
 
 
+def test_masked_epochs_get_their_own_cache_of_masked_embeddings(shhs_nights, encoder_run, tmp_path):
+    import zarr
+    encoder_dir = tmp_path / "encoder"
+    shutil.copytree(encoder_run, encoder_dir, ignore=shutil.ignore_patterns("embeddings"))
+    for rule in ("none", "upstream"):
+        train_probe.main(probe_args(shhs_nights, encoder_dir, tmp_path / rule, "--train.max_steps", "1",
+                                    "--data.mask_epochs", rule))
+    caches = sorted((encoder_dir / "embeddings").glob("*.zarr"))
+    assert len(caches) == 2                                  # the mask is part of the cache key
+    cfg = train_probe.config.load(train_probe.Config, "configs/probe_tiny.yaml", [
+        "--data.root", str(shhs_nights), "--data.window_s", "1800", "--data.stride_s", "1800",
+        "--data.mask_epochs", "upstream"])
+    masked_set = train_probe.labelled_nights(cfg, "train")
+    def masked_inside(padded):                                                # padding before the window's end
+        return padded.any() and (~padded).nonzero().max() > padded.nonzero().min()
+    index = next(i for i in range(len(masked_set)) if masked_inside(masked_set[i]["padded_epochs"]))
+    item, encoder = masked_set[index], load_encoder(tmp_path / "upstream")
+    with torch.no_grad():
+        live = encoder.embed(item["signals"][None], item["padding_mask"][None])[0]              # [C, N, D]
+        unmasked = encoder.embed(item["signals"][None])[0]
+    key = train_probe.cache_key(encoder, masked_set)
+    cached = torch.from_numpy(zarr.open_array(encoder_dir / "embeddings" / f"{key}.zarr")[index].astype(np.float32))
+    assert torch.allclose(cached, live, atol=2e-2 * live.abs().max().item())
+    assert not torch.allclose(unmasked, live, atol=2e-2 * live.abs().max().item())   # the mask reached the encoder
+
+
 def test_a_run_that_builds_the_cache_trains_as_one_that_reuses_it(shhs_nights, encoder_run, tmp_path):
     encoder = tmp_path / "encoder"
     shutil.copytree(encoder_run, encoder, ignore=shutil.ignore_patterns("embeddings"))
@@ -139,7 +166,7 @@ def test_channel_dropout_on_embeddings_is_zeroing_the_channel(encoder_run):
     signals[1, :, 1200 * 125:] = 0
     memo = {}
     absent = train_probe.absent_embeddings(encoder, padding_mask, train_probe.nullcontext(), memo)
-    assert absent.shape == (2, 7, 300, 32) and sorted(memo) == [1200 * 125, L]
+    assert absent.shape == (2, 7, 300, 32) and len(memo) == 2        # one per distinct padding
     with torch.no_grad():
         embeddings = encoder.embed(signals, padding_mask)
         zeroed = signals.clone()
@@ -189,7 +216,7 @@ def test_channel_dropout_replaces_whole_channels_of_the_probe_input(shhs_nights,
 
 @pytest.mark.parametrize("rule", ["paper", "upstream"])
 def test_wake_trimming_rules_on_the_edge_cases(rule):
-    trim = train_probe.WAKE_TRIMS[rule]
+    trim = data.WAKE_TRIMS[rule]
     # wake is not the largest class: both rules leave the window alone
     balanced = torch.tensor([W, W, N2, N2, N2, W])
     assert torch.equal(trim(balanced), balanced)
