@@ -6,8 +6,13 @@ The epoch rule (used by every reader, stated once here):
     A stage annotation that starts at `onset` seconds and lasts `dur` seconds covers the epochs
     floor(onset / 30) .. ceil((onset + dur) / 30) - 1; one with duration 0 covers the single epoch
     floor(onset / 30). Where two stage annotations cover the same epoch, the later one in the file wins
-    and a note says so. Epochs that no stage annotation covers are -1, as are unscored, movement and
-    unknown stages.
+    and a note says so. Epochs that no stage annotation covers are -1, as are unscored and movement.
+
+Stage labels we do not know: in the XML and Luna formats, whose vocabularies grow with the scoring software, the
+epochs are left unscored and counted in a note ("17 epochs with unknown label 'Stage 7 sleep|7' left unscored"),
+and a file where they exceed MAX_UNKNOWN_SHARE of the epochs that carry a stage label fails. In the closed
+vocabularies (WSC codes, EDF+ 'Sleep stage …', text hypnograms) one unknown label fails the file: there it means
+another coding (an R&K text file's 4 is N4, ours is REM), which would be misread without a trace.
 
 Stage codes: 0 W, 1 N1, 2 N2, 3 N3 (R&K stages 3 and 4), 4 REM, -1 unscored. Readers return a `Hypnogram`
 whose `stages` run from epoch 0 to the last epoch any stage annotation covers (trailing unscored epochs
@@ -23,6 +28,7 @@ import math
 import os
 import re
 import xml.etree.ElementTree as ET
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -38,6 +44,10 @@ _EPS = 1e-6
 # No night is longer than this; a larger epoch index is a corrupt onset, not a hypnogram to allocate.
 MAX_EPOCHS = 3 * 24 * 120  # 72 h
 FORMATS = ("nsrr-xml", "profusion-xml", "luna-annot", "wsc-stg", "wsc-allscore", "edf+", "text")
+# A few epochs with a label we do not know are a scorer's odd code (left unscored, counted in a note); more than this
+# share of the epochs that carry a stage label means a vocabulary we do not read, and the file fails.
+MAX_UNKNOWN_SHARE = 0.10
+UNKNOWN_NOTE = "with unknown label"   # in every note about unknown labels (prepare's batch summary finds them by it)
 
 
 class AnnotationError(ValueError):
@@ -88,6 +98,24 @@ def _place(intervals: list[tuple[float, float, int]], path: str) -> tuple[np.nda
     notes = [f"{overlapped} epochs covered by more than one stage annotation; the later one was kept"] \
         if overlapped else []
     return stages, notes
+
+
+def _unknown_labels(unknown: Counter, labelled: int, path: str) -> list[str]:
+    """Notes for stage labels we do not know (label -> epochs, read as unscored); more than MAX_UNKNOWN_SHARE of
+    the `labelled` epochs (those that carry any stage label) fails the file."""
+    total = sum(unknown.values())
+    if total > MAX_UNKNOWN_SHARE * labelled:
+        counts = ", ".join(f"{label!r} {n}" for label, n in sorted(unknown.items()))
+        raise AnnotationError(f"{path}: {total} of {labelled} staged epochs have stage labels we do not know, more "
+                              f"than {MAX_UNKNOWN_SHARE:.0%} (epochs per label: {counts})")
+    return [f"{n} epochs {UNKNOWN_NOTE} {label!r} left unscored" for label, n in sorted(unknown.items())]
+
+
+def _unknown_error(path: str, first: str, unknown: Counter, unit: str) -> AnnotationError:
+    """One line for a closed vocabulary (see the module docstring): the first unknown label, and all with counts.
+    `first` says where the first one is ("line 3: unknown stage code '8'")."""
+    counts = ", ".join(f"{label!r} {n}" for label, n in unknown.items())
+    return AnnotationError(f"{path}: {first} ({sum(unknown.values())} {unit} with unknown stage labels: {counts})")
 
 
 def _check_exists(path: str) -> None:
@@ -175,24 +203,27 @@ def _check_epoch_length(root: ET.Element, path: str) -> None:
 def _xml_float(event: ET.Element, tag: str, path: str) -> float:
     text = event.findtext(tag)
     try:
-        return float(text)
+        value = float(text)
     except (TypeError, ValueError):
+        value = math.nan
+    if not math.isfinite(value):   # float() also takes 'nan' and 'inf', which no epoch index can be made of
         raise AnnotationError(f"{path}: ScoredEvent {event.findtext('EventConcept')!r} has no numeric "
-                              f"<{tag}> ({text!r})") from None
+                              f"<{tag}> ({text!r})")
+    return value
 
 
 # NSRR concept names, used only when a concept lacks the '|code' suffix.
 _NSRR_NAMES = {"wake": W, "stage 1 sleep": N1, "stage 2 sleep": N2, "stage 3 sleep": N3,
-               "stage 4 sleep": N3, "rem sleep": REM}
-# The number after '|' in NSRR concepts follows the Profusion codes.
-_PROFUSION_CODES = {0: W, 1: N1, 2: N2, 3: N3, 4: N3, 5: REM}
+               "stage 4 sleep": N3, "rem sleep": REM, "movement": UNSCORED, "unscored": UNSCORED}
+# The number after '|' in NSRR concepts follows the Profusion codes: 6 movement, 9 unscored; any other is unknown.
+_PROFUSION_CODES = {0: W, 1: N1, 2: N2, 3: N3, 4: N3, 5: REM, 6: UNSCORED, 9: UNSCORED}
 
 
 def _nsrr_stage(concept: str) -> int | None:
     """'Stage 2 sleep|2' → 2; movement/unscored → -1; None for a concept we do not recognise."""
     name, _, code = concept.partition("|")
     if code.strip().lstrip("-").isdigit():
-        return _PROFUSION_CODES.get(int(code), UNSCORED)
+        return _PROFUSION_CODES.get(int(code))
     return _NSRR_NAMES.get(name.strip().lower())
 
 
@@ -200,7 +231,7 @@ def read_nsrr_xml(path) -> Hypnogram:
     """NSRR `*-nsrr.xml`: stage runs (EventType 'Stages|Stages') placed by their Start, round(Duration/30) epochs."""
     path = os.fspath(path)
     root = _parse_xml(path, "PSGAnnotation")
-    intervals, unknown, recording_s = [], set(), None
+    intervals, unknown, labelled, recording_s = [], Counter(), 0, None
     for event in root.iter("ScoredEvent"):
         concept = (event.findtext("EventConcept") or "").strip()
         if concept == "Recording Start Time":
@@ -210,16 +241,16 @@ def read_nsrr_xml(path) -> Hypnogram:
         if "Stages" not in (event.findtext("EventType") or ""):
             continue
         code = _nsrr_stage(concept)
-        if code is None:
-            unknown.add(concept)
-            code = UNSCORED
         start = _xml_float(event, "Start", path)
         # Runs are n × 30 s; rounding the epoch count absorbs float text such as 569.9999.
         n = round(_xml_float(event, "Duration", path) / EPOCH_S)
+        labelled += max(n, 1)                 # a run of 0 epochs still covers one (the epoch rule)
+        if code is None:
+            unknown[concept] += max(n, 1)
+            code = UNSCORED
         intervals.append((start, n * EPOCH_S, code))
     stages, notes = _place(intervals, path)
-    if unknown:
-        notes.append(f"unknown stage concepts read as unscored: {sorted(unknown)}")
+    notes += _unknown_labels(unknown, labelled, path)
     return Hypnogram(stages, path, "nsrr-xml", recording_s, notes)
 
 
@@ -230,14 +261,16 @@ def read_profusion_xml(path) -> Hypnogram:
     values = [el.text for el in root.iterfind("SleepStages/SleepStage")]
     if not values:
         raise AnnotationError(f"{path}: no SleepStages/SleepStage elements")
-    stages = np.empty(len(values), dtype=np.int8)
+    stages, unknown = np.empty(len(values), dtype=np.int8), Counter()
     for i, text in enumerate(values):
         try:
             code = int((text or "").strip())
         except ValueError:
             raise AnnotationError(f"{path}: SleepStage {i + 1} is not an integer: {text!r}") from None
-        stages[i] = _PROFUSION_CODES.get(code, UNSCORED)  # 6 movement, 9 unscored, others: unscored
-    return Hypnogram(stages, path, "profusion-xml")
+        if code not in _PROFUSION_CODES:
+            unknown[str(code)] += 1
+        stages[i] = _PROFUSION_CODES.get(code, UNSCORED)
+    return Hypnogram(stages, path, "profusion-xml", notes=_unknown_labels(unknown, len(values), path))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -246,6 +279,9 @@ def read_profusion_xml(path) -> Hypnogram:
 _LUNA_STAGES = {"W": W, "WAKE": W, "N1": N1, "NREM1": N1, "N2": N2, "NREM2": N2, "N3": N3, "NREM3": N3,
                 "N4": N3, "NREM4": N3, "R": REM, "REM": REM, "?": UNSCORED}
 _LUNA_COLUMNS = ["class", "instance", "channel", "start", "stop", "meta"]
+# Luna classes are free text (events too: 'arousal', 'apnea'), so only a class shaped like a stage ('N5', 'NREM5',
+# 'S7', 'Stage 7') that we do not know counts as an unknown stage; anything else is an event and is ignored.
+_LUNA_STAGE_LIKE = re.compile(r"(?i)^(n|nrem|s|stage[ _]?)\d+$")
 
 
 def _luna_time(text: str, is_stop: bool, start_tod: float | None, path: str, lineno: int) -> float | None:
@@ -269,10 +305,13 @@ def _luna_time(text: str, is_stop: bool, start_tod: float | None, path: str, lin
                                   "(edf_start was not given)")
         return _since(clock, start_tod)
     try:
-        return float(text)
+        seconds = float(text)
     except ValueError:
+        seconds = math.nan
+    if not math.isfinite(seconds):   # float() also takes 'nan' and 'inf'
         raise AnnotationError(f"{path}: line {lineno}: cannot read time {text!r} "
-                              "(expected HH:MM:SS, seconds or e:N)") from None
+                              "(expected HH:MM:SS, seconds or e:N)")
+    return seconds
 
 
 def read_luna_annot(path, edf_start: dt.datetime | None) -> Hypnogram:
@@ -284,7 +323,7 @@ def read_luna_annot(path, edf_start: dt.datetime | None) -> Hypnogram:
     path = os.fspath(path)
     lines = _read_text(path)
     start_tod = _time_of_day(edf_start) if edf_start is not None else None
-    columns, intervals = None, []
+    columns, intervals, unknown = None, [], Counter()
     for lineno, line in enumerate(lines, 1):
         if not line.strip() or line.startswith("#"):
             continue
@@ -294,8 +333,9 @@ def read_luna_annot(path, edf_start: dt.datetime | None) -> Hypnogram:
                 columns = {name.strip().lower(): i for i, name in enumerate(fields)}
                 continue
             columns = {name: i for i, name in enumerate(_LUNA_COLUMNS)}  # headerless: Luna's column order
-        code = _LUNA_STAGES.get(fields[columns["class"]].strip().upper())
-        if code is None:
+        label = fields[columns["class"]].strip()
+        code = _LUNA_STAGES.get(label.upper())
+        if code is None and not _LUNA_STAGE_LIKE.match(label):
             continue  # an event, not a stage
         try:
             start_text = fields[columns["start"]]
@@ -307,8 +347,14 @@ def read_luna_annot(path, edf_start: dt.datetime | None) -> Hypnogram:
         if stop is not None and stop < start:
             raise AnnotationError(f"{path}: line {lineno}: stage row stops before it starts "
                                   f"({start_text.strip()} .. {stop_text.strip()})")
-        intervals.append((start, 0.0 if stop is None else stop - start, code))
+        duration = 0.0 if stop is None else stop - start
+        if code is None:
+            first, end = _epoch_span(start, duration)
+            unknown[label] += end - first
+        intervals.append((start, duration, UNSCORED if code is None else code))
     stages, notes = _place(intervals, path)
+    labelled = sum(end - first for first, end in (_epoch_span(onset, d) for onset, d, _ in intervals))
+    notes += _unknown_labels(unknown, labelled, path)
     return Hypnogram(stages, path, "luna-annot", notes=notes)
 
 
@@ -350,7 +396,7 @@ def read_wsc_stg(path) -> Hypnogram:
         epoch_col, stage_col, note = _stg_columns(rows.pop(0)[1], path)
         columns = (epoch_col, stage_col)
         notes += [note] if note else []
-    intervals, empty = [], 0
+    intervals, empty, unknown, first_unknown = [], 0, Counter(), ""
     for lineno, fields in rows:
         if columns:
             epoch_text = fields[columns[0]] if columns[0] < len(fields) else ""
@@ -366,10 +412,14 @@ def read_wsc_stg(path) -> Hypnogram:
             code = UNSCORED
         else:
             value = _int_field(stage_text)
-            if value not in _WSC_CODES:
-                raise AnnotationError(f"{path}: line {lineno}: unknown stage code {stage_text.strip()!r}")
+            if value not in _WSC_CODES:   # counted, then one line for all (closed vocabulary: module docstring)
+                first_unknown = first_unknown or f"line {lineno}: unknown stage code {stage_text.strip()!r}"
+                unknown[stage_text.strip()] += 1
+                continue
             code = _WSC_CODES[value]
         intervals.append(((epoch - 1) * EPOCH_S, EPOCH_S, code))
+    if unknown:
+        raise _unknown_error(path, first_unknown, unknown, "rows")
     stages, place_notes = _place(intervals, path)
     if empty:
         notes.append(f"{empty} rows with an empty stage field read as unscored")
@@ -424,7 +474,7 @@ def read_wsc_allscore(path, edf_start: dt.datetime | None) -> Hypnogram:
     else:
         raise AnnotationError(f"{path}: no START RECORDING line and no EDF start time given")
 
-    changes, last_time = [], 0.0  # changes: (seconds, code)
+    changes, last_time, unknown, first_unknown = [], 0.0, Counter(), ""  # changes: (seconds, code)
     for lineno, clock, text in lines:
         if clock is None:
             if text.startswith("STAGE"):
@@ -434,13 +484,17 @@ def read_wsc_allscore(path, edf_start: dt.datetime | None) -> Hypnogram:
         last_time = max(last_time, t)
         if text.startswith("STAGE"):
             label = re.sub(r"^STAGE\s*-?\s*", "", text)
-            if label not in _ALLSCORE_STAGES:
-                raise AnnotationError(f"{path}: line {lineno}: unknown stage {text!r}")
+            if label not in _ALLSCORE_STAGES:   # counted, then one line for all (closed vocabulary)
+                first_unknown = first_unknown or f"line {lineno}: unknown stage {text!r}"
+                unknown[text] += 1
+                continue
             if changes and t < changes[-1][0]:
                 raise AnnotationError(f"{path}: line {lineno}: stage lines out of time order")
             changes.append((t, _ALLSCORE_STAGES[label]))
         elif text.startswith("LIGHTS ON") and changes:
             changes.append((t, None))  # closes the open stage; None marks 'no stage from here'
+    if unknown:
+        raise _unknown_error(path, first_unknown, unknown, "lines")
     intervals = []
     for (t, code), nxt in zip(changes, changes[1:] + [(None, None)]):
         if code is None:
@@ -463,18 +517,19 @@ _EDF_STAGES = {"W": W, "1": N1, "2": N2, "3": N3, "4": N3, "R": REM, "?": UNSCOR
 _MAX_SHIFT_S = 12 * 3600
 
 
-def _edf_stage(description: str, path: str) -> int | None:
-    """'Sleep stage 2' → 2, 'Movement time' → -1; None for events that are not stages."""
+_UNKNOWN_STAGE = -2   # _edf_stage: a 'Sleep stage …' annotation whose stage we do not know
+
+
+def _edf_stage(description: str) -> int | None:
+    """'Sleep stage 2' → 2, 'Movement time' → -1, 'Sleep stage X' → _UNKNOWN_STAGE; None for events that are not
+    stages."""
     text = description.split("@@")[0].strip()  # HMC appends '@@<channel>' to some events
     if text.lower() == "movement time":
         return UNSCORED
     m = re.match(r"(?i)^sleep stage\s+(\S+)$", text)
     if not m:
         return None
-    code = _EDF_STAGES.get(m[1].upper())
-    if code is None:
-        raise AnnotationError(f"{path}: unknown stage annotation {description!r}")
-    return code
+    return _EDF_STAGES.get(m[1].upper(), _UNKNOWN_STAGE)
 
 
 def read_edf_hypnogram(path, edf_start: dt.datetime | None = None) -> Hypnogram:
@@ -503,14 +558,19 @@ def read_edf_hypnogram(path, edf_start: dt.datetime | None = None) -> Hypnogram:
                      f"{edf_start})")
         if shift % EPOCH_S:
             notes.append("the shift is not a multiple of 30 s: stage annotations straddle epochs")
-    intervals = []
+    intervals, unknown = [], Counter()
     for onset, duration, description in events:
-        code = _edf_stage(description, path)
+        code = _edf_stage(description)
         if code is None:
+            continue
+        if code == _UNKNOWN_STAGE:   # counted, then one line for all (closed vocabulary: module docstring)
+            unknown[description] += 1
             continue
         if onset < 0:
             raise AnnotationError(f"{path}: negative onset {onset:g} s for {description!r}")
         intervals.append((onset + shift, duration, code))
+    if unknown:
+        raise _unknown_error(path, f"unknown stage annotation {next(iter(unknown))!r}", unknown, "annotations")
     if shift < 0:  # the scoring began before the recording: keep only what the recording covers
         kept = [(max(onset, 0.0), onset + duration - max(onset, 0.0), code)
                 for onset, duration, code in intervals if onset >= 0 or onset + duration > 0]
@@ -561,13 +621,17 @@ def read_text(path) -> Hypnogram:
     if header is not None:
         column = header
         rows.pop(0)
-    stages = np.empty(len(rows), dtype=np.int8)
+    stages, unknown, first_unknown = np.empty(len(rows), dtype=np.int8), Counter(), ""
     for i, (lineno, fields) in enumerate(rows):
         token = fields[column] if column < len(fields) else ""
         code = _text_stage(token)
-        if code is None:
-            raise AnnotationError(f"{path}: line {lineno}: unknown stage {token.strip()!r}")
+        if code is None:   # counted, then one line for all (closed vocabulary: module docstring)
+            first_unknown = first_unknown or f"line {lineno}: unknown stage {token.strip()!r}"
+            unknown[token.strip()] += 1
+            continue
         stages[i] = code
+    if unknown:
+        raise _unknown_error(path, first_unknown, unknown, "lines")
     if not len(stages):
         raise AnnotationError(f"{path}: no stage lines")
     return Hypnogram(stages, path, "text")

@@ -16,6 +16,7 @@ Format: https://www.edfplus.info/specs/edf.html and .../edfplus.html.
 from __future__ import annotations
 
 import datetime as dt
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -25,6 +26,22 @@ import numpy as np
 
 class EdfError(ValueError):
     """A file that is not a readable EDF; the message names the file and the cause."""
+
+
+class AmbiguousLabel(EdfError):
+    """Two signals share a label but differ in header or samples: which one is meant cannot be known.
+    `detail` is the message without the file name (prepare/night.py puts it after the slot's name)."""
+
+    def __init__(self, path: str, detail: str):
+        super().__init__(f"{path}: {detail}")
+        self.detail = detail
+
+
+# EDF+D: a gap between records longer than this is not a night with a disconnection but two recordings (or a corrupt
+# onset); filling it would allocate hours of NaN filler per channel (a day at 512 Hz is 350 MB of float64).
+MAX_GAP_S = 3600.0
+# No night is longer than this (prepare/annotations.py MAX_EPOCHS likewise): an EDF+D laid out longer is corrupt.
+MAX_SPAN_S = 72 * 3600.0
 
 
 @dataclass
@@ -81,10 +98,17 @@ def _field(raw: bytes, path: str, name: str) -> str:
 
 
 def _number(text: str, path: str, name: str, kind=float):
+    """A header number. float() alone accepts 'nan' and 'inf', and int(float()) would cut '12.5' to 12: both are
+    refused, so that no field turns into a silently wrong gain, rate or size."""
     try:
-        return kind(float(text)) if kind is int else kind(text)
+        value = float(text)
     except ValueError:
         raise EdfError(f"{path}: header field {name!r} is not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise EdfError(f"{path}: header field {name!r} is not a finite number: {text!r}")
+    if kind is int and not value.is_integer():
+        raise EdfError(f"{path}: header field {name!r} is not a whole number: {text!r}")
+    return int(value) if kind is int else value
 
 
 def _start_datetime(date: str, time: str, path: str) -> dt.datetime | None:
@@ -123,7 +147,12 @@ def read_header(path: str | os.PathLike, allow_truncated: bool = False) -> EdfHe
         raise EdfError(f"{path}: header size field says {header_bytes} bytes, expected {256 * (ns + 1)}")
     reserved = _field(fixed[192:236], path, "reserved")
     n_records = _number(_field(fixed[236:244], path, "records"), path, "number of data records", int)
+    if n_records < -1:   # -1 is 'unknown' (a recording still being written); any other negative count is corrupt
+        raise EdfError(f"{path}: header field 'number of data records' is {n_records} (only -1, 'unknown', "
+                       f"may be negative)")
     record_s = _number(_field(fixed[244:252], path, "record duration"), path, "data record duration")
+    if record_s < 0:
+        raise EdfError(f"{path}: header field 'data record duration' is negative: {record_s:g} s")
     start = _start_datetime(_field(fixed[168:176], path, "startdate"), _field(fixed[176:184], path, "starttime"), path)
 
     def column(offset: int, width: int, name: str) -> list[str]:
@@ -153,23 +182,62 @@ def read_header(path: str | os.PathLike, allow_truncated: bool = False) -> EdfHe
             samples_per_record=n, fs=fs, offset=offset))
         offset += n
 
+    # EDF+ allows duration 0 only for annotation-only files (write_annotations writes them); a signal would get 0 Hz
+    if record_s == 0 and any(s.label != "EDF Annotations" for s in signals):
+        raise EdfError(f"{path}: header field 'data record duration' is 0 s, allowed only in an annotation-only file")
+
     header = EdfHeader(path=path, start=start, n_records=n_records, record_s=record_s, signals=signals,
                        header_bytes=header_bytes, edf_plus=reserved[:5] if reserved.startswith("EDF+") else "")
-    record_bytes = 2 * header.record_samples
-    available = (size - header_bytes) // record_bytes
-    if n_records < 0:  # -1: 'unknown', allowed while a recording is being written
-        header.n_records = available
-    elif available < n_records:
-        if not allow_truncated:
-            raise EdfError(f"{path}: truncated: header says {n_records} data records, file holds {available}")
-        header.truncated_records = n_records - available
-        header.warnings.append(f"truncated: read {available} of {n_records} data records")
-        header.n_records = available
+    _check_size(header, size, allow_truncated)
     if header.n_records == 0:
         raise EdfError(f"{path}: no data records")
     if header.edf_plus == "EDF+D":
         _lay_out_discontinuous(header)
     return header
+
+
+def _check_size(header: EdfHeader, size: int, allow_truncated: bool) -> None:
+    """The file's size must be header + records × record bytes: a single wrong samples-per-record field shifts
+    every channel after it, and nothing else would notice. Sets header.n_records to the records read.
+
+    Tolerated on purpose, each with a warning: a record count of -1 ('unknown', a recording still being written)
+    when the data are whole records; fewer records than the header says, or a cut final record, with
+    allow_truncated (predict.py; prepare never: training data); and trailing bytes short of one record after the
+    promised records (some recorders pad the file to a block size; a partial record holds no whole sample
+    of every channel, so ignoring it loses nothing). More whole records than the header says is an error.
+    """
+    path, n_records, record_bytes = header.path, header.n_records, 2 * header.record_samples
+    data = size - header.header_bytes
+    whole, extra = divmod(data, record_bytes)
+
+    def disagrees() -> EdfError:
+        records = "?" if n_records < 0 else n_records
+        expected = "" if n_records < 0 else f" = {header.header_bytes + n_records * record_bytes}"
+        return EdfError(f"{path}: size {size} bytes disagrees with its header: {header.header_bytes} header bytes + "
+                        f"{records} records × {record_bytes} bytes{expected}; a samples-per-record or record-count "
+                        f"field is wrong")
+
+    if n_records == -1:
+        if extra:
+            raise disagrees()
+        header.n_records = whole
+        header.warnings.append(f"record count -1 (unknown) in the header: read the {whole} records the file holds")
+        return
+    if data == n_records * record_bytes:
+        return
+    # exactly n_records records of another size: a wrong samples-per-record field, not a cut file
+    if n_records > 0 and data > 0 and data % n_records == 0:
+        raise disagrees()
+    if whole > n_records:
+        raise disagrees()
+    if whole == n_records:
+        header.warnings.append(f"ignored {extra} trailing bytes after the last data record (less than one record)")
+        return
+    if not allow_truncated:
+        raise EdfError(f"{path}: truncated: header says {n_records} data records, file holds {whole}")
+    header.truncated_records = n_records - whole
+    header.warnings.append(f"truncated: read {whole} of {n_records} data records")
+    header.n_records = whole
 
 
 def _lay_out_discontinuous(header: EdfHeader) -> None:
@@ -191,16 +259,36 @@ def _lay_out_discontinuous(header: EdfHeader) -> None:
         onsets[i] = float(match.group(1))
     steps = np.diff(onsets)
     tolerance = 1e-6 * max(1.0, header.record_s)
+    if onsets[0] < -tolerance:
+        raise EdfError(f"{path}: EDF+D record 0 starts at {onsets[0]:g} s, before the file's start time")
     if (steps < header.record_s - tolerance).any():
         i = int(np.flatnonzero(steps < header.record_s - tolerance)[0]) + 1
         raise EdfError(f"{path}: EDF+D record {i} starts at {onsets[i]:g} s, before record {i - 1} ends "
                        f"({onsets[i - 1] + header.record_s:g} s): records overlap or are out of order")
     gaps = steps - header.record_s
+    _check_gaps(header, onsets, gaps)
     if onsets[0] > tolerance or (gaps > tolerance).any():
         header.record_onsets = onsets
         n_gaps = int((gaps > tolerance).sum()) + int(onsets[0] > tolerance)
         header.warnings.append(f"EDF+D: {n_gaps} gap(s), {gaps[gaps > tolerance].sum() + onsets[0]:g} s in all, "
                                f"filled by interpolation")
+
+
+def _check_gaps(header: EdfHeader, onsets: np.ndarray, gaps: np.ndarray) -> None:
+    """Refuse EDF+D layouts that would allocate hours or days of filler (MAX_GAP_S, MAX_SPAN_S).
+    onsets [n_records] s; gaps [n_records - 1] s between the end of record i and the start of record i + 1."""
+    path = header.path
+    if onsets[0] > MAX_GAP_S:
+        raise EdfError(f"{path}: EDF+D record 0 starts {onsets[0]:g} s after the file's start time: a gap longer "
+                       f"than {MAX_GAP_S / 3600:g} h")
+    if (gaps > MAX_GAP_S).any():
+        i = int(np.argmax(gaps > MAX_GAP_S))
+        raise EdfError(f"{path}: EDF+D gap of {gaps[i]:g} s between record {i} and record {i + 1} "
+                       f"(at {onsets[i] + header.record_s:g} s), longer than {MAX_GAP_S / 3600:g} h")
+    span = float(onsets[-1]) + header.record_s
+    if span > MAX_SPAN_S:
+        raise EdfError(f"{path}: EDF+D records span {span / 3600:.1f} h with their gaps, longer than "
+                       f"{MAX_SPAN_S / 3600:g} h")
 
 
 def _records(header: EdfHeader) -> np.ndarray:
@@ -209,13 +297,36 @@ def _records(header: EdfHeader) -> np.ndarray:
                      shape=(header.n_records, header.record_samples))
 
 
-def read_signal(header: EdfHeader, label: str) -> np.ndarray:
-    """One signal in physical units, float64 [n_records * samples_per_record]."""
-    matches = [s for s in header.signals if s.label == label]
+def find_signal(header: EdfHeader, label: str) -> EdfSignalHeader:
+    """The signal labelled `label`. A label on several signals is read once when they are identical (same header
+    fields and samples); otherwise it is ambiguous, and taking the samples of one and the rate or unit of another
+    (as a dict by label would) gives a silently wrong channel: AmbiguousLabel names them all."""
+    matches = [(i, s) for i, s in enumerate(header.signals) if s.label == label]
     if not matches:
         raise EdfError(f"{header.path}: no signal labelled {label!r}")
-    sig = matches[0]
-    if sig.dig_max == sig.dig_min or sig.phys_max == sig.phys_min:
+    first = matches[0][1]
+    if all(_identical(header, first, other) for _, other in matches[1:]):
+        return first
+    described = "; ".join(f"signal #{i + 1}: {s.fs:g} Hz, unit {s.dimension!r}, physical {s.phys_min:g}..{s.phys_max:g}"
+                          for i, s in matches)
+    raise AmbiguousLabel(header.path, f"label {label!r} is on {len(matches)} signals with different content "
+                                      f"({described}; numbered from 1 in header order)")
+
+
+def _identical(header: EdfHeader, a: EdfSignalHeader, b: EdfSignalHeader) -> bool:
+    def fields(s):
+        return s.dimension, s.phys_min, s.phys_max, s.dig_min, s.dig_max, s.samples_per_record
+    if fields(a) != fields(b):
+        return False
+    records = _records(header)                                                       # [n_records, record_samples]
+    n = a.samples_per_record
+    return bool(np.array_equal(records[:, a.offset: a.offset + n], records[:, b.offset: b.offset + n]))
+
+
+def read_signal(header: EdfHeader, label: str) -> np.ndarray:
+    """One signal in physical units, float64 [n_records * samples_per_record]."""
+    sig = find_signal(header, label)
+    if sig.dig_max <= sig.dig_min or sig.phys_max == sig.phys_min:
         raise EdfError(f"{header.path}: signal {label!r} has an empty digital or physical range "
                        f"(digital {sig.dig_min}..{sig.dig_max}, physical {sig.phys_min}..{sig.phys_max})")
     digital = _records(header)[:, sig.offset: sig.offset + sig.samples_per_record].reshape(-1)
@@ -231,8 +342,9 @@ def read_signal(header: EdfHeader, label: str) -> np.ndarray:
     return laid_out
 
 
-# One TAL: +onset [\x15 duration] \x14 text \x14 [text \x14 ...] \x00
-_TAL = re.compile(rb"([+-]\d+(?:\.\d*)?)(?:\x15(\d+(?:\.\d*)?))?\x14((?:[^\x00]*?\x14)*)\x00")
+# One TAL (time-stamped annotation list): +onset [\x15 duration] \x14 text \x14 [text \x14 ...] \x00
+_ONSET = re.compile(rb"[+-]\d+(?:\.\d*)?")
+_DURATION = re.compile(rb"\d+(?:\.\d*)?")
 
 
 def read_annotations(path: str | os.PathLike) -> tuple[EdfHeader, list[tuple[float, float, str]]]:
@@ -240,25 +352,67 @@ def read_annotations(path: str | os.PathLike) -> tuple[EdfHeader, list[tuple[flo
 
     Each record's first TAL is the time-keeping one (empty text) and is skipped. A missing
     duration is returned as 0.0. Descriptions are UTF-8 (EDF+ spec), Latin-1 as fallback.
+    A malformed TAL is an EdfError naming the data record and the byte in it, never a skipped or
+    merged annotation.
     """
     header = read_header(path)
     ann = [s for s in header.signals if s.label == "EDF Annotations"]
     if not ann:
         raise EdfError(f"{header.path}: no 'EDF Annotations' signal (not an EDF+ annotation file)")
-    records = _records(header)
-    raw = b"".join(np.ascontiguousarray(records[:, s.offset: s.offset + s.samples_per_record]).tobytes()
-                   for s in ann)
+    records = _records(header)                                                  # [n_records, record_samples]
     events = []
-    for onset, duration, texts in _TAL.findall(raw):
-        for text in texts.split(b"\x14"):
-            if not text:
-                continue
-            try:
-                desc = text.decode("utf-8")
-            except UnicodeDecodeError:
-                desc = text.decode("latin-1")
-            events.append((float(onset), float(duration) if duration else 0.0, desc))
+    for r in range(header.n_records):
+        for s in ann:   # TALs never span records or signals (EDF+ spec), so each is parsed on its own
+            raw = records[r, s.offset: s.offset + s.samples_per_record].tobytes()
+            events += _parse_tals(raw, f"{header.path}: data record {r}", 2 * s.offset)
     return header, events
+
+
+def _parse_tals(raw: bytes, where: str, base: int) -> list[tuple[float, float, str]]:
+    """The TALs of one record's annotation signal; the rest of it is 0x00 padding. `where` names the file and
+    record, `base` is the signal's first byte in the record (for the byte offsets in errors)."""
+    events, p = [], 0
+    while p < len(raw):
+        if raw[p] == 0:   # padding (also tolerated between TALs)
+            p += 1
+            continue
+        end = raw.find(b"\x00", p)
+        if end < 0:
+            raise EdfError(f"{where}, byte {base + p}: annotation not terminated by 0x00 before the record ends")
+        events += _parse_tal(raw[p:end], f"{where}, byte {base + p}")
+        p = end + 1
+    return events
+
+
+def _parse_tal(tal: bytes, where: str) -> list[tuple[float, float, str]]:
+    """One TAL without its 0x00: b'+onset[\x15duration]\x14text\x14...'."""
+    stamp, separator, texts = tal.partition(b"\x14")
+    onset, has_duration, duration = stamp.partition(b"\x15")
+    if not separator:
+        raise EdfError(f"{where}: annotation {tal[:40]!r} has no 0x14 after its onset")
+    if onset[:1] not in (b"+", b"-"):
+        raise EdfError(f"{where}: annotation onset {onset[:40]!r} has no sign (+ or -)")
+    if not _ONSET.fullmatch(onset):
+        raise EdfError(f"{where}: annotation onset {onset[:40]!r} is not a number")
+    if has_duration and not _DURATION.fullmatch(duration):
+        raise EdfError(f"{where}: annotation duration {duration[:40]!r} is not a number")
+    if texts and not texts.endswith(b"\x14"):
+        raise EdfError(f"{where}: annotation text {texts[:40]!r} not closed by 0x14")
+    events = []
+    for text in texts[:-1].split(b"\x14") if texts else []:
+        # 0x15 never occurs in a text, and a text that is an onset is the next TAL whose 0x00 was lost: merging
+        # it into this one would shift or drop a stage
+        if b"\x15" in text or _ONSET.fullmatch(text):
+            raise EdfError(f"{where}: annotation text {text[:40]!r} looks like the next annotation's onset "
+                           f"(its 0x00 terminator is missing)")
+        if not text:
+            continue
+        try:
+            desc = text.decode("utf-8")
+        except UnicodeDecodeError:
+            desc = text.decode("latin-1")
+        events.append((float(onset), float(duration) if has_duration else 0.0, desc))
+    return events
 
 
 def annotation_record(annotations: list[tuple[float, float, str]]) -> bytes:

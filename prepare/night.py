@@ -11,6 +11,7 @@ channels are called):
 """
 from __future__ import annotations
 
+import datetime as dt
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,21 +57,36 @@ class Options:
                                          # (predict.py, with a warning) instead of failing (prepare: training data)
 
 
-def make_options(channels: Path | None = None, require: str = ",".join(DEFAULT_REQUIRED), zero_phase: bool = False,
-                 clean_spo2: bool = False) -> Options:
-    """Options from the command line of `python -m prepare` and predict.py: --channels map.yaml (checked here),
-    --require (a comma list of slots, 'all' or 'none'), --zero-phase, --clean-spo2. Errors exit with one line."""
+def make_options(channels: Path | dict | None = None, require: str = ",".join(DEFAULT_REQUIRED),
+                 zero_phase: bool = False, clean_spo2: bool = False) -> Options:
+    """Options from the command line of `python -m prepare` and predict.py: --channels map.yaml (or, from Python, the
+    mapping itself; checked here), --require (a comma list of slots, 'all' or 'none'), --zero-phase, --clean-spo2.
+    Errors exit with one line."""
     channel_map = None
     if channels:
-        channel_map = yaml.safe_load(Path(channels).read_text()) or {}
+        channel_map = channels if isinstance(channels, dict) else read_channel_file(Path(channels))
         if not isinstance(channel_map, dict) or set(channel_map) - set(SLOTS):
             raise SystemExit(f"{channels}: must map slots ({', '.join(SLOTS)}) to labels; "
                              f"got {sorted(set(channel_map) - set(SLOTS)) if isinstance(channel_map, dict) else channel_map!r}")
+        wrong = {slot: label for slot, label in channel_map.items() if label is not None and not isinstance(label, str)}
+        if wrong:
+            raise SystemExit(f"{channels}: each slot maps to one EDF label, 'A - B' or null; got {wrong}")
     require = {"all": ",".join(SLOTS), "none": ""}.get(require, require)
     required = tuple(s.strip().upper() for s in require.split(",") if s.strip())
     if set(required) - set(SLOTS):
         raise SystemExit(f"--require: unknown slots {sorted(set(required) - set(SLOTS))}; slots are {', '.join(SLOTS)}")
     return Options(required=required, channel_map=channel_map, zero_phase=zero_phase, clean_spo2=clean_spo2)
+
+
+def read_channel_file(path: Path):
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except OSError as err:
+        raise SystemExit(f"{path}: cannot read the --channels file ({err.strerror})") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        raise SystemExit(f"{path}: the --channels file is not valid YAML"
+                         f"{f' (line {mark.line + 1})' if mark else ''}") from None
 
 
 def read_stages(night: Night, header: edf.EdfHeader, n_epochs: int, opts: Options) -> tuple[np.ndarray, dict]:
@@ -87,8 +103,12 @@ def read_stages(night: Night, header: edf.EdfHeader, n_epochs: int, opts: Option
 
 def read_slot(header: edf.EdfHeader, slot: str, source: tuple[str, str | None], opts: Options) -> SlotSignal:
     """Read one slot (a label or the difference of two), in µV for voltage slots, NaNs filled."""
-    by_label = {s.label: s for s in header.signals}
-    parts = [by_label[label] for label in source if label is not None]
+    try:
+        parts = [edf.find_signal(header, label) for label in source if label is not None]
+    except edf.AmbiguousLabel as err:
+        raise SlotError(f"slot {slot}: {err.detail}") from None
+    for part in parts:
+        signals.check_source(part, slot)
     if len({p.fs for p in parts}) > 1:
         raise SlotError(f"slot {slot}: cannot derive {signals.describe(source)}: rates differ "
                         f"({', '.join(f'{p.fs:g}' for p in parts)} Hz)")
@@ -100,12 +120,18 @@ def read_slot(header: edf.EdfHeader, slot: str, source: tuple[str, str | None], 
         values.append(x)
     if len(parts) == 2 and slot not in signals.VOLTAGE_SLOTS and parts[0].dimension != parts[1].dimension:
         raise SlotError(f"slot {slot}: cannot derive {signals.describe(source)}: units differ")
-    label = signals.describe(source)
     x = values[0] - values[1] if len(values) == 2 else values[0]
+    declared = " - ".join(dict.fromkeys(p.dimension for p in parts))     # 'mV', or 'uV - mV' for a mixed derivation
+    return checked_slot(x, parts[0].fs, slot, signals.describe(source), declared)
+
+
+def checked_slot(x: np.ndarray, fs: float, slot: str, label: str, declared_unit: str) -> SlotSignal:
+    """One slot's samples at their own rate, already in µV for a voltage slot: NaNs filled, a flat or implausible
+    signal refused (SlotError). Where an EDF's signals (read_slot) and in-memory arrays (prepare_arrays) meet."""
     x, n_nan = signals.fill_nans(x, slot, label)
     signals.check_plausible(x, slot, label)
-    unit = "uV" if slot in signals.VOLTAGE_SLOTS else parts[0].dimension
-    return SlotSignal(values=x, fs=parts[0].fs, label=label, unit=unit, nan_samples=n_nan)
+    unit = "uV" if slot in signals.VOLTAGE_SLOTS else declared_unit
+    return SlotSignal(values=x, fs=fs, label=label, unit=unit, nan_samples=n_nan, source_unit=declared_unit)
 
 
 def prepare_night(night: Night, table: dict, opts: Options) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -117,14 +143,40 @@ def prepare_night(night: Night, table: dict, opts: Options) -> tuple[np.ndarray,
     stages, ann_info = read_stages(night, header, n_epochs, opts)   # cheap, so a bad file fails fast
 
     sources = signals.resolve(header.labels(), table, opts.channel_map)
+
+    def read(slot: str) -> SlotSignal:
+        if sources[slot] is None:
+            mapped_to_null = slot in (opts.channel_map or {})
+            raise SlotError(f"slot {slot}: " + ("mapped to null by --channels" if mapped_to_null
+                                                 else "none of its labels is in the EDF"))
+        return read_slot(header, slot, sources[slot], opts)
+    warnings = list(header.warnings)
+    night_signals, present, meta = condition_slots(read, n_samples, opts, warnings)
+
+    attrs = {
+        "schema": SCHEMA, "dataset": night.dataset, "subject": night.subject, "visit": night.visit,
+        "night_id": night.night_id, "fs": FS, "epoch_s": signals.EPOCH_S, "channels": list(SLOTS),
+        "present": present, **meta, "filters": signals.filters_description(opts.zero_phase),
+        "edf": str(night.edf), "annotations": ann_info["annotations"],
+        "annotation_format": ann_info["annotation_format"], "annotation_notes": ann_info["notes"],
+        "start_time": header.start.isoformat() if header.start else None,
+        "duration_s": header.duration_s, "n_scored": int(np.count_nonzero(stages >= 0)),
+        "warnings": warnings,
+    }
+    return night_signals, stages, attrs
+
+
+def condition_slots(read, n_samples: int, opts: Options, warnings: list[str]) -> tuple[np.ndarray, list[bool], dict]:
+    """The 7 slots, each from read(slot) -> SlotSignal (SlotError: unusable), filtered and resampled as the paper
+    does into ([7, n_samples] float16 at 125 Hz, present flags, per-slot meta). An unusable required slot fails the
+    night; any other is zeros, marked absent, its reason appended to `warnings`. EDFs and arrays share this."""
     night_signals = np.zeros((len(SLOTS), n_samples), np.float16)   # [7, T]
-    meta = {key: {} for key in ("source_labels", "source_fs", "source_units", "nan_samples", "clipped_samples")}
-    present, warnings = [], list(header.warnings)
+    meta = {key: {} for key in ("source_labels", "source_fs", "source_units", "declared_units", "nan_samples",
+                                "clipped_samples")}
+    present = []
     for i, slot in enumerate(SLOTS):
         try:
-            if sources[slot] is None:
-                raise SlotError(f"slot {slot}: none of its labels is in the EDF")
-            slot_signal = read_slot(header, slot, sources[slot], opts)
+            slot_signal = read(slot)
         except SlotError as err:
             if slot in opts.required:
                 raise PrepareError(f"required {err}") from None
@@ -143,21 +195,66 @@ def prepare_night(night: Night, table: dict, opts: Options) -> tuple[np.ndarray,
         present.append(True)
         meta["source_labels"][slot] = slot_signal.label
         meta["source_fs"][slot] = slot_signal.fs
-        meta["source_units"][slot] = slot_signal.unit
+        meta["source_units"][slot] = slot_signal.unit                  # as stored: uV for voltage slots
+        meta["declared_units"][slot] = slot_signal.source_unit          # as the EDF (or the caller) declared it
         meta["nan_samples"][slot] = slot_signal.nan_samples
         meta["clipped_samples"][slot] = clipped
+    return night_signals, present, meta
 
-    attrs = {
-        "schema": SCHEMA, "dataset": night.dataset, "subject": night.subject, "visit": night.visit,
-        "night_id": night.night_id, "fs": FS, "epoch_s": signals.EPOCH_S, "channels": list(SLOTS),
-        "present": present, **meta, "filters": signals.filters_description(opts.zero_phase),
-        "edf": str(night.edf), "annotations": ann_info["annotations"],
-        "annotation_format": ann_info["annotation_format"], "annotation_notes": ann_info["notes"],
-        "start_time": header.start.isoformat() if header.start else None,
-        "duration_s": header.duration_s, "n_scored": int(np.count_nonzero(stages >= 0)),
-        "warnings": warnings,
-    }
-    return night_signals, stages, attrs
+
+def prepare_arrays(arrays: dict, opts: Options, start_time=None) -> tuple[np.ndarray, dict]:
+    """In-memory signals → what prepare_night makes of an EDF, unlabelled: ([7, T] float16 at 125 Hz, attrs).
+    `arrays` maps slots to (samples, fs in Hz, unit); a slot left out or None is absent. Units are EDF physical
+    dimensions: V, mV or uV for the voltage slots (converted to µV), % for SPO2. The same checks, filters and
+    resampling as an EDF's signals (checked_slot, condition_slots); T is the longest signal's duration × 125."""
+    if unknown := set(arrays) - set(SLOTS):
+        raise PrepareError(f"signals: unknown slots {sorted(unknown)}; slots are {', '.join(SLOTS)}")
+    given = {}
+    for slot, spec in arrays.items():
+        if spec is None:
+            continue
+        if not (isinstance(spec, (tuple, list)) and len(spec) == 3):
+            raise PrepareError(f"signals[{slot!r}]: expected (samples, fs, unit), got {type(spec).__name__}")
+        values, fs, unit = np.asarray(spec[0], dtype=np.float64), float(spec[1]), str(spec[2])
+        if values.ndim != 1 or len(values) == 0 or not fs > 0:
+            raise PrepareError(f"signals[{slot!r}]: expected a non-empty 1-d array and fs > 0, got shape "
+                               f"{values.shape} at {fs:g} Hz")
+        given[slot] = (values, fs, unit)
+    if not given:
+        raise PrepareError("signals: no slot given")
+    duration_s = max(len(values) / fs for values, fs, _ in given.values())
+    n_samples = int(round(duration_s * FS))
+    if n_samples // EPOCH_SAMPLES == 0:
+        raise PrepareError(f"signals are {duration_s:g} s long, shorter than one 30-s epoch")
+
+    def read(slot: str) -> SlotSignal:
+        if slot not in given:
+            raise SlotError(f"slot {slot}: not given")
+        values, fs, unit = given[slot]
+        if slot in signals.VOLTAGE_SLOTS:
+            values = values * signals.microvolt_factor(unit, slot, slot)
+        return checked_slot(values, fs, slot, slot, unit)
+    warnings = []
+    night_signals, present, meta = condition_slots(read, n_samples, opts, warnings)
+    if isinstance(start_time, dt.datetime):
+        start_time = start_time.replace(tzinfo=None).isoformat()
+    attrs = {"fs": FS, "epoch_s": signals.EPOCH_S, "channels": list(SLOTS), "present": present, **meta,
+             "filters": signals.filters_description(opts.zero_phase), "edf": None,
+             "start_time": dt.datetime.fromisoformat(start_time).isoformat() if start_time else None,
+             "duration_s": duration_s, "warnings": warnings}
+    return night_signals, attrs
+
+
+def unknown_label_report(out: Path, nights: list[Night]) -> list[str]:
+    """'night_id: note' for each note about unknown stage labels in the stores of `nights` under `out` (the
+    batch summary of `python -m prepare`: such epochs are left unscored, which a user should hear about)."""
+    from . import store   # store is only for the command line; prepare_night itself never reads stores
+    lines = []
+    for night in nights:
+        path = store.store_path(out, night.dataset, night.night_id)
+        notes = (store.read_attrs(path).get("annotation_notes") or []) if path.exists() else []
+        lines += [f"{night.night_id}: {note}" for note in notes if annotations.UNKNOWN_NOTE in note]
+    return lines
 
 
 def _fit_length(values: np.ndarray, n_samples: int) -> np.ndarray:

@@ -39,6 +39,12 @@ MICROVOLTS_PER = {"uv": 1.0, "µv": 1.0, "μv": 1.0, "microv": 1.0, "mv": 1e3, "
 # range is mislabelled (e.g. an EEG in V written as 'uV', or an ECG in mV written as 'uV').
 PLAUSIBLE_UV = (2.0, 1e5)
 SPO2_RANGE = (50.0, 100.0)    # clean-up: values outside are sensor drop-outs (optional, off in the paper)
+# Lowest rate (Hz) at which an electrode slot still carries what staging reads; below it the channel is not present.
+# Not 2 × 30 Hz (the band-pass's top): SHHS-1 records EOG at 50 Hz and the published model was trained on it
+# (docs/formats.md §2). At 50 Hz the 0.3-25 Hz part of the band survives: all of the EOG's and nearly all of the
+# EEG's staging content (alpha, spindles, K-complexes, delta); below it, e.g. Sleep-EDF's 1-Hz chin-EMG
+# envelope, the channel is a different quantity under the same name.
+MIN_FS = {"EOG": 50.0, "EMG": 50.0, "EEG": 50.0}
 
 
 class SlotError(ValueError):
@@ -130,6 +136,19 @@ def describe(source: tuple[str, str | None] | None) -> str | None:
 # ---------------------------------------------------------------------------------------------
 # one channel: units → NaN/flat checks → (resample) → median → Butterworth → (resample)
 
+def check_source(sig, slot: str) -> None:
+    """A signal (prepare.edf.EdfSignalHeader) that cannot carry `slot`: too slow for its band, or an empty or
+    inverted digital range / empty physical range (the gain would be infinite or a guess)."""
+    if sig.fs < MIN_FS.get(slot, 0.0):
+        raise SlotError(f"slot {slot}: signal {sig.label!r} is sampled at {sig.fs:g} Hz, below the "
+                        f"{MIN_FS[slot]:g} Hz its {BAND[slot][1][0]:g}-{BAND[slot][1][1]:g} Hz band needs")
+    if sig.dig_min >= sig.dig_max:
+        raise SlotError(f"slot {slot}: signal {sig.label!r} has digital minimum {sig.dig_min} >= digital maximum "
+                        f"{sig.dig_max}")
+    if sig.phys_min == sig.phys_max:
+        raise SlotError(f"slot {slot}: signal {sig.label!r} has physical minimum = physical maximum ({sig.phys_min:g})")
+
+
 def microvolt_factor(dimension: str, slot: str, label: str) -> float:
     key = dimension.strip().lower().replace(" ", "")
     if key not in MICROVOLTS_PER:
@@ -214,5 +233,6 @@ class SlotSignal:
     values: np.ndarray      # float64, native rate, µV for voltage slots
     fs: float
     label: str              # 'C4' or 'C4 - A1'
-    unit: str
+    unit: str               # of `values`: 'uV' for voltage slots
     nan_samples: int = 0
+    source_unit: str = ""   # what the source declared before conversion (EDF physical dimension, or an array's unit)
