@@ -38,6 +38,25 @@ def describe(config_cls) -> str:
     return "\n".join(lines)
 
 
+# Fields that must be above zero, and fractions (probabilities, shares), wherever they appear; every other number
+# must not be negative. Checked when the config is built, so a mistake is one line and nothing has been written.
+POSITIVE = {"batch_size", "grad_accum", "max_lr", "log_every", "ckpt_every", "window_s", "stride_s", "n_channels",
+            "patch_len", "max_patches", "d_model", "n_heads", "d_ff", "hidden_size", "n_classes", "patches_per_epoch"}
+FRACTIONS = {"dropout", "linear_dropout", "p_zero", "p_jitter", "mask_ratio", "cutmix_p", "channel_dropout",
+             "pct_start"}
+
+
+def _check_range(value, name: str):
+    field = name.split(".")[-1]
+    if field in POSITIVE and value <= 0:
+        raise SystemExit(f"config: {name} must be above 0, got {value!r}")
+    if field in FRACTIONS and not 0 <= value <= 1:
+        raise SystemExit(f"config: {name} must be between 0 and 1, got {value!r}")
+    if value < 0:
+        raise SystemExit(f"config: {name} must not be negative, got {value!r}")
+    return value
+
+
 def _coerce(value, annotation: str, name: str):
     """Check a YAML-parsed value against the field's annotation (a string: `from __future__ import annotations`)."""
     kinds = {"int": int, "float": (int, float), "bool": bool, "str": str, "list": (list, tuple)}
@@ -54,8 +73,11 @@ def _coerce(value, annotation: str, name: str):
     for kind in allowed:
         base = kind.split("[")[0]
         if base in kinds and isinstance(value, kinds[base]) and not (base in ("int", "float") and isinstance(value, bool)):
-            return float(value) if base == "float" else (list(value) if base == "list" else value)
-    raise SystemExit(f"config: {name} must be {annotation}, got {value!r}")
+            if base in ("int", "float"):
+                return _check_range(float(value) if base == "float" else value, name)
+            return list(value) if base == "list" else value
+    hint = " (YAML reads yes/no/on/off as booleans: quote the word)" if isinstance(value, bool) and "str" in allowed else ""
+    raise SystemExit(f"config: {name} must be {annotation}, got {value!r}{hint}")
 
 
 def build(config_cls, values: dict):
@@ -63,6 +85,8 @@ def build(config_cls, values: dict):
     sections = {f.name: f for f in dataclasses.fields(config_cls)}
     kwargs = {}
     for section_name, section_values in (values or {}).items():
+        if not isinstance(section_values, (dict, type(None))):
+            raise SystemExit(f"config: section {section_name!r} must be a mapping of fields, got {section_values!r}")
         if section_name not in sections:
             raise SystemExit(f"config: unknown section {section_name!r} (sections: {', '.join(sections)})")
         section_cls = sections[section_name].default_factory().__class__
@@ -92,7 +116,10 @@ def overrides(extra: list[str]) -> dict:
         else:
             raise SystemExit(f"{key} needs a value")
         section, field = key[2:].split(".", 1)
-        values.setdefault(section, {})[field] = yaml.safe_load(raw)
+        try:
+            values.setdefault(section, {})[field] = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            raise SystemExit(f"{key}: cannot read the value {raw!r} (values are YAML: 8, 1e-4, [shhs, wsc], null)") from None
     return values
 
 
@@ -106,8 +133,23 @@ def merge(base: dict, extra: dict) -> dict:
 def load(config_cls, source: str | Path | dict | None, extra_args: list[str] = ()):
     """A config from a YAML file (or the dict of one, e.g. a run folder's config from runs.read_config), then the
     command-line overrides. The resolved config is saved with every run by runs.save_config."""
-    values = source if isinstance(source, dict) else (yaml.safe_load(Path(source).read_text()) if source else {})
+    values = source if isinstance(source, dict) else (read_yaml(Path(source)) if source else {})
     return build(config_cls, merge(values, overrides(list(extra_args))))
+
+
+def read_yaml(path: Path) -> dict:
+    """A config file's mapping of sections; one line naming the file for a missing file or a YAML mistake."""
+    try:
+        values = yaml.safe_load(path.read_text())
+    except OSError as err:
+        raise SystemExit(f"{path}: cannot read the config ({err.strerror})") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise SystemExit(f"{path}: not valid YAML{where} ({getattr(err, 'problem', None) or err})") from None
+    if values is not None and not isinstance(values, dict):
+        raise SystemExit(f"{path}: a config is a mapping of sections (model:, data:, train:, …), got {type(values).__name__}")
+    return values or {}
 
 
 def parser(config_cls, description: str, prog: str) -> argparse.ArgumentParser:

@@ -13,9 +13,8 @@ Shape flow (paper config; B nights, C = 7 channels, T = 8 h · 3600 · 125 = 3,6
     pretraining:  PretrainHead   [B, C, N, D] ──per-channel Linear(D→P)──► reconstruction [B, C, N, P] (vs. the patches)
     sleep stages: ProbeHead      [B, C, N, D] ──[B, N, C·D]──BiGRU──MLP──► [B, N, 5] ──mean of 5 patches──► [B, N/5, 5]
 
-Inputs of another length work: N = T // P patches use the first N rows of the positional table (upstream only runs
-8-h windows). import_upstream.py maps upstream's checkpoint keys onto ours. Upstream's outputs are [B, C, D, N],
-[B, N, C, P] and [B, classes, N/5] (log-softmax at inference); ours [B, C, N, D], [B, C, N, P], [B, N/5, classes].
+Other lengths: N = T // P patches use the first N rows of the positional table (upstream runs 8-h windows only).
+Upstream's outputs are [B, C, D, N], [B, N, C, P], [B, classes, N/5]; ours [B, C, N, D], [B, C, N, P], [B, N/5, classes].
 """
 from __future__ import annotations
 
@@ -45,6 +44,12 @@ class ModelConfig:
     attention: str = "sdpa"              # "sdpa" (F.scaled_dot_product_attention) | "math" (explicit scores: reference)
     revin_stats: str = "window"          # "window" (upstream: padding enters mean/std) | "valid" (padding excluded)
     revin_eps: float = 1e-5              # added to the RevIN standard deviation
+
+    def __post_init__(self):            # a config mistake: one line, before anything is built or written
+        if self.d_model % self.n_heads:
+            raise SystemExit(f"config: model.n_heads {self.n_heads} must divide model.d_model {self.d_model}")
+        if self.revin_stats not in ("window", "valid"):
+            raise SystemExit(f"config: model.revin_stats must be window or valid, got {self.revin_stats!r}")
 
 
 @dataclass
@@ -119,9 +124,8 @@ class SelfAttention(nn.Module):
             # True = attend. Fully padded sequences attend everywhere (SDPA would give NaN) and are zeroed below.
             all_padded = key_padding.all(-1)                                             # [S]
             attn_mask = (~key_padding | all_padded[:, None])[:, None, None, :]           # [S, 1, 1, N]
-        # Fused kernels want one head dim for q, k and v: pad v with zeros to ℓ·d (dropped after), so no layer falls back
-        # to materialising [S, H, N, N] scores. Per call: on CPU the fused *backward* at head dim 384 is slower than the
-        # fallback (bench/pretrain.py), so there only inference-mode calls (staging: no backward can follow) take it.
+        # Fused kernels want one head dim for q, k, v: v zero-padded to ℓ·d (dropped after), never [S, H, N, N] scores.
+        # On CPU only in inference mode: there the fused *backward* at head dim 384 is slower (bench/pretrain.py).
         width = v.shape[-1]
         fused = q.device.type != "cpu" or torch.is_inference_mode_enabled()
         pad = q.shape[-1] - width if fused else 0
@@ -150,8 +154,7 @@ def synced_batch_norm(norm: nn.BatchNorm1d, tokens: Tensor) -> Tensor:
     t = tokens.float()                                                                   # [M, D]
     stats = torch.cat([t.sum(0), (t * t).sum(0), t.new_full((1,), t.shape[0])])         # [2D + 1]
     stats = dist_nn.all_reduce(stats)                                                    # summed over processes
-    count = stats[-1]
-    mean = stats[:D] / count                                                             # [D]
+    count, mean = stats[-1], stats[:D] / stats[-1]                                       # [], [D]
     var = (stats[D:2 * D] / count - mean * mean).clamp_min(0)                            # population variance [D]
     with torch.no_grad():   # running statistics as nn.BatchNorm1d keeps them (unbiased variance)
         norm.running_mean.lerp_(mean, norm.momentum)
@@ -202,7 +205,6 @@ class Encoder(nn.Module):
 
     def __init__(self, cfg: ModelConfig = ModelConfig()):
         super().__init__()
-        assert cfg.revin_stats in ("window", "valid"), cfg.revin_stats
         self.cfg = cfg
         C, P, D = cfg.n_channels, cfg.patch_len, cfg.d_model
         self.revin_weight = nn.Parameter(torch.ones(C))                                 # RevIN affine, per channel
@@ -334,8 +336,7 @@ def valid_lengths(padding_mask: Tensor, n_patches: int) -> Tensor:
     B, T = padding_mask.shape
     P = T // n_patches                                                                   # as upstream
     padded = padding_mask[:, :n_patches * P].reshape(B, n_patches, P).all(dim=-1)         # [B, N]
-    trailing = padded.flip(1).int().cumprod(dim=1).sum(dim=1)                            # [B]
-    lengths = n_patches - trailing
+    lengths = n_patches - padded.flip(1).int().cumprod(dim=1).sum(dim=1)                 # [B]: minus trailing padding
     return torch.where(lengths == 0, n_patches, lengths)
 
 
@@ -349,9 +350,8 @@ def corrupt_values(patches: Tensor, p_zero: float = 0.05, p_jitter: float = 0.05
     with probability p_zero and, independently, gets ε·jitter_scale·max|x| added with probability p_jitter
     (ε ~ N(0, 1); max|x| is one scalar over the whole batch tensor; zeroed first, then jittered). Any shape."""
     scale = patches.detach().abs().max() * jitter_scale
-    keep = torch.rand(patches.shape, generator=generator, device=patches.device) > p_zero
-    jitter = torch.rand(patches.shape, generator=generator, device=patches.device) > 1 - p_jitter
-    noise = torch.randn(patches.shape, generator=generator, device=patches.device) * scale
+    draw = lambda sample: sample(patches.shape, generator=generator, device=patches.device)  # noqa: E731
+    keep, jitter, noise = draw(torch.rand) > p_zero, draw(torch.rand) > 1 - p_jitter, draw(torch.randn) * scale
     return patches * keep + jitter * noise
 
 

@@ -5,6 +5,7 @@ A run folder is what train_pretrain.py, train_probe.py and import_upstream.py wr
 
     config.yaml      the resolved config (sections model:, and pretrain:/probe:, data:, train: for trained runs)
     ckpt.pt          the latest checkpoint while training (every train.ckpt_every steps)
+    ckpt_prev.pt     the one before it, kept so that a resume falls back to it when ckpt.pt is unreadable
     ckpt_final.pt    the checkpoint at the end (the only one an imported run has)
     ckpt_best.pt     with train.keep_best (or the probe's train.patience): the checkpoint of the best validation
                      score so far, which then IS the run's model for every reader (train_probe.py --encoder,
@@ -31,6 +32,7 @@ import math
 import os
 import shutil
 import signal
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,16 +44,21 @@ import yaml
 from model import Encoder, ModelConfig, ProbeConfig, ProbeHead
 
 CONFIG, LATEST, FINAL, BEST, METRICS = "config.yaml", "ckpt.pt", "ckpt_final.pt", "ckpt_best.pt", "metrics.jsonl"
+PREVIOUS = "ckpt_prev.pt"
 COHORTS = "cohorts.json"
 
 
-def write_atomic(path: str | Path, write) -> None:
-    """write(temporary_path) creates a file or a folder, which then replaces `path` in one rename. On any error, and
-    on a kill between the two steps, nothing but a hidden `.name.tmp-PID` is left, never a partial `path`."""
+def write_atomic(path: str | Path, write, previous: str | Path | None = None) -> None:
+    """write(temporary_path) creates a file or a folder, which then replaces `path` in one rename. On any error
+    (a full disk included) nothing is left but the old `path`; a kill between the two steps can leave a hidden
+    `.name.tmp-PID`, never a partial `path`. With `previous`, the old file is first renamed to it (kept as a
+    fallback)."""
     path = Path(path)
     temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         write(temp)
+        if previous is not None and path.exists():
+            os.replace(path, previous)
         if temp.is_dir() and path.exists():      # a folder (a night store) replacing an older one: swap, then delete
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
             path.rename(old)
@@ -102,20 +109,37 @@ def read_config(run_dir: str | Path) -> dict:
     return config
 
 
-def read_run(run_dir: str | Path) -> Run:
-    """The config and checkpoint of a run folder; FileNotFoundError if it is not one. The checkpoint is
-    ckpt_best.pt for a run trained with train.keep_best (the lowest validation loss, upstream's choice), else
-    ckpt_final.pt, else (a run still going or killed) ckpt.pt."""
+def read_run(run_dir: str | Path, latest: bool = False) -> Run:
+    """The config and checkpoint of a run folder; FileNotFoundError (one line) if it is not one. The checkpoint is
+    ckpt_best.pt for a run trained with train.keep_best or train.patience (the best validation score, upstream's
+    choice), else ckpt_final.pt. A run without one (still training, or killed) is refused unless `latest`: then its
+    ckpt.pt (evaluate.py and predict.py --latest)."""
     run_dir = Path(run_dir)
     if not (run_dir / CONFIG).exists():
-        raise FileNotFoundError(f"{run_dir}: not a run folder (needs {CONFIG} and {FINAL} or {LATEST})")
+        raise FileNotFoundError(f"{run_dir}: not a run folder (needs {CONFIG} and {FINAL})")
     config = read_config(run_dir)
     train = config.get("train") or {}
-    names = ((BEST,) if train.get("keep_best") or train.get("patience") else ()) + (FINAL, LATEST)
+    names = ((BEST,) if train.get("keep_best") or train.get("patience") else ()) + (FINAL,) + ((LATEST,) if latest else ())
     ckpt = next((run_dir / name for name in names if (run_dir / name).exists()), None)
+    if ckpt is None and (run_dir / LATEST).exists():
+        raise FileNotFoundError(f"{run_dir}: no final checkpoint ({FINAL}): the run is still training or was killed "
+                                f"(resume it with --resume), or pass --latest to use its {LATEST}")
     if ckpt is None:
-        raise FileNotFoundError(f"{run_dir}: not a run folder (needs {CONFIG} and {FINAL} or {LATEST})")
-    return Run(run_dir, config, torch.load(ckpt, map_location="cpu", weights_only=True))
+        raise FileNotFoundError(f"{run_dir}: not a run folder (needs {CONFIG} and {FINAL})")
+    return Run(run_dir, config, read_checkpoint(ckpt, "cpu"))
+
+
+def read_checkpoint(path: Path, device) -> dict:
+    """torch.load(weights_only=True), with one line naming the file when it is not a readable checkpoint."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as err:    # truncated zip, bytes of another file, a pickle beyond weights_only: all unreadable
+        raise CorruptCheckpoint(f"{path}: not a readable checkpoint ({type(err).__name__}: "
+                                f"{str(err).splitlines()[0] if str(err) else 'no detail'})") from None
+
+
+class CorruptCheckpoint(ValueError):
+    pass
 
 
 def load_encoder(run_dir) -> Encoder:
@@ -139,7 +163,12 @@ def save_config(run_dir: Path, values) -> None:
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
-    write_atomic(path, lambda temp: torch.save(state, temp))
+    """Atomically; ckpt.pt keeps its predecessor as ckpt_prev.pt. A full disk is one line, the old files intact."""
+    previous = path.with_name(PREVIOUS) if path.name == LATEST else None
+    try:
+        write_atomic(path, lambda temp: torch.save(state, temp), previous)
+    except OSError as err:
+        raise SystemExit(f"{path}: cannot write the checkpoint ({err.strerror or err}); the previous one is kept")
 
 
 def save_training_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler, cfg, progress: dict,
@@ -154,14 +183,45 @@ def save_training_checkpoint(path: Path, model: torch.nn.Module, optimizer, sche
 
 
 def load_checkpoint(path: Path, device) -> dict:
-    return torch.load(path, map_location=device, weights_only=True)
+    return read_checkpoint(path, device)
+
+
+def load_latest(run_dir: Path, device) -> dict | None:
+    """The checkpoint to resume from: ckpt.pt, or ckpt_prev.pt when ckpt.pt is unreadable (a disk that failed
+    mid-write, a copy cut short) or missing after a kill between the two renames; None for a fresh run."""
+    latest, previous = Path(run_dir) / LATEST, Path(run_dir) / PREVIOUS
+    try:
+        return read_checkpoint(latest, device) if latest.exists() else (
+            read_checkpoint(previous, device) if previous.exists() else None)
+    except CorruptCheckpoint as err:
+        if not previous.exists():
+            raise SystemExit(f"{err}; no {PREVIOUS} to fall back to: start the run afresh") from None
+        try:
+            ckpt = read_checkpoint(previous, device)
+        except CorruptCheckpoint as second:
+            raise SystemExit(f"{err}; and {second}: start the run afresh") from None
+        print(f"{err}; resuming from {previous} (step {ckpt['step']})")
+        return ckpt
 
 
 def resume(ckpt: dict, optimizer, scheduler, rank: int, world: int, device) -> dict:
     """Restore optimiser, scheduler and RNG from a training checkpoint (the caller loads the weights, whose key
-    prefix it knows); returns the progress counters."""
+    prefix it knows); returns the progress counters.
+
+    A run continued for longer or shorter than it was planned (`--resume --train.max_steps 8` on a finished 6-step
+    run) keeps its weights, optimiser state and step, and takes the schedule of the new plan at its current step: the
+    LR from then on is what a run planned for the new total from the start would have at those steps."""
     optimizer.load_state_dict(ckpt["optimizer"])
-    scheduler.load_state_dict(ckpt["scheduler"])
+    if ckpt["scheduler"]["total_steps"] == scheduler.total_steps:
+        scheduler.load_state_dict(ckpt["scheduler"])
+    else:
+        scheduler.last_epoch = ckpt["step"] - 1
+        with warnings.catch_warnings():         # "scheduler.step() before optimizer.step()": here on purpose
+            warnings.simplefilter("ignore", UserWarning)
+            scheduler.step()                    # sets every group's LR for the current step of the new cycle
+        if rank == 0:
+            print(f"resumed at step {ckpt['step']} with a schedule of {scheduler.total_steps} steps (the checkpoint's "
+                  f"planned {ckpt['scheduler']['total_steps']}): LR {scheduler.get_last_lr()[0]:.3g} from here")
     restore_rng(ckpt, rank, world, device)
     return {key: ckpt.get(key, default) for key, default in new_progress().items()}
 
@@ -194,8 +254,20 @@ def append_metrics(run_dir: Path, record: dict) -> None:
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
+    """metrics.jsonl's records. A torn last line (the job killed mid-write) is dropped; a bad line elsewhere is one
+    line naming the file and line."""
     path = Path(run_dir) / METRICS
-    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
+    lines = path.read_text(errors="replace").splitlines() if path.exists() else []
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number < len(lines):
+                raise SystemExit(f"{path}: line {number} is not a JSON record: {line[:60]!r}") from None
+    return records
 
 
 def keep_metrics_until(run_dir: Path, step: int) -> None:
@@ -226,7 +298,19 @@ def add_run_arguments(parser) -> None:
 def config_source(args):
     """Where the config comes from: the run's own config.yaml when resuming a run that has a checkpoint, else
     --config."""
-    return read_config(args.run) if args.resume and (args.run / LATEST).exists() else args.config
+    resumable = (args.run / LATEST).exists() or (args.run / PREVIOUS).exists()
+    if not (args.resume and resumable) and args.config is None:
+        raise SystemExit("--config is required (a YAML file in configs/), unless --resume continues a run")
+    return read_config(args.run) if args.resume and resumable else args.config
+
+
+def check_window(window_s: float, model_cfg: ModelConfig) -> None:
+    """One line when data.window_s needs more patches than the encoder has positions (the model would silently
+    see only the first max_patches of every window)."""
+    patches = int(round(window_s * 125)) // model_cfg.patch_len
+    if patches > model_cfg.max_patches:
+        raise SystemExit(f"config: data.window_s {window_s:g} s is {patches} patches of {model_cfg.patch_len} samples; "
+                         f"the encoder has positions for {model_cfg.max_patches} (model.max_patches)")
 
 
 def total_steps(n_windows: int, world: int, tc, what: str) -> tuple[int, int]:

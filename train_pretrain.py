@@ -32,6 +32,7 @@ import config
 import runs
 from data import DataConfig, NightDataset, drop_channels
 from model import ModelConfig, PretrainConfig, Pretrainer
+from prepare.store import DamagedStore
 
 
 @dataclass
@@ -52,7 +53,7 @@ class TrainConfig:
     recipe: str = "custom"               # the recipe's name (paper, upstream, tiny), reported by evaluate.py
     seed: int = 0                        # seeds the window order, dropout and corruption
     log_every: int = 10                  # optimiser steps between metrics.jsonl lines
-    eval_every: int = 500                # optimiser steps between validation passes (and at the end)
+    eval_every: int = 500                # optimiser steps between validation passes (and at the end; 0: the end only)
     ckpt_every: int = 500                # optimiser steps between checkpoints (and at the end)
 
 
@@ -98,16 +99,20 @@ def main(argv=None) -> None:
     master = rank == 0
     tc = cfg.train
     torch.manual_seed(tc.seed * 1000 + rank)            # dropout and corruption differ between processes
+    runs.check_window(cfg.data.window_s, cfg.model)
 
-    train_set = NightDataset.from_config(cfg.data, cfg.data.train_split)
-    val_set = NightDataset.from_config(cfg.data, cfg.data.val_split)
+    try:
+        train_set = NightDataset.from_config(cfg.data, cfg.data.train_split)
+        val_set = NightDataset.from_config(cfg.data, cfg.data.val_split)
+    except DamagedStore as err:
+        raise SystemExit(str(err)) from None
     per_step, total_steps = runs.total_steps(len(train_set), world, tc, f"training windows in {cfg.data.root}")
 
     model = Pretrainer(cfg.model, cfg.pretrain).to(device)
     optimizer, scheduler = runs.one_cycle(model.parameters(), tc, total_steps, len(train_set))
     progress = runs.new_progress()
-    if args.resume and (args.run / runs.LATEST).exists():
-        ckpt = runs.load_checkpoint(args.run / runs.LATEST, device)
+    ckpt = runs.load_latest(args.run, device) if args.resume else None
+    if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         progress = runs.resume(ckpt, optimizer, scheduler, rank, world, device)
     raw_model = model
@@ -158,7 +163,7 @@ def main(argv=None) -> None:
                 bar.set_postfix(loss=f"{loss_mean:.4f}")
                 runs.append_metrics(args.run, record)
             started, window_count, loss_sum, steps_since_log = time.time(), 0, 0.0, 0
-        if step % tc.eval_every == 0 or step == total_steps:
+        if (tc.eval_every and step % tc.eval_every == 0) or step == total_steps:
             val_loss = validate(raw_model, val_set, cfg, rank, world, device, autocast)
             if master and val_loss is not None:
                 runs.append_metrics(args.run, {"step": step, "val_loss": val_loss})

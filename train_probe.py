@@ -37,7 +37,7 @@ import runs
 from data import WAKE_TRIMS, DataConfig, NightDataset, drop_channels
 from model import ModelConfig, ProbeConfig, ProbeHead
 from prepare.annotations import STAGES
-from prepare.store import read_manifest
+from prepare.store import DamagedStore, read_manifest
 
 N_CLASSES = len(STAGES)
 
@@ -319,15 +319,18 @@ def main(argv=None) -> None:
     if tc.loss_trim_wake not in WAKE_TRIMS or tc.focal_form not in ("standard", "upstream"):
         raise SystemExit(f"config: train.loss_trim_wake must be one of {', '.join(WAKE_TRIMS)} (got "
                          f"{tc.loss_trim_wake!r}) and train.focal_form standard or upstream (got {tc.focal_form!r})")
-    encoder_run = runs.read_run(args.encoder)
+    try:
+        encoder_run = runs.read_run(args.encoder)
+    except (OSError, ValueError) as err:       # not a run folder, a killed run, an unreadable checkpoint
+        raise SystemExit(f"--encoder: {err}") from None
     cfg.model = ModelConfig(**encoder_run.config["model"])
     cfg.probe.n_channels, cfg.probe.d_model = cfg.model.n_channels, cfg.model.d_model
     encoder = encoder_run.encoder().to(device).requires_grad_(False)                    # frozen, eval mode
-    window_patches = int(cfg.data.window_s * 125) // cfg.model.patch_len
-    if window_patches > cfg.model.max_patches:
-        raise SystemExit(f"data.window_s {cfg.data.window_s} gives {window_patches} patches; the encoder has "
-                         f"positions for {cfg.model.max_patches}")
-    train_nights, val_nights = labelled_nights(cfg, cfg.data.train_split), labelled_nights(cfg, cfg.data.val_split)
+    runs.check_window(cfg.data.window_s, cfg.model)
+    try:
+        train_nights, val_nights = labelled_nights(cfg, cfg.data.train_split), labelled_nights(cfg, cfg.data.val_split)
+    except DamagedStore as err:
+        raise SystemExit(str(err)) from None
     train_cache = val_cache = None
     if tc.cache_embeddings:
         train_cache = embedding_cache(encoder, train_nights, args.encoder, cfg, rank, world, device, autocast)
@@ -341,8 +344,8 @@ def main(argv=None) -> None:
     probe = ProbeHead(cfg.probe).to(device)
     optimizer, scheduler = runs.one_cycle(probe.parameters(), tc, total_steps, len(train_set))
     progress = runs.new_progress()
-    if args.resume and (args.run / runs.LATEST).exists():
-        ckpt = runs.load_checkpoint(args.run / runs.LATEST, device)
+    ckpt = runs.load_latest(args.run, device) if args.resume else None
+    if ckpt is not None:
         probe.load_state_dict({k.removeprefix("probe."): v for k, v in ckpt["model"].items() if k.startswith("probe.")})
         progress = runs.resume(ckpt, optimizer, scheduler, rank, world, device)
     model = DistributedDataParallel(probe, device_ids=[device.index] if device.type == "cuda" else None) \

@@ -5,7 +5,11 @@ See `python -m prepare --help` and README.md ("Preparing data").
 from __future__ import annotations
 
 import argparse
+import ctypes
+import os
+import signal
 import sys
+import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -14,7 +18,7 @@ from tqdm import tqdm
 
 from runs import kill_point
 from . import apples, generic, mesa, mros, shhs, store, wsc
-from .night import DEFAULT_REQUIRED, NIGHT_ERRORS, Night, Options, make_options, prepare_night
+from .night import DEFAULT_REQUIRED, NIGHT_ERRORS, Night, Options, make_options, prepare_night, unknown_label_report
 from .signals import SLOTS
 
 DATASETS = {"shhs": shhs, "mesa": mesa, "mros": mros, "apples": apples, "wsc": wsc, "edf": generic}
@@ -96,9 +100,35 @@ def prepare_one(night: Night, out: Path, opts: Options) -> tuple[Night, str | No
     return night, reason
 
 
+def check_writable(out: Path) -> str | None:
+    """None if OUT can be created and written, else why not: checked before any night is computed."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
+            pass
+    except OSError as err:
+        return f"{out}: cannot write the output folder ({err.strerror})"
+    return None
+
+
+def die_with_parent(parent: int) -> None:
+    """Worker initializer: a worker must not outlive a killed `prepare` (SIGKILL leaves no time to stop the pool).
+    Linux: the kernel kills the worker when its parent dies (PR_SET_PDEATHSIG); elsewhere nothing is set."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)     # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:      # the parent died before prctl took effect
+        os._exit(1)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     opts = make_options(args.channels, args.require, args.zero_phase, args.clean_spo2)
+    problem = check_writable(args.out)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     module = DATASETS[args.dataset]
     nights = (module.find_nights(args.sources, args.annotations) if args.dataset == "edf"
               else module.find_nights(args.sources[0]))
@@ -114,14 +144,14 @@ def main(argv=None) -> int:
     failures, written, started = [], 0, time.time()
     with tqdm(total=len(todo), desc=f"prepare {args.dataset}", unit="night") as progress:
         if args.workers > 1:
-            with ProcessPoolExecutor(args.workers) as pool:
+            with ProcessPoolExecutor(args.workers, initializer=die_with_parent, initargs=(os.getpid(),)) as pool:
                 results = pool.map(prepare_one, todo, [args.out] * len(todo), [opts] * len(todo))
                 written = _collect(results, failures, progress)
         else:
             written = _collect((prepare_one(n, args.out, opts) for n in todo), failures, progress)
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    manifest = store.write_manifest(args.out)
+    damaged = []
+    manifest = store.write_manifest(args.out, damaged)
     store.update_failed(args.out, [(n.dataset, n.night_id) for n in todo], failures)
     print(f"{written} written, {done_before} skipped (already done), {len(failures)} failed "
           f"in {time.time() - started:.1f} s; {args.out / 'manifest.csv'} lists {len(manifest)} nights")
@@ -129,6 +159,11 @@ def main(argv=None) -> int:
         print(f"  failed {failure['night_id']}: {failure['reason']}")
     if failures:
         print(f"  (also in {args.out / 'failed.csv'})")
+    for path, reason in damaged:
+        print(f"  damaged store left out of the manifest: {path} ({reason}); delete it or prepare again with "
+              f"--overwrite")
+    for line in unknown_label_report(args.out, todo):
+        print(f"  note {line}")
     return 0
 
 

@@ -42,8 +42,16 @@ def clear_temporaries(final: Path) -> None:
         shutil.rmtree(leftover, ignore_errors=True)
 
 
+class DamagedStore(ValueError):
+    """A night store whose files disagree with its metadata (truncated, deleted or overwritten by hand)."""
+
+
 def write_night(final: Path, signals: np.ndarray, stages: np.ndarray, attrs: dict) -> None:
-    """Write a night store atomically (an existing store is replaced). signals [7, T] float16, stages [T // 3750]."""
+    """Write a night store atomically (an existing store is replaced). signals [7, T] float16, stages [T // 3750].
+
+    zarr writes only the metadata; the chunks, one raw file per channel, are written here one after the other, so
+    that a failure (a full disk) is raised only once nothing is writing any more and the temporary store can be
+    removed whole (zarr's own writer runs chunk writes concurrently, which could outlive the exception)."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     clear_temporaries(final)
@@ -51,11 +59,21 @@ def write_night(final: Path, signals: np.ndarray, stages: np.ndarray, attrs: dic
     def write(temp: Path) -> None:
         group = zarr.open_group(temp, mode="w", zarr_format=3)
         group.create_array("signals", shape=signals.shape, chunks=(1, signals.shape[1]), dtype="float16",
-                           compressors=None, fill_value=0.0)[:] = signals
+                           compressors=None, fill_value=0.0)
         group.create_array("stages", shape=stages.shape, chunks=stages.shape, dtype="int8",
-                           compressors=None, fill_value=-1)[:] = stages
+                           compressors=None, fill_value=-1)
         group.attrs.update(attrs)
+        for c, channel in enumerate(signals):
+            write_chunk(temp / "signals" / "c" / str(c) / "0", channel.astype("<f2"))
+        write_chunk(temp / "stages" / "c" / "0", stages.astype(np.int8))
     write_atomic(final, write)
+
+
+def write_chunk(path: Path, values: np.ndarray) -> None:
+    """One raw little-endian chunk file, as zarr's `bytes` codec lays it out."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(np.ascontiguousarray(values).tobytes())
 
 
 def _is_raw(array_dir: Path) -> tuple[bool, list[int]]:
@@ -68,23 +86,44 @@ def _is_raw(array_dir: Path) -> tuple[bool, list[int]]:
 
 
 def read_night(store: str | Path) -> tuple[list, np.ndarray, dict]:
-    """(channels, stages, attrs): `channels` is 7 array-likes [T] float16 (memmaps where possible)."""
+    """(channels, stages, attrs): `channels` is 7 array-likes [T] float16 (memmaps where possible). DamagedStore
+    (one line naming the store) when its files are unreadable or disagree with its metadata."""
     store = Path(store)
+    try:
+        return _read_night(store)
+    except DamagedStore:
+        raise
+    except (OSError, ValueError, KeyError, TypeError) as err:      # metadata cut short, a chunk zarr cannot decode
+        raise DamagedStore(f"{store}: damaged night store ({type(err).__name__}: {err}); prepare it again "
+                           f"(--overwrite)") from None
+
+
+def _read_night(store: Path) -> tuple[list, np.ndarray, dict]:
     attrs = read_attrs(store)
     raw, (_, n_samples) = _is_raw(store / "signals")
     if raw:
         # zarr skips chunks equal to the fill value: an absent channel may have no file at all.
         chunks = [store / "signals" / "c" / str(c) / "0" for c in range(len(SLOTS))]
+        for chunk in chunks:
+            _check_size(store, chunk, 2 * n_samples)
         channels = [np.memmap(chunk, dtype="<f2", mode="r", shape=(n_samples,)) if chunk.exists()
                     else np.zeros(n_samples, np.float16) for chunk in chunks]
     else:
         channels = list(zarr.open_array(store / "signals", mode="r")[:])
     stages_chunk = store / "stages" / "c" / "0"
-    if _is_raw(store / "stages")[0] and stages_chunk.exists():
+    stages_raw, (n_epochs,) = _is_raw(store / "stages")
+    if stages_raw and stages_chunk.exists():
+        _check_size(store, stages_chunk, n_epochs)
         stages = np.fromfile(stages_chunk, dtype=np.int8)
     else:
         stages = zarr.open_array(store / "stages", mode="r")[:]
     return channels, stages, attrs
+
+
+def _check_size(store: Path, chunk: Path, expected: int) -> None:
+    if chunk.exists() and chunk.stat().st_size != expected:
+        raise DamagedStore(f"{store}: damaged night store: {chunk.relative_to(store)} holds {chunk.stat().st_size} "
+                           f"bytes, its metadata says {expected}; prepare it again (--overwrite)")
 
 
 def read_attrs(store: Path) -> dict:
@@ -127,10 +166,17 @@ def _atomic_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
     write_atomic(path, write)
 
 
-def write_manifest(out: Path) -> list[dict]:
-    """Rebuild `<out>/manifest.csv` from every complete store (all datasets), sorted by dataset and night."""
+def write_manifest(out: Path, damaged: list | None = None) -> list[dict]:
+    """Rebuild `<out>/manifest.csv` from every complete store (all datasets), sorted by dataset and night. A store
+    whose metadata cannot be read is left out and appended to `damaged` as (store, reason)."""
     out = Path(out)
-    rows = [manifest_row(out, store) for store in sorted(out.glob("*/*.zarr"))]
+    rows = []
+    for store in sorted(out.glob("*/*.zarr")):
+        try:
+            rows.append(manifest_row(out, store))
+        except (OSError, ValueError, KeyError, TypeError) as err:      # zarr.json cut short, attrs missing
+            if damaged is not None:
+                damaged.append((store, f"{type(err).__name__}: {err}"))
     rows.sort(key=lambda r: (r["dataset"], r["night_id"]))
     _atomic_csv(out / "manifest.csv", MANIFEST_COLUMNS, rows)
     return rows
@@ -141,7 +187,10 @@ def read_manifest(root: str | Path, split: str | None = None, datasets=None, spl
     ('mros:1'), so that the paper's cohorts (train on SHHS, WSC, MrOS visit 1; test on MESA, APPLES, MrOS visit 2)
     are configs, not code. split_fractions [train, val, test] re-draws the split column with other shares by the
     same subject hash (data.split_fractions; null = the manifest's 80/10/10)."""
-    manifest = pd.read_csv(Path(root) / "manifest.csv", dtype={"subject": str, "visit": str, "night_id": str})
+    path = Path(root) / "manifest.csv"
+    if not path.exists():
+        raise SystemExit(f"{root}: no manifest.csv: data.root must be a `python -m prepare` output folder")
+    manifest = pd.read_csv(path, dtype={"subject": str, "visit": str, "night_id": str})
     if split_fractions:
         fractions = tuple(zip(("train", "val", "test"), split_fractions))
         manifest["split"] = [split_of(d, s, fractions) for d, s in zip(manifest["dataset"], manifest["subject"])]
