@@ -36,6 +36,13 @@ demo: setup
 	@echo "== 5. stage a user's EDF (a synthetic one here) with predict.py"
 	$(PY) -m synthetic edf $(DEMO)/user --nights 1 --hours 2.5 --seed 99
 	$(PY) predict.py $(DEMO)/user/night-001.edf --run $(DEMO)/runs/probe --out $(DEMO)/predict --edf-annotations
+	@echo "== 6. does pretraining learn? a linear probe on the pretrained encoder and on an untrained one (0 steps)"
+	$(PY) train_pretrain.py --config configs/pretrain_tiny.yaml --run-dir $(DEMO)/runs/untrained --data.root $(DEMO)/nights --train.max_steps 0
+	for encoder in pretrain untrained; do \
+	  $(PY) train_probe.py --config configs/probe_tiny.yaml --probe.kind linear --encoder $(DEMO)/runs/$$encoder --run-dir $(DEMO)/runs/linear-$$encoder --data.root $(DEMO)/nights && \
+	  $(PY) evaluate.py --run $(DEMO)/runs/linear-$$encoder --out $(DEMO)/eval-linear-$$encoder --bootstrap 0 --png-nights 0 > /dev/null || exit 1; \
+	done
+	@$(PY) -c "import json; k = {e: json.load(open(f'$(DEMO)/eval-linear-{e}/results.json'))['pooled']['kappa'] for e in ('pretrain', 'untrained')}; print(f'linear probe kappa on the test nights: pretrained encoder {k[\"pretrain\"]:.3f}, untrained {k[\"untrained\"]:.3f} (gain {k[\"pretrain\"] - k[\"untrained\"]:+.3f})')"
 	@echo "== done: results in $(DEMO)/eval (results.md, PNGs), the user's night in $(DEMO)/predict:"
 	@ls $(DEMO)/predict
 

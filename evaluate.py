@@ -35,17 +35,27 @@ They are computed pooled (all epochs of all selected nights together), per datas
 2.5th and 97.5th percentiles; seeded): for kappa, accuracy, macro_f1 and each class's F1. AUROC and AUPRC get none
 (each resample would re-sort every epoch).
 
+Sleep statistics (stage.sleep_statistics) per night, the technologist's hypnogram against the predicted one on the
+same epochs (the prediction is set unscored where the technologist's stage is, so that a difference is the staging's
+alone): TST, SE, WASO, SOL, REM latency from sleep onset and minutes per stage. `agreement`, pooled and per dataset:
+per statistic the Bland–Altman bias (mean of predicted − technologist over nights) and 95 % limits of agreement
+(bias ± 1.96 SD of those differences; metrics.bland_altman), nights without a value on either side (no REM: no REM
+latency) left out of that statistic.
+
 Writes into --out (docs/design.md §11), each file atomically:
   results.json      {"pooled": {...}, "datasets": {name: {...}}, "settings": {"protocol": …, "label_lag": K}}:
                     kappa, accuracy, macro_f1, f1_per_class, auroc, auprc, confusion, n_nights, n_epochs (scored
                     epochs), classes, and the *_ci intervals; per-class values are {"W": …, "N1": …, …}; undefined
-                    values (e.g. κ when p_e = 1) are null
+                    values (e.g. κ when p_e = 1) are null; agreement: {statistic: {n, bias, sd, loa: [lo, hi],
+                    mean_reference, mean_observed}} (reference: the technologist)
   per_night.csv     night_id, dataset, n_epochs, kappa, accuracy, macro_f1
+  sleep_statistics.csv  night_id, dataset, then <statistic>_true and <statistic>_pred for each compared statistic
   predictions.csv   one row per scored epoch: night_id, dataset, epoch, true, pred, p_W, p_N1, p_N2, p_N3, p_REM
   results.md        the settings, the protocol, the label lag and the run's recipe (its config's train.recipe, or
                     "recipe: not recorded"); ours beside the paper's numbers (configs/paper_results.yaml), per
                     dataset and pooled
-  confusion.png, hypnogram_<night_id>.png   (matplotlib; skipped with a note if it is not installed)
+  confusion.png, hypnogram_<night_id>.png, bland_altman.png (one panel per statistic: mean of the two vs their
+                    difference, bias and limits of agreement)   (matplotlib; skipped with a note if not installed)
 """
 from __future__ import annotations
 
@@ -65,7 +75,8 @@ import runs
 import stage
 from data import DataConfig
 from metrics import K, accuracy, auroc, average_precision, bootstrap_ci, confusion_matrix, f1_per_class, kappa, macro_f1
-from prepare.annotations import STAGES
+from metrics import bland_altman
+from prepare.annotations import AASM_LETTERS, STAGES
 from prepare.signals import EPOCH_SAMPLES, SLOTS
 from prepare.store import read_manifest, read_night
 
@@ -76,12 +87,17 @@ PROTOCOLS = {   # name -> what results.md says about it
     "upstream": "only the first {window_s:g} s of each night, staged with one window from its start (what upstream's "
                 "pipeline could score); later epochs are not scored",
 }
+# the per-night sleep statistics compared between technologist and prediction (stage.sleep_statistics' keys; the
+# minutes per stage flattened to W_min … R_min)
+AGREEMENT_STATS = ("TST_min", "SE_pct", "WASO_min", "SOL_min", "REM_latency_from_onset_min",
+                   *(f"{name}_min" for name in AASM_LETTERS))
 
 
-def load_run(run_dir: Path):
-    """(encoder, probe, run config dict) of a probe run; exits with one line if the folder is not one."""
+def load_run(run_dir: Path, latest: bool = False):
+    """(encoder, probe, run config dict) of a probe run; exits with one line if the folder is not one, or holds no
+    final checkpoint and `latest` is not given."""
     try:
-        run = runs.read_run(run_dir)
+        run = runs.read_run(run_dir, latest)
         if "probe" not in run.config or "model" not in run.config:
             raise KeyError("no probe: section in config.yaml")
         return run.encoder(), run.probe(), run.config
@@ -112,16 +128,17 @@ def lag_labels(stages: np.ndarray, lag: int) -> np.ndarray:
 def stage_all(nights: pd.DataFrame, root: Path, encoder, probe, window_s: float, stride_s: float,
               batch_size: int, device: str, absent: tuple[str, ...] = (), first_epochs: int | None = None,
               label_lag: int = 0) -> list[dict]:
-    """Per night: {night_id, dataset, visit, stages [E] int64 (-1 unscored), probs [E, K] float32}. Slots named in
-    `absent` are zeroed, as predict.py feeds a channel missing from an EDF. The stages are shifted `label_lag` epochs
-    later (lag_labels); with `first_epochs` only that many epochs from the start of the night are staged and scored
-    (signals and stages cropped before staging: the upstream protocol)."""
+    """Per night: {night_id, dataset, visit, start_time, stages [E] int64 (-1 unscored), probs [E, K] float32,
+    stats_true, stats_pred (night_statistics)}. Slots named in `absent` are zeroed, as predict.py feeds a channel
+    missing from an EDF. The stages are shifted `label_lag` epochs later (lag_labels); with `first_epochs` only that
+    many epochs from the start of the night are staged and scored (signals and stages cropped before staging: the
+    upstream protocol)."""
     window = int(round(window_s / 30)) * EPOCH_SAMPLES
     stride = int(round(stride_s / 30)) * EPOCH_SAMPLES
     encoder, probe = encoder.to(device), probe.to(device)
     staged = []
     for row in tqdm(nights.itertuples(), total=len(nights), desc="staging nights", unit="night"):
-        channels, stages, _ = read_night(root / row.path)
+        channels, stages, attrs = read_night(root / row.path)
         stages = lag_labels(stages, label_lag)
         if first_epochs is not None:
             channels, stages = [c[:first_epochs * EPOCH_SAMPLES] for c in channels], stages[:first_epochs]
@@ -129,8 +146,10 @@ def stage_all(nights: pd.DataFrame, root: Path, encoder, probe, window_s: float,
         signals[[SLOTS.index(slot) for slot in absent]] = 0.0
         probs = stage.stage_night(encoder, probe, signals, window, stride, batch_size, device).numpy()   # [T // 3750, K]
         n = min(len(probs), len(stages))            # both are T // 3750; guard against a store that disagrees
-        staged.append({"night_id": str(row.night_id), "dataset": row.dataset, "visit": str(row.visit),
-                       "stages": stages[:n], "probs": probs[:n].astype(np.float32)})
+        night = {"night_id": str(row.night_id), "dataset": row.dataset, "visit": str(row.visit),
+                 "start_time": attrs.get("start_time"), "stages": stages[:n], "probs": probs[:n].astype(np.float32)}
+        night["stats_true"], night["stats_pred"] = night_statistics(night["stages"], night["probs"])
+        staged.append(night)
     return staged
 
 
@@ -144,6 +163,23 @@ def night_confusion(night: dict) -> np.ndarray:
 
 def per_class(values) -> dict:
     return {name: values[k] for k, name in enumerate(STAGES)}
+
+
+def night_statistics(stages: np.ndarray, probs: np.ndarray) -> tuple[dict, dict]:
+    """The AGREEMENT_STATS of the technologist's hypnogram and of the predicted one, on the same epochs: the
+    prediction is unscored (-1) where the technologist's stage is, so that neither counts an epoch the other lacks."""
+    pred = np.where(stages >= 0, probs.argmax(axis=1), -1)
+
+    def flat(stats):
+        return {**{key: stats[key] for key in AGREEMENT_STATS if key in stats},
+                **{f"{name}_min": minutes for name, minutes in stats["stage_min"].items()}}
+    return flat(stage.sleep_statistics(stages)), flat(stage.sleep_statistics(pred))
+
+
+def agreement(nights: list[dict]) -> dict:
+    """Per compared statistic: bias and 95 % limits of agreement of the prediction against the technologist."""
+    return {key: bland_altman([n["stats_true"][key] for n in nights], [n["stats_pred"][key] for n in nights])
+            for key in AGREEMENT_STATS}
 
 
 def score(nights: list[dict], n_boot: int, seed: int) -> dict:
@@ -166,6 +202,7 @@ def score(nights: list[dict], n_boot: int, seed: int) -> dict:
     for name in ("kappa", "accuracy", "macro_f1"):
         result[f"{name}_ci"] = ci[name].tolist() if ci else None
     result["f1_per_class_ci"] = per_class(ci["f1_per_class"].tolist()) if ci else None
+    result["agreement"] = agreement(nights)
     return result
 
 
@@ -176,6 +213,13 @@ def per_night_table(nights: list[dict]) -> pd.DataFrame:
         rows.append({"night_id": night["night_id"], "dataset": night["dataset"], "n_epochs": int(cm.sum()),
                      "kappa": kappa(cm), "accuracy": accuracy(cm), "macro_f1": macro_f1(cm)})
     return pd.DataFrame(rows, columns=["night_id", "dataset", "n_epochs", "kappa", "accuracy", "macro_f1"])
+
+
+def statistics_table(nights: list[dict]) -> pd.DataFrame:
+    """One row per night: each compared statistic, the technologist's (_true) and the prediction's (_pred)."""
+    return pd.DataFrame([{"night_id": n["night_id"], "dataset": n["dataset"],
+                          **{f"{key}_{side}": n[f"stats_{side}"][key] for key in AGREEMENT_STATS
+                             for side in ("true", "pred")}} for n in nights])
 
 
 def predictions_table(nights: list[dict]) -> pd.DataFrame:
@@ -272,7 +316,21 @@ def results_markdown(results: dict, nights: list[dict], paper: dict, settings: d
               "synthetic demo cohort) they are a reference, not a comparison. Intervals: bootstrap over nights.", ""]
     if paper.get("note"):
         lines += [" ".join(paper["note"].split()), ""]
-    return "\n".join(lines + notes) + "\n"
+    return "\n".join(lines + notes + agreement_markdown(results["pooled"]["agreement"])) + "\n"
+
+
+def agreement_markdown(agreement: dict) -> list[str]:
+    """The pooled sleep-statistics agreement as a table (lines of results.md)."""
+    lines = ["", "Sleep statistics per night, PFTSleep against the technologist on the epochs the technologist scored "
+             "(pooled; bias = mean of PFTSleep − technologist; 95 % limits of agreement = bias ± 1.96 SD of the "
+             "per-night differences; minutes, SE in %; bland_altman.png):", "",
+             "| statistic | nights | technologist mean | PFTSleep mean | bias | 95 % limits of agreement |",
+             "|---|---|---|---|---|---|"]
+    for key, a in agreement.items():
+        limits = "—" if a["loa"][0] is None else f"{fmt(a['loa'][0], digits=1)} to {fmt(a['loa'][1], digits=1)}"
+        lines.append(f"| {key} | {a['n']} | {fmt(a['mean_reference'], digits=1)} | {fmt(a['mean_observed'], digits=1)} "
+                     f"| {fmt(a['bias'], digits=1)} | {limits} |")
+    return lines
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -298,16 +356,47 @@ def plot_confusion(cm: np.ndarray, path: Path, plt) -> None:
     plt.close(fig)
 
 
-def write_figures(out: Path, cm: np.ndarray, nights: list[dict], n_hypnograms: int) -> list[Path]:
+def plot_bland_altman(nights: list[dict], pooled_agreement: dict, path: Path, plt) -> None:
+    """One panel per statistic: per night, the mean of technologist and PFTSleep (x) against PFTSleep − technologist
+    (y); the bias (solid) and the 95 % limits of agreement (dashed)."""
+    n_cols = 5
+    n_rows = -(-len(AGREEMENT_STATS) // n_cols)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(3.2 * n_cols, 2.9 * n_rows), squeeze=False)
+    for ax, key in zip(axes.flat, AGREEMENT_STATS):
+        pairs = np.array([(n["stats_true"][key], n["stats_pred"][key]) for n in nights
+                          if n["stats_true"][key] is not None and n["stats_pred"][key] is not None], float)
+        pairs = pairs.reshape(-1, 2)                                                        # [nights, 2]
+        ax.scatter(pairs.mean(axis=1), pairs[:, 1] - pairs[:, 0], s=12, color="tab:blue", alpha=0.7)
+        a = pooled_agreement[key]
+        for value, style in ((a["bias"], "-"), (a["loa"][0], "--"), (a["loa"][1], "--")):
+            if value is not None and not np.isnan(value):
+                ax.axhline(value, color="tab:red" if style == "-" else "0.4", ls=style, lw=1)
+        ax.axhline(0, color="black", lw=0.5)
+        ax.set_title(f"{key} (n={a['n']})", fontsize=9)
+        ax.tick_params(labelsize=7)
+    for ax in axes.flat[len(AGREEMENT_STATS):]:
+        ax.axis("off")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("PFTSleep − technologist", fontsize=8)
+    for ax in axes[-1]:
+        ax.set_xlabel("mean of the two", fontsize=8)
+    fig.suptitle("Bland–Altman: bias (red) and 95 % limits of agreement (dashed), one point per night", fontsize=10)
+    fig.tight_layout()
+    runs.write_atomic(path, lambda temp: fig.savefig(temp, dpi=110, format="png"))
+    plt.close(fig)
+
+
+def write_figures(out: Path, results: dict, nights: list[dict], n_hypnograms: int) -> list[Path]:
     plt = stage.pyplot()
     if plt is None:
         return []
-    paths = [out / "confusion.png"]
-    plot_confusion(cm, paths[0], plt)
+    paths = [out / "confusion.png", out / "bland_altman.png"]
+    plot_confusion(np.array(results["pooled"]["confusion"]), paths[0], plt)
+    plot_bland_altman(nights, results["pooled"]["agreement"], paths[1], plt)
     for night in nights[:n_hypnograms]:
         paths.append(out / f"hypnogram_{re.sub(r'[^A-Za-z0-9._-]', '_', night['night_id'])}.png")
         stage.plot_hypnogram(paths[-1], night["probs"], f"{night['night_id']} ({night['dataset']})",
-                             truth=night["stages"], plt=plt)
+                             truth=night["stages"], plt=plt, start_time=night["start_time"])
     return paths
 
 
@@ -319,6 +408,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", "--run-dir", dest="run", type=Path, required=True,
                         help="probe run folder (config.yaml + ckpt_final.pt)")
+    parser.add_argument("--latest", action="store_true",
+                        help="accept a run without a final checkpoint (still training, or killed): use its ckpt.pt")
     parser.add_argument("--out", type=Path, required=True, help="folder for results.json, CSVs, results.md and PNGs")
     parser.add_argument("--data.root", dest="data_root", type=Path,
                         help="prepare output folder holding manifest.csv (default: the run's data.root)")
@@ -360,7 +451,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    encoder, probe, run_config = load_run(args.run)
+    encoder, probe, run_config = load_run(args.run, args.latest)
     data = {**vars(DataConfig()), **(run_config.get("data") or {})}          # an imported run may have no data:
     root = args.data_root or Path(data["root"])
     window_s = args.window_s or data["window_s"]
@@ -399,7 +490,8 @@ def main(argv=None) -> dict:
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     runs.write_atomic(out / "results.json", lambda temp: temp.write_text(json.dumps(results, indent=1) + "\n"))
-    for name, table in (("per_night.csv", per_night_table(nights)), ("predictions.csv", predictions_table(nights))):
+    for name, table in (("per_night.csv", per_night_table(nights)), ("predictions.csv", predictions_table(nights)),
+                        ("sleep_statistics.csv", statistics_table(nights))):
         runs.write_atomic(out / name, lambda temp: table.to_csv(temp, index=False, float_format="%.6g"))
     paper = yaml.safe_load(PAPER_RESULTS.read_text()) if PAPER_RESULTS.exists() else {}
     settings = {"run": args.run, "data.root": root, "split": args.split, "datasets": args.datasets or "all",
@@ -407,12 +499,12 @@ def main(argv=None) -> dict:
                 "absent": ",".join(absent) or "none", "bootstrap": args.bootstrap, "seed": args.seed}
     report = results_markdown(results, nights, paper, settings, (run_config.get("train") or {}).get("recipe"))
     runs.write_atomic(out / "results.md", lambda temp: temp.write_text(report))
-    figures = write_figures(out, np.array(results["pooled"]["confusion"]), nights, args.png_nights)
+    figures = write_figures(out, results, nights, args.png_nights)
 
     print(report)
     for path in figures:
         print(path)
-    print(f"wrote {out}/results.json, per_night.csv, predictions.csv, results.md")
+    print(f"wrote {out}/results.json, per_night.csv, predictions.csv, sleep_statistics.csv, results.md")
     return results
 
 

@@ -1,4 +1,5 @@
-"""Agreement between two hypnograms: confusion matrix, Cohen's κ, accuracy, F1, AUROC/AUPRC, bootstrap intervals.
+"""Agreement between two hypnograms: confusion matrix, Cohen's κ, accuracy, F1, AUROC/AUPRC, bootstrap intervals;
+and between two scorers' sleep statistics over nights: Bland–Altman bias and 95 % limits of agreement.
 
 Small pure numpy functions over 30-s epochs with classes 0 W, 1 N1, 2 N2, 3 N3, 4 REM (prepare.annotations.STAGES).
 The confusion-matrix ones accept a stack [..., K, K], so that the bootstrap evaluates all its resamples at once.
@@ -109,3 +110,22 @@ def bootstrap_ci(night_cms: np.ndarray, n_boot: int, seed: int) -> dict:
             return np.nanpercentile(values, [2.5, 97.5], axis=0).T                          # [2] or [K, 2]
     return {"kappa": interval(kappa(pooled)), "accuracy": interval(accuracy(pooled)),
             "macro_f1": interval(macro_f1(pooled)), "f1_per_class": interval(f1_per_class(pooled))}
+
+
+def bland_altman(reference, observed, z: float = 1.96) -> dict:
+    """Bland–Altman agreement of paired per-night values (e.g. the technologist's TST and the model's):
+    differences d = observed − reference, bias = mean(d), sd = standard deviation of d (n − 1 in the denominator),
+    95 % limits of agreement = bias ± z·sd (YASA's SleepStatsAgreement likewise). Pairs with a None/NaN on either
+    side (a REM latency without REM) are left out; n counts the pairs used. bias is NaN without a pair, sd and the
+    limits with fewer than two. Also the means of both sides over those pairs."""
+    reference = np.array([np.nan if v is None else v for v in reference], float)
+    observed = np.array([np.nan if v is None else v for v in observed], float)
+    paired = ~np.isnan(reference) & ~np.isnan(observed)
+    reference, observed = reference[paired], observed[paired]                  # [n]
+    d = observed - reference
+    n = len(d)
+    bias = float(d.mean()) if n else float("nan")
+    sd = float(d.std(ddof=1)) if n > 1 else float("nan")
+    return {"n": n, "bias": bias, "sd": sd, "loa": [bias - z * sd, bias + z * sd],
+            "mean_reference": float(reference.mean()) if n else float("nan"),
+            "mean_observed": float(observed.mean()) if n else float("nan")}

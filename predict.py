@@ -1,129 +1,133 @@
 """Stage whole nights from EDF files with a trained probe run: hypnogram, hypnodensity and sleep statistics per night.
 
     python predict.py night.edf --run runs/probe                          # writes next to the EDF
-    python predict.py edfs/*.edf --run runs/probe --out predictions --channels map.yaml --device cuda
+    python predict.py edfs/*.edf --run runs/probe --out predictions --channels map.yaml --export luna,xml --device cuda
 
-Each EDF goes through exactly the signal path of `python -m prepare edf` (prepare.night.prepare_night: channel
-aliases or --channels map.yaml, unit conversion, the paper's filters, resampling to 125 Hz), unlabelled. A slot that
-is missing (or flat, all-NaN, in unknown units) is fed to the model as zeros and named in a one-line warning; with
---require-all it fails that night instead. The night is staged whole by stage.stage_night: windows of the run's
-data.window_s every --stride-s (default half a window), an epoch's probabilities averaged over the windows that saw
-it; a night shorter than one window is zero-padded and masked. Only full 30-s epochs are staged.
+Each EDF is staged by stage.stage_edf (the Python API: the CLI writes what the API returns) through exactly the signal
+path of `python -m prepare edf` (channel aliases or --channels map.yaml, unit conversion, the paper's filters,
+resampling to 125 Hz), unlabelled. Channel labels: the built-in alias table, or the NSRR dataset's own (SHHS, MESA,
+MrOS, APPLES, WSC: detected from the labels, or --dataset). A night without EEG, EOG or EMG (the AASM staging slots)
+fails with one line naming the labels it saw; --allow-missing stages it anyway, those slots fed as zeros, with a
+warning that quotes what a missing slot cost on the synthetic benchmark (README "Channel dropout"). Any other missing
+slot (or flat, all-NaN, in unknown units) is fed as zeros, with a warning; --require-all fails the night instead. The
+night is staged whole by stage.stage_night: windows of the run's data.window_s every --stride-s (default half a
+window), an epoch's probabilities averaged over the windows that saw it; a night shorter than one window is
+zero-padded and masked. Only full 30-s epochs are staged.
 
 Per night <stem> (the EDF's name without .edf), written to a temporary name and renamed when complete:
-  <stem>.hypnogram.csv  epoch, onset_s, clock_time (HH:MM:SS from the EDF start; empty if the header has none),
-                        stage (W/N1/N2/N3/R, the most probable), p_W, p_N1, p_N2, p_N3, p_REM
-  <stem>.stats.json     sleep statistics of the predicted hypnogram (below), the run, the absent slots, warnings
-  <stem>.png            hypnogram over hypnodensity (matplotlib; skipped with a note if it is not installed)
-  <stem>.stages.edf     with --edf-annotations: the predicted stages as an EDF+ annotation file ('Sleep stage W',
-                        'Sleep stage N1' … 'Sleep stage R', one annotation per run of equal stages, onsets from the
-                        recording start) that EDFbrowser, MNE or `python -m prepare edf --annotations` can read
-
-Sleep statistics: stage.sleep_statistics (its module docstring defines each one; so does the README).
+  <stem>.hypnogram.csv   epoch, onset_s, date (YYYY-MM-DD) and clock_time (HH:MM:SS) from the EDF start (empty if the
+                         header has none), stage (W/N1/N2/N3/R, the most probable), p_W, p_N1, p_N2, p_N3, p_REM
+                         (5 decimals, every row summing to exactly 1)
+  <stem>.stats.json      sleep statistics of the predicted hypnogram (stage.sleep_statistics; lights-off to lights-on:
+                         --lights-off/--lights-on, else the EDF+ annotations' 'Lights off'/'Lights on', else the whole
+                         recording), the run, the absent slots, the alias table, the source labels and their units as
+                         the EDF declares them, every warning
+  <stem>.png             hypnogram over hypnodensity (matplotlib; skipped with a note if it is not installed)
+  <stem>.stages.edf      --export edf (or --edf-annotations): EDF+ annotations 'Sleep stage W' … 'Sleep stage R', one
+                         per run of equal stages (EDFbrowser, MNE, pyedflib, `python -m prepare edf --annotations`)
+  <stem>.stages.annot    --export luna: Luna .annot, one row per epoch (class W/N1/N2/N3/R, start/stop in seconds)
+  <stem>.stages.xml      --export xml: NSRR XML ('Stages|Stages' events, one per run)
+  <stem>.stages.txt      --export txt: one stage per line (W, N1, N2, N3, R)
+  <stem>.embeddings.npy  --embeddings: float16 [E, 7, D] (epochs × slots ECG, EOG, EMG, EEG, SPO2, THOR, ABDO ×
+                         the run's d_model): per 30-s epoch and slot, the mean of the encoder's 5 patch embeddings
+                         (6 s each), averaged over the windows that saw the epoch; numpy.load reads it
+and, for the batch, summary.csv in --out (without --out: in the EDFs' common folder): one row per night, status ok or
+failed with the reason, its statistics, absent slots and warnings; rewritten after every night.
 
 EDFs from other vendors: labels and units in UTF-8 or Latin-1 ('µV'), any sampling rate (resampled to 125 Hz),
 physical dimensions V, mV or µV, and headers pyedflib refuses (prepare/edf.py is our own reader) are read as they are.
 An EDF+D (discontinuous) file is laid out on its records' own start times, the gaps interpolated and named in the
 night's warnings. A file with fewer data records than its header says is staged as far as it goes, with a warning
-(--strict: an error). Anything else that is wrong (unreadable header, every slot missing, unknown unit, records that
-overlap) prints one line naming the file and the cause; the batch goes on, and a summary lists the failures. Exit
-status 0 if at least one night was staged, 1 if every night failed.
+(--strict: an error). Anything else that is wrong (unreadable header, a staging slot missing, unknown unit, records
+that overlap) prints one line naming the file and the cause; the batch goes on, and a summary lists the failures.
+Before any night: the output folders must be writable and the run must have a final checkpoint (a run still training
+or killed has only ckpt.pt: --latest uses it); otherwise one line and exit status 1. Exit status 0 if at least one
+night was staged, 1 if every night failed.
 """
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
+import csv
+import os
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 import runs
 import stage
-from prepare import edf as edf_format
-from prepare.annotations import STAGES
-from prepare.generic import CHANNELS
-from prepare.night import NIGHT_ERRORS, Night, make_options, prepare_night
-from prepare.signals import EPOCH_S, EPOCH_SAMPLES, FS, SLOTS
+from prepare.night import make_options
 
-COLUMNS = ("epoch", "onset_s", "clock_time", "stage", *(f"p_{name}" for name in STAGES))
+COLUMNS = stage.HYPNOGRAM_COLUMNS         # the hypnogram CSV's columns (earlier versions' name)
 
 
-class NightFailed(Exception):
-    """A night that could not be staged; the message is the one-line cause."""
-
-
-def load_run(run_dir: Path):
-    """(encoder, probe, window_s) of a probe run; exits with one line if the folder is not one."""
+def load_model(run_dir: Path, device: str, latest: bool) -> stage.Model:
+    """The run, loaded once for every night; exits with one line if the folder is not a usable probe run."""
     try:
-        run = runs.read_run(run_dir)
-        return run.encoder(), run.probe(), float(run.config["data"]["window_s"])
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as err:   # no folder/checkpoint, weights that do not fit
+        return stage.load_model(run_dir, device, latest)
+    except (OSError, runs.CorruptCheckpoint) as err:   # no folder; no final checkpoint (its line names --latest)
+        raise SystemExit(f"predict.py: {str(err).splitlines()[0]}")
+    except (ValueError, KeyError, TypeError, RuntimeError) as err:   # weights or config that do not fit a probe run
         raise SystemExit(f"predict.py: {run_dir} is not a probe run (needs config.yaml with model:, probe:, "
                          f"data.window_s and ckpt_final.pt): {str(err).splitlines()[0]}")
 
 
-def read_night(edf: Path, opts) -> tuple[np.ndarray, dict]:
-    """The prepared [7, T] float32 signals and attrs, through the same code as `python -m prepare edf`."""
-    night = Night(dataset="edf", night_id=edf.stem, subject=edf.stem, visit="", edf=edf, labelled=False)
-    try:
-        signals, _, attrs = prepare_night(night, CHANNELS, opts)
-    except NIGHT_ERRORS as err:
-        # the file is named once, by main: drop the reader's own "path: " prefix
-        raise NightFailed(str(err).replace("\n", " ").removeprefix(f"{edf}: ")) from None
-    return signals.astype(np.float32), attrs
+def output_folders(args) -> list[Path]:
+    """Where this batch writes: --out, else each EDF's folder."""
+    return [args.out] if args.out else sorted({edf.parent for edf in args.edfs})
 
 
-def write_csv(path: Path, rows: list[dict]) -> None:
+def check_writable(folders: list[Path]) -> None:
+    """Create each output folder and write and remove a file there, before any night is computed: a folder that
+    cannot take the outputs fails now, in one line, not after an hour of staging."""
+    for folder in folders:
+        probe = folder / f".predict-write-check-{os.getpid()}"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as err:
+            raise SystemExit(f"predict.py: cannot write to the output folder {folder}: {err.strerror or err}")
+
+
+def summary_row(edf: Path, result: stage.NightResult | None = None, reason: str = "") -> dict:
+    """One summary.csv row: night, file, status (ok / failed), reason, the statistics (per-stage ones flattened,
+    e.g. stage_min_N2; the transition counts left out), absent slots, warnings."""
+    row = {"night": edf.stem, "file": str(edf), "status": "ok" if result else "failed", "reason": reason}
+    if result is None:
+        return row
+    for key, value in result.stats.items():
+        if not isinstance(value, dict):
+            row[key] = value
+        elif key != "transitions":
+            row.update({f"{key}_{name}": v for name, v in value.items()})
+    return {**row, "absent_slots": " ".join(result.absent), "warnings": " | ".join(result.warnings)}
+
+
+def write_summary(path: Path, rows: list[dict]) -> None:
+    """summary.csv: every column any row has, in order of appearance; a failed night's statistics are empty."""
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+
     def write(temp):
-        with open(temp, "w") as f:
-            f.write(",".join(COLUMNS) + "\n")
-            f.writelines(",".join(str(row[c]) for c in COLUMNS) + "\n" for row in rows)
+        with open(temp, "w", newline="") as f:
+            writer = csv.DictWriter(f, columns, restval="")
+            writer.writeheader()
+            writer.writerows({k: "" if v is None else v for k, v in row.items()} for row in rows)
     runs.write_atomic(path, write)
 
 
-def write_json(path: Path, value: dict) -> None:
-    runs.write_atomic(path, lambda temp: temp.write_text(json.dumps(value, indent=2) + "\n"))
-
-
-def predict_one(edf: Path, out: Path | None, run, opts, args, plt) -> list[Path]:
-    """Stage one EDF and write its files; raises NightFailed with a one-line cause."""
-    encoder, probe, window_s = run
-    signals, attrs = read_night(edf, opts)
-    absent = [slot for slot, ok in zip(SLOTS, attrs["present"]) if not ok]
-    if len(absent) == len(SLOTS):
-        raise NightFailed(f"no usable channel: {'; '.join(attrs['warnings'])}")
-    if absent:
-        reasons = [warning for warning in attrs["warnings"] if warning.startswith("slot ")]
-        print(f"warning: {edf}: absent slots {', '.join(absent)} (fed as zeros): {'; '.join(reasons)}")
-    window = int(round(window_s / EPOCH_S)) * EPOCH_SAMPLES
-    stride = int(round((args.stride_s or window_s / 2) / EPOCH_S)) * EPOCH_SAMPLES
-    probs = stage.stage_night(encoder, probe, signals, window, max(stride, EPOCH_SAMPLES), args.batch_size,
-                        args.device).numpy()                                                    # [E, 5]
-    folder = out or edf.parent
-    folder.mkdir(parents=True, exist_ok=True)
-    stem = folder / edf.stem
-    written = [stem.with_name(stem.name + ".hypnogram.csv"), stem.with_name(stem.name + ".stats.json")]
-    write_csv(written[0], stage.hypnogram_rows(probs, attrs["start_time"]))
-    stats = stage.sleep_statistics(probs.argmax(axis=1))
-    write_json(written[1], {"edf": str(edf), "run": str(args.run), "start_time": attrs["start_time"],
-                            "window_s": window_s, "stride_s": stride / FS, **stats,
-                            "absent_slots": absent, "source_labels": attrs["source_labels"],
-                            "warnings": attrs["warnings"]})
-    for warning in attrs["warnings"]:
-        if not warning.startswith("slot "):                       # slot warnings were printed with the absent slots
-            print(f"warning: {edf}: {warning}")
-    if args.edf_annotations:
-        written.append(stem.with_name(stem.name + ".stages.edf"))
-        start = dt.datetime.fromisoformat(attrs["start_time"]) if attrs["start_time"] else None
-        edf_format.write_annotations(written[-1], stage.stage_annotations(probs.argmax(axis=1)), start, "predict.py")
-    if plt is not None:
-        written.append(stem.with_name(stem.name + ".png"))
-        stage.plot_hypnogram(written[-1], probs, edf.name, plt=plt)
-    return written
+def stage_one(edf: Path, model: stage.Model, args, plt) -> tuple[stage.NightResult, list[Path]]:
+    """Stage one EDF and write its files (the API's result writes them); raises stage.StagingError, one line."""
+    result = stage.stage_edf(edf, model, channels=args.channel_map, lights_off=args.lights_off,
+                             lights_on=args.lights_on, dataset=args.dataset, allow_missing=args.allow_missing,
+                             require_all=args.require_all, strict=args.strict, zero_phase=args.zero_phase,
+                             stride_s=args.stride_s, batch_size=args.batch_size, embeddings=args.embeddings)
+    for warning in result.warnings:
+        print(f"warning: {edf}: {warning}")
+    written = result.write((args.out or edf.parent) / edf.stem, exports=args.export, embeddings=args.embeddings,
+                           plot=plt is not None, plt=plt)
+    return result, written
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -134,15 +138,34 @@ def parse_args(argv=None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("edfs", nargs="+", type=Path, metavar="EDF", help="EDF files to stage, each independently")
     parser.add_argument("--run", "--run-dir", dest="run", type=Path, required=True,
-                        help="probe run folder (config.yaml + ckpt_final.pt, trained or imported)")
+                        help="probe run folder (config.yaml + ckpt_final.pt or ckpt_best.pt, trained or imported)")
+    parser.add_argument("--latest", action="store_true",
+                        help="accept a run without a final checkpoint (still training, or killed): its ckpt.pt")
     parser.add_argument("--channels", type=Path, metavar="map.yaml",
                         help="YAML mapping slot -> EDF label or 'A - B' derivation (null = absent), e.g. "
-                             "{EEG: C4-M1, EOG: E1 - M2}; slots left out use the built-in alias table")
-    parser.add_argument("--out", type=Path, help="output folder (default: next to each EDF)")
-    parser.add_argument("--edf-annotations", action="store_true",
-                        help="also write <stem>.stages.edf, the predicted stages as EDF+ annotations")
+                             "{EEG: C4-M1, EOG: E1 - M2}; slots left out use the alias table")
+    parser.add_argument("--dataset", choices=sorted(stage.CHANNEL_TABLES),
+                        help="alias table for the EDF's labels: an NSRR dataset's, or edf (the built-in one); "
+                             "default: the table that resolves the most slots")
+    parser.add_argument("--allow-missing", action="store_true",
+                        help="stage a night without EEG, EOG or EMG (fed as zeros, with a warning that quotes the "
+                             "cost); by default such a night fails")
     parser.add_argument("--require-all", action="store_true",
-                        help="fail a night if any of the 7 slots is absent (default: absent slots are zeros, warned)")
+                        help="fail a night if any of the 7 slots is absent (default: absent slots other than EEG, "
+                             "EOG, EMG are zeros, warned)")
+    parser.add_argument("--out", type=Path, help="output folder (default: next to each EDF)")
+    parser.add_argument("--export", default="", metavar="FORMATS",
+                        help=f"also write the stages as hypnogram files, a comma list of {', '.join(stage.EXPORTS)} "
+                             "(EDF+ annotations, Luna .annot, NSRR XML, one stage per line)")
+    parser.add_argument("--edf-annotations", action="store_true", help="the same as --export edf")
+    parser.add_argument("--embeddings", action="store_true",
+                        help="also write <stem>.embeddings.npy: float16 [epochs, 7 slots, d_model], per 30-s epoch "
+                             "and slot the mean of the encoder's 5 patch embeddings (numpy.load reads it)")
+    parser.add_argument("--lights-off", metavar="TIME",
+                        help="lights-off for the statistics of every night: HH:MM[:SS] (the first such time after "
+                             "the recording start), an ISO date-time or seconds after the start (default: the EDF+ "
+                             "annotation 'Lights off', else the recording start)")
+    parser.add_argument("--lights-on", metavar="TIME", help="lights-on, as --lights-off (default: the recording end)")
     parser.add_argument("--strict", action="store_true",
                         help="fail a night whose EDF holds fewer data records than its header says (default: stage "
                              "the records that are there and say so in a warning)")
@@ -157,30 +180,47 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="cpu or cuda (default: cuda if available)")
     for old in ("--stride_s", "--batch_size"):                     # the spellings before flags were kebab-case
         parser.add_argument(old, dest=old[2:], type=float if old.endswith("_s") else int, help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.export = [fmt.strip().lower() for fmt in args.export.split(",") if fmt.strip()]
+    if unknown := sorted(set(args.export) - set(stage.EXPORTS)):
+        parser.error(f"--export: unknown formats {unknown}; formats are {', '.join(stage.EXPORTS)}")
+    if args.edf_annotations and "edf" not in args.export:
+        args.export.append("edf")
+    if args.allow_missing and args.require_all:
+        parser.error("--allow-missing and --require-all contradict each other")
+    for name in ("lights_off", "lights_on"):                      # seconds after the start, or a clock/date-time
+        value = getattr(args, name)
+        if value is not None and value.replace(".", "", 1).isdigit():
+            setattr(args, name, float(value))
+    return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    # the channel map is checked exactly as `python -m prepare` checks it
-    opts = make_options(args.channels, require="all" if args.require_all else "none", zero_phase=args.zero_phase)
-    opts.allow_truncated = not args.strict
-    encoder, probe, window_s = load_run(args.run)
-    run = (encoder.to(args.device), probe.to(args.device), window_s)
+    # the channel map is checked exactly as `python -m prepare` checks it, once for the batch
+    args.channel_map = make_options(args.channels).channel_map
+    folders = output_folders(args)
+    check_writable(folders)
+    model = load_model(args.run, args.device, args.latest)
+    summary = (args.out or Path(os.path.commonpath([folder.resolve() for folder in folders]))) / "summary.csv"
     plt = stage.pyplot()
-    failures, started = [], time.time()
+    rows, failures, started = [], [], time.time()
     for edf in args.edfs:
         try:
-            written = predict_one(edf, args.out, run, opts, args, plt)
+            result, written = stage_one(edf, model, args, plt)
+            rows.append(summary_row(edf, result))
             print(f"{edf}: wrote {', '.join(p.name for p in written)}")
-        except NightFailed as err:
+        except stage.StagingError as err:
             failures.append((edf, str(err)))
         except Exception as err:          # a bug must not sink the batch, but must be visible as one
             failures.append((edf, f"internal error ({type(err).__name__}): {err}".replace("\n", " ")))
         if failures and failures[-1][0] == edf:
             print(f"error: {edf}: {failures[-1][1]}", file=sys.stderr)
+            rows.append(summary_row(edf, reason=failures[-1][1]))
+        write_summary(summary, rows)
     n_ok = len(args.edfs) - len(failures)
-    print(f"{n_ok} of {len(args.edfs)} nights staged in {time.time() - started:.1f} s, {len(failures)} failed")
+    print(f"{n_ok} of {len(args.edfs)} nights staged in {time.time() - started:.1f} s, {len(failures)} failed "
+          f"(summary: {summary})")
     for edf, reason in failures:
         print(f"  failed {edf}: {reason}")
     return 0 if n_ok else 1

@@ -2,55 +2,100 @@
 
 The Python API for users (evaluate.py and predict.py are built on it):
 
+    import stage
+    model = stage.load_model("runs/probe")                 # a probe run folder, trained or imported; load once
+    night = stage.stage_edf("night.edf", model)            # through prepare's signal path; or stage_signals(
+    night.table, night.probs, night.stats                  #   {"EEG": (samples, fs, "V"), ...}, model)
+    night.write("out/night", exports=["luna"])             # predict.py's files, from the same object
+
+and, one level down, on signals already prepared ([7, T] float32 at 125 Hz, prepare's slot order):
+
     import runs, stage
-    run = runs.read_run("runs/probe")                      # a probe run folder, trained or imported
+    run = runs.read_run("runs/probe")
     encoder, probe = run.encoder(), run.probe()
     probs = stage.stage_night(encoder, probe, signals, window_samples=3_600_000, stride_samples=1_800_000)
-    stats = stage.sleep_statistics(probs.argmax(1))        # signals: [7, T] float32 at 125 Hz, prepare's slot order
+    stats = stage.sleep_statistics(probs.argmax(1))
     stage.plot_hypnogram("night.png", probs.numpy(), "night 1")
 
 Windows come from data.window_starts (the one windowing rule): windows of `window_samples` every `stride_samples`, the
 last one aligned to the night's last full epoch; a night shorter than a window is zero-padded and masked. Where
 windows overlap, an epoch's probabilities are the mean over the windows that saw it.
 
-Sleep statistics (AASM-style; minutes unless noted; an epoch is 30 s = 0.5 min; sleep = N1, N2, N3 or R):
-  TIB_min          time in bed: all recorded full epochs × 0.5 (lights-off/on are not in an EDF: the recording is TIB)
-  SOL_min          sleep onset latency: first sleep epoch − recording start (null if no sleep)
-  SPT_min          sleep period time: first to last sleep epoch inclusive
+Sleep statistics (AASM terms; minutes unless noted; an epoch is 30 s = 0.5 min; sleep = N1, N2, N3 or R; -1 =
+unscored). Everything is counted between lights-off and lights-on (epoch indices; default: the whole recording), the
+time in bed; epochs outside are left out. The definitions are YASA's (`Hypnogram.sleep_statistics`, v0.7 source, on the
+lights-off..lights-on part of the hypnogram) except where named:
+  TIB_min          time in bed: epochs from lights-off to lights-on × 0.5
+  unscored_min     unscored (-1) epochs within TIB × 0.5: neither wake nor sleep anywhere below
+  SOL_min          sleep onset latency: lights-off to the first sleep epoch (null if no sleep)
+  LPS_min          latency to persistent sleep: lights-off to the first epoch of the first run of
+                   PERSISTENT_SLEEP_MIN (10) minutes of uninterrupted sleep, the clinical/AASM-trial convention
+                   (null if none; YASA's SOL_5min uses 5 minutes)
+  SPT_min          sleep period time: first to last sleep epoch inclusive (0 if no sleep)
   TST_min          total sleep time: sleep epochs × 0.5
-  WASO_min         wake after sleep onset: W epochs inside the SPT
-  SE_pct           sleep efficiency: TST / TIB × 100
-  REM_latency_min  first R epoch − first sleep epoch (null if no R)
-  stage_min        minutes per stage W, N1, N2, N3, R (over the whole recording)
+  WASO_min         wake after sleep onset: W epochs inside the SPT (0 if no sleep; YASA: NaN)
+  SE_pct           sleep efficiency: TST / TIB × 100 (null if TIB = 0)
+  SME_pct          sleep maintenance efficiency: TST / SPT × 100 (null if no sleep)
+  Lat_<stage>_min  Lat_N1_min, Lat_N2_min, Lat_N3_min, Lat_REM_min: lights-off to the first epoch of that stage
+                   (YASA's latencies; null if the stage is absent)
+  REM_latency_from_onset_min   first R epoch − first sleep epoch, the AASM REM latency (= Lat_REM − SOL;
+                   null if no R)
+  awakenings       runs of >= MIN_AWAKENING_EPOCHS (2 = 1 min) consecutive W epochs inside the SPT
+  awakenings_per_h awakenings per hour of TST (null if TST = 0)
+  stage_shifts     changes of stage between consecutive scored epochs inside the SPT (to and from W included;
+                   a pair with an unscored epoch is no shift)
+  stage_shifts_per_h  stage shifts per hour of TST (null if TST = 0)
+  stage_min        minutes per stage W, N1, N2, N3, R within TIB
   stage_pct_TST    N1, N2, N3, R as % of TST (null if TST = 0)
-  awakenings       runs of >= MIN_AWAKENING_EPOCHS consecutive W epochs inside the SPT (2 epochs = 1 min)
+  transitions      {from: {to: count}} over consecutive epoch pairs within TIB, both scored, W N1 N2 N3 R (rows:
+                   from; the diagonal counts staying in a stage), as YASA's transition_matrix on scored epochs
+lights_epochs turns lights-off/on given as clock times ("23:10", past midnight when earlier than the start), datetimes
+or seconds after the start (EDF+ annotations: lights_from_annotations) into those epoch indices.
 """
 from __future__ import annotations
 
 import datetime as dt
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 
+import runs
 from data import window_starts
+from prepare import apples, generic, mesa, mros, shhs, wsc
+from prepare import edf as edf_format
 from prepare.annotations import AASM_LETTERS, REM, STAGES, W
-from prepare.signals import EPOCH_S
+from prepare.night import DEFAULT_REQUIRED, NIGHT_ERRORS, Night, Options, make_options, prepare_arrays, prepare_night
+from prepare.signals import EPOCH_S, EPOCH_SAMPLES, FS, SLOTS, resolve
 from runs import write_atomic
 
 MIN_AWAKENING_EPOCHS = 2                                   # an awakening is >= 1 min of W inside the SPT
+PERSISTENT_SLEEP_MIN = 10                                  # persistent sleep: >= 10 min of uninterrupted sleep (LPS)
+PROB_COLUMNS = tuple(f"p_{name}" for name in STAGES)       # p_W, p_N1, p_N2, p_N3, p_REM (as evaluate.py's CSVs)
+HYPNOGRAM_COLUMNS = ("epoch", "onset_s", "date", "clock_time", "stage", *PROB_COLUMNS)
+PROB_DECIMALS = 5
 
 
 @torch.inference_mode()   # no backward can follow: on CPU too, attention takes the fused kernel (model.py)
 def stage_night(encoder, probe, signals, window_samples: int, stride_samples: int | None = None,
-                batch_size: int = 4, device="cpu") -> torch.Tensor:
-    """signals [C, T] (float32 array or tensor) -> stage probabilities per full 30-s epoch [T // 3750, classes]."""
-    epoch_samples = probe.cfg.patches_per_epoch * encoder.cfg.patch_len                 # 3750
+                batch_size: int = 4, device="cpu", embeddings: bool = False):
+    """signals [C, T] (float32 array or tensor) -> stage probabilities per full 30-s epoch [T // 3750, classes];
+    with embeddings=True, (probabilities, embeddings [E, C, D]): the encoder's output per epoch and channel, the mean
+    of the epoch's 5 patch embeddings, averaged like the probabilities over the windows that saw the epoch."""
+    patches_per_epoch = probe.cfg.patches_per_epoch
+    epoch_samples = patches_per_epoch * encoder.cfg.patch_len                           # 3750
     signals = torch.as_tensor(signals, dtype=torch.float32)
     C, T = signals.shape
     n_epochs = T // epoch_samples
     window_epochs = window_samples // epoch_samples
     starts = window_starts(0, n_epochs, window_epochs, (stride_samples or window_samples) // epoch_samples)
     total = torch.zeros(n_epochs, probe.cfg.n_classes)                                  # [E, classes]
+    total_embedded = torch.zeros(n_epochs, C, encoder.cfg.d_model) if embeddings else None    # [E, C, D]
     seen = torch.zeros(n_epochs, 1)
     for i in range(0, len(starts), batch_size):
         batch_starts = starts[i:i + batch_size]
@@ -62,12 +107,20 @@ def stage_night(encoder, probe, signals, window_samples: int, stride_samples: in
             padding[j, :n] = False
         windows, padding = windows.to(device), padding.to(device)
         # on CPU one channel sequence per encoder pass: half the peak memory, same speed (Encoder.encode)
-        embeddings = encoder.embed(windows, padding, sequences_per_pass=1 if windows.device.type == "cpu" else None)
-        probs = probe(embeddings, padding).softmax(dim=-1).cpu()                        # [b, E_w, classes]
+        embedded = encoder.embed(windows, padding, sequences_per_pass=1 if windows.device.type == "cpu" else None)
+        probs = probe(embedded, padding).softmax(dim=-1).cpu()                          # [b, E_w, classes]
+        if embeddings:                            # [b, C, N, D] -> the mean of each epoch's patches [b, E_w, C, D]
+            b, _, N, D = embedded.shape
+            embedded = embedded.reshape(b, C, N // patches_per_epoch, patches_per_epoch, D).mean(3)
+            embedded = embedded.transpose(1, 2).float().cpu()
         for j, start in enumerate(batch_starts):
             n = min(window_epochs, n_epochs - start)
             total[start:start + n] += probs[j, :n]
             seen[start:start + n] += 1
+            if embeddings:
+                total_embedded[start:start + n] += embedded[j, :n]
+    if embeddings:
+        return total / seen.clamp_min(1), total_embedded / seen[:, :, None].clamp_min(1)
     return total / seen.clamp_min(1)
 
 
@@ -82,33 +135,139 @@ def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
     return list(zip(starts.tolist(), (ends - starts).tolist()))
 
 
-def sleep_statistics(stages, epoch_s: float = EPOCH_S) -> dict:
-    """Statistics of a hypnogram (codes 0 W, 1 N1, 2 N2, 3 N3, 4 R), definitions in the module docstring."""
+def transition_counts(stages) -> np.ndarray:
+    """Counts [5, 5] of consecutive epoch pairs, row = stage of the first epoch, column = of the next (W, N1, N2, N3,
+    R); pairs with an unscored (-1) epoch are left out."""
     stages = np.asarray(stages, dtype=np.int64)
+    before, after = stages[:-1], stages[1:]
+    scored = (before >= 0) & (after >= 0)
+    n = len(AASM_LETTERS)
+    return np.bincount(before[scored] * n + after[scored], minlength=n * n).reshape(n, n)
+
+
+def sleep_statistics(stages, epoch_s: float = EPOCH_S, lights_off: int | None = None,
+                     lights_on: int | None = None) -> dict:
+    """Statistics of a hypnogram [E] (codes -1 unscored, 0 W, 1 N1, 2 N2, 3 N3, 4 R) over epochs lights_off (the
+    first in bed; default 0) to lights_on (the first after; default E), definitions in the module docstring.
+    lights_epochs makes the two indices from clock times."""
+    stages = np.asarray(stages, dtype=np.int64)
+    off = 0 if lights_off is None else int(lights_off)
+    on = len(stages) if lights_on is None else int(lights_on)
+    if not 0 <= off <= on <= len(stages):
+        raise ValueError(f"lights-off epoch {off}, lights-on epoch {on}: need 0 <= lights-off <= lights-on <= "
+                         f"{len(stages)} (the recording's epochs)")
+    bed = stages[off:on]                                              # [TIB epochs]: all that is counted below
     minutes = epoch_s / 60
-    sleep = stages > W
+    sleep = bed > W                                                   # unscored (-1) is neither sleep nor W
     asleep = np.flatnonzero(sleep)
-    tst = int(sleep.sum()) * minutes
-    stats = {"epoch_s": epoch_s, "n_epochs": len(stages), "TIB_min": len(stages) * minutes,
-             "SOL_min": None, "SPT_min": 0.0, "TST_min": tst, "WASO_min": 0.0,
-             "SE_pct": 100 * tst / (len(stages) * minutes) if len(stages) else None,
-             "REM_latency_min": None, "awakenings": 0,
-             "stage_min": {name: int(np.sum(stages == k)) * minutes for k, name in enumerate(AASM_LETTERS)},
-             "stage_pct_TST": {name: (100 * int(np.sum(stages == k)) * minutes / tst if tst else None)
-                               for k, name in enumerate(AASM_LETTERS) if k != W},
-             "min_awakening_epochs": MIN_AWAKENING_EPOCHS}
+    tib, tst = len(bed) * minutes, int(sleep.sum()) * minutes
+
+    def latency(mask) -> float | None:                                # lights-off to the first True epoch
+        first = np.flatnonzero(mask)
+        return int(first[0]) * minutes if len(first) else None
+
+    def per_hour(count: int) -> float | None:                         # per hour of TST
+        return count / (tst / 60) if tst else None
+
+    persistent = int(round(PERSISTENT_SLEEP_MIN * 60 / epoch_s))      # 20 epochs of 30 s
+    lps = next((start for start, length in _runs(sleep) if length >= persistent), None)
+    counts = {name: int(np.sum(bed == k)) for k, name in enumerate(AASM_LETTERS)}
+    stats = {"epoch_s": epoch_s, "n_epochs": len(stages), "lights_off_epoch": off, "lights_on_epoch": on,
+             "TIB_min": tib, "unscored_min": int(np.sum(bed < 0)) * minutes,
+             "SOL_min": latency(sleep), "LPS_min": None if lps is None else lps * minutes,
+             "SPT_min": 0.0, "TST_min": tst, "WASO_min": 0.0,                # no sleep: no SPT, no wake inside it
+             "SE_pct": 100 * tst / tib if tib else None, "SME_pct": None,
+             **{f"Lat_{name}_min": latency(bed == k) for k, name in enumerate(STAGES) if k != W},
+             "REM_latency_from_onset_min": None,
+             "awakenings": 0, "awakenings_per_h": per_hour(0), "stage_shifts": 0, "stage_shifts_per_h": per_hour(0),
+             "stage_min": {name: n * minutes for name, n in counts.items()},
+             "stage_pct_TST": {name: (100 * n * minutes / tst if tst else None)
+                               for name, n in counts.items() if name != AASM_LETTERS[W]},
+             "transitions": {a: dict(zip(AASM_LETTERS, row))
+                             for a, row in zip(AASM_LETTERS, transition_counts(bed).tolist())},
+             "min_awakening_epochs": MIN_AWAKENING_EPOCHS, "persistent_sleep_epochs": persistent}
     if len(asleep) == 0:
         return stats
     onset, last = int(asleep[0]), int(asleep[-1])
-    period = stages[onset:last + 1]                                   # the SPT: starts and ends with sleep
-    stats["SOL_min"] = onset * minutes
-    stats["SPT_min"] = len(period) * minutes
-    stats["WASO_min"] = int(np.sum(period == W)) * minutes
-    stats["awakenings"] = sum(length >= MIN_AWAKENING_EPOCHS for _, length in _runs(period == W))
-    rem = np.flatnonzero(stages == REM)
+    period = bed[onset:last + 1]                                      # the SPT: starts and ends with sleep
+    awakenings = sum(length >= MIN_AWAKENING_EPOCHS for _, length in _runs(period == W))
+    shifts = transition_counts(period)
+    stage_shifts = int(shifts.sum() - np.trace(shifts))              # off the diagonal: the stage changed
+    stats.update(SPT_min=len(period) * minutes, WASO_min=int(np.sum(period == W)) * minutes,
+                 SME_pct=100 * tst / (len(period) * minutes), awakenings=awakenings,
+                 awakenings_per_h=per_hour(awakenings), stage_shifts=stage_shifts,
+                 stage_shifts_per_h=per_hour(stage_shifts))
+    rem = np.flatnonzero(bed == REM)
     if len(rem):
-        stats["REM_latency_min"] = (int(rem[0]) - onset) * minutes
+        stats["REM_latency_from_onset_min"] = (int(rem[0]) - onset) * minutes
     return stats
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Lights-off and lights-on: from clock times, datetimes or EDF+ annotations to epoch indices
+
+
+_CLOCK = re.compile(r"(\d{1,2}):(\d{2})(?::(\d{2}(?:\.\d*)?))?")
+_LIGHTS = re.compile(r"lights?[\s_-]*(off|out|on)", re.IGNORECASE)   # "Lights off", "LIGHTS OUT", "lights_on", …
+
+
+def seconds_after_start(when, start_time) -> float:
+    """Seconds from the recording start (ISO text or datetime) to `when`: a datetime or ISO date-time text, or a clock
+    time "HH:MM[:SS]" read as its first occurrence at or after the start (a night crosses midnight: a clock time
+    earlier than the start is on the next day)."""
+    if start_time is None:
+        raise ValueError(f"{when}: a clock time needs the recording's start time, which is unknown (the EDF header "
+                         f"has no valid start date and time)")
+    start = dt.datetime.fromisoformat(start_time) if isinstance(start_time, str) else start_time
+    if isinstance(when, str) and (clock := _CLOCK.fullmatch(when.strip())):
+        hour, minute, second = int(clock[1]), int(clock[2]), float(clock[3] or 0)
+        if hour > 23 or minute > 59 or second >= 60:
+            raise ValueError(f"{when}: not a clock time HH:MM[:SS]")
+        moment = dt.datetime.combine(start.date(), dt.time()) + dt.timedelta(hours=hour, minutes=minute, seconds=second)
+        if moment < start:
+            moment += dt.timedelta(days=1)
+        return (moment - start).total_seconds()
+    if isinstance(when, str):
+        try:
+            when = dt.datetime.fromisoformat(when.strip())
+        except ValueError:
+            raise ValueError(f"{when}: neither a clock time HH:MM[:SS] nor a date-time like 2024-05-01T23:10") from None
+    return (when - start).total_seconds()
+
+
+def lights_epochs(n_epochs: int, lights_off=None, lights_on=None, start_time=None,
+                  epoch_s: float = EPOCH_S) -> tuple[int, int]:
+    """(lights_off, lights_on) epoch indices for sleep_statistics from times given as seconds after the recording
+    start (an EDF+ annotation's onset), clock times "HH:MM[:SS]" or datetimes (seconds_after_start; these need
+    start_time). Only whole epochs in between are in bed: lights-off rounds up to the next epoch start, lights-on
+    down; None is the start or the end of the recording. Raises ValueError when lights-on comes first or lights-off
+    is not inside the recording."""
+    def seconds(when) -> float:
+        return float(when) if isinstance(when, (int, float, np.number)) else seconds_after_start(when, start_time)
+    end_s = n_epochs * epoch_s
+    off_s = 0.0 if lights_off is None else seconds(lights_off)
+    on_s = end_s if lights_on is None else seconds(lights_on)
+    if lights_off is not None and off_s >= end_s:
+        raise ValueError(f"lights-off {lights_off} is {off_s / 3600:.2f} h after the recording start, after its end "
+                         f"({end_s / 3600:.2f} h; a clock time earlier than the start is the next day: give a "
+                         f"date-time for one before the start)")
+    if on_s <= off_s:
+        raise ValueError(f"lights-on {lights_on} ({on_s / 60:.1f} min after the recording start) is not after "
+                         f"lights-off {lights_off} ({off_s / 60:.1f} min)")
+    off = min(max(math.ceil(off_s / epoch_s - 1e-9), 0), n_epochs)
+    on = max(min(math.floor(on_s / epoch_s + 1e-9), n_epochs), off)  # both inside one epoch: no whole epoch in bed
+    return off, on
+
+
+def lights_from_annotations(annotations) -> tuple[float | None, float | None]:
+    """Onsets (s) of the first lights-off and of the last lights-on after it among EDF+ annotations (onset_s,
+    duration_s, text), in any case and spacing ("Lights off", "LIGHTS OUT", "lights_on"); None where there is none."""
+    marks = [(onset, match[1].lower()) for onset, _, text in annotations
+             if (match := _LIGHTS.fullmatch(text.strip()))]
+    offs = [onset for onset, what in marks if what != "on"]
+    off = min(offs) if offs else None
+    ons = [onset for onset, what in marks if what == "on" and (off is None or onset > off)]
+    return off, max(ons) if ons else None
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -123,22 +282,50 @@ def clock_times(start_time: str | None, onsets: np.ndarray) -> list[str]:
     return [(start + dt.timedelta(seconds=float(s))).strftime("%H:%M:%S") for s in onsets]
 
 
-def hypnogram_rows(probs: np.ndarray, start_time: str | None) -> list[dict]:
-    """One dict per epoch: epoch, onset_s, clock_time, stage (AASM letter of the most probable class), p_<stage>
-    (5 decimals, as text)."""
+def epoch_table(probs: np.ndarray, start_time: str | None) -> pd.DataFrame:
+    """One row per epoch: epoch, onset_s, date (YYYY-MM-DD) and clock_time (HH:MM:SS) of its onset (empty when the
+    recording has no start time), stage (AASM letter of the most probable class), p_W … p_REM (floats)."""
     onsets = np.arange(len(probs)) * EPOCH_S
-    clocks = clock_times(start_time, onsets)
-    pred = probs.argmax(axis=1)
-    return [{"epoch": i, "onset_s": int(onsets[i]), "clock_time": clocks[i], "stage": AASM_LETTERS[pred[i]],
-             **{f"p_{name}": f"{p:.5f}" for name, p in zip(STAGES, probs[i])}} for i in range(len(probs))]
+    start = dt.datetime.fromisoformat(start_time) if start_time else None
+    dates = [(start + dt.timedelta(seconds=float(s))).strftime("%Y-%m-%d") if start else "" for s in onsets]
+    return pd.DataFrame({"epoch": np.arange(len(probs)), "onset_s": onsets.astype(np.int64), "date": dates,
+                         "clock_time": clock_times(start_time, onsets),
+                         "stage": [AASM_LETTERS[k] for k in probs.argmax(axis=1)],
+                         **{f"p_{name}": probs[:, k].astype(np.float64) for k, name in enumerate(STAGES)}})
+
+
+def rounded_probs(probs: np.ndarray, decimals: int = PROB_DECIMALS) -> np.ndarray:
+    """probs [E, K] as whole units of 10^-decimals [E, K] int64 that sum to exactly 10^decimals in every row: floor
+    each, then hand the missing units to the largest remainders, so a CSV row sums to 1 after rounding (YASA's
+    Hypnogram, for one, checks that every row of `proba` sums to 1)."""
+    scale = 10 ** decimals
+    scaled = probs / probs.sum(axis=1, keepdims=True) * scale
+    units = np.floor(scaled).astype(np.int64)
+    missing = scale - units.sum(axis=1, keepdims=True)                      # [E, 1]: 0 … K - 1 units
+    rank = np.argsort(np.argsort(units - scaled, axis=1), axis=1)           # 0 = the largest remainder
+    return units + (rank < missing)
+
+
+def write_hypnogram_csv(path, table: pd.DataFrame, decimals: int = PROB_DECIMALS) -> None:
+    """The per-epoch table as CSV (written atomically), its probabilities with `decimals` digits summing to 1."""
+    text = table.copy()
+    units = rounded_probs(table[list(PROB_COLUMNS)].to_numpy(), decimals)
+    for k, column in enumerate(PROB_COLUMNS):
+        text[column] = [f"{u // 10 ** decimals}.{u % 10 ** decimals:0{decimals}d}" for u in units[:, k]]
+    write_atomic(path, lambda temp: text[list(HYPNOGRAM_COLUMNS)].to_csv(temp, index=False))
+
+
+def stage_runs(stages: np.ndarray) -> list[tuple[int, int, int]]:
+    """(first epoch, length, stage) of each run of equal stages."""
+    change = np.flatnonzero(np.diff(stages)) + 1
+    starts, stops = np.concatenate([[0], change]), np.concatenate([change, [len(stages)]])
+    return [(int(start), int(stop - start), int(stages[start])) for start, stop in zip(starts, stops)]
 
 
 def stage_annotations(stages: np.ndarray) -> list[tuple[float, float, str]]:
     """(onset_s, duration_s, 'Sleep stage X') per run of equal stages, the Sleep-EDF convention for EDF+ hypnograms."""
-    change = np.flatnonzero(np.diff(stages)) + 1
-    starts, stops = np.concatenate([[0], change]), np.concatenate([change, [len(stages)]])
-    return [(int(start) * EPOCH_S, int(stop - start) * EPOCH_S, f"Sleep stage {AASM_LETTERS[stages[start]]}")
-            for start, stop in zip(starts, stops)]
+    return [(first * EPOCH_S, length * EPOCH_S, f"Sleep stage {AASM_LETTERS[code]}")
+            for first, length, code in stage_runs(stages)]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -157,9 +344,20 @@ def pyplot():
         return None
 
 
-def plot_hypnogram(path, probs: np.ndarray, title: str, truth: np.ndarray | None = None, plt=None) -> None:
+def clock_ticks(start: dt.datetime, hours_total: float) -> tuple[np.ndarray, list[str]]:
+    """Ticks on whole clock steps (5 min to 6 h, at most 12 of them) as hours from `start`, and their HH:MM labels."""
+    step = next((m for m in (5, 10, 15, 30, 60, 120, 180, 240) if hours_total * 60 / m <= 12), 360)     # minutes
+    minute_of_day = start.hour * 60 + start.minute + (start.second + start.microsecond / 1e6) / 60
+    ticks = np.arange((-minute_of_day) % step, hours_total * 60 + 1e-6, step) / 60
+    return ticks, [(start + dt.timedelta(seconds=round(h * 3600))).strftime("%H:%M") for h in ticks]
+
+
+def plot_hypnogram(path, probs: np.ndarray, title: str, truth: np.ndarray | None = None, plt=None,
+                   start_time=None, lights_off: int | None = None, lights_on: int | None = None) -> None:
     """Hypnogram (W on top, then R, N1, N2, N3) over the hypnodensity (stacked probabilities), written atomically.
-    probs [E, 5]; truth [E] stage codes (-1 unscored) drawn in black under the prediction when given."""
+    probs [E, 5]; truth [E] stage codes (-1 unscored) drawn in black under the prediction when given. lights_off /
+    lights_on (epoch indices, as sleep_statistics takes them): the time outside is shaded, as it is not counted.
+    start_time (ISO text or datetime): a clock-time x axis; without it, hours from the start of the recording."""
     plt = plt or pyplot()
     if plt is None:
         return
@@ -176,11 +374,319 @@ def plot_hypnogram(path, probs: np.ndarray, title: str, truth: np.ndarray | None
         true = np.where(truth >= 0, level[truth.clip(0)], np.nan)                        # gaps where unscored
         top.step(hours, steps(true), where="post", color="black", lw=1.2, label="technologist")
         top.step(hours, steps(pred) + 0.08, where="post", color="tab:red", lw=1, alpha=0.8, label="PFTSleep")
+    outside = [(0, lights_off), (lights_on, len(probs))]    # epochs before lights-off and from lights-on
+    outside = [(a, b) for a, b in outside if a is not None and b is not None and b > a]
+    for i, (a, b) in enumerate(outside):
+        for ax in (top, bottom):                            # above the stackplot, translucent: still readable
+            ax.axvspan(hours[a], hours[b], color="0.45", alpha=0.45, lw=0, zorder=3,
+                       label="lights on (not in TIB)" if ax is top and i == 0 else None)
+    if truth is not None or outside:
         top.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
     top.set(yticks=range(5), yticklabels=["N3", "N2", "N1", "R", "W"], title=title)
     bottom.stackplot(hours, steps(probs).T, labels=AASM_LETTERS, step="post")
     bottom.set(ylim=(0, 1), xlim=(0, hours[-1]), ylabel="probability", xlabel="hours from start of recording")
+    if start_time:
+        start = dt.datetime.fromisoformat(start_time) if isinstance(start_time, str) else start_time
+        bottom.set_xticks(*clock_ticks(start, hours[-1]))
+        bottom.set_xlabel(f"clock time (recording started {start:%Y-%m-%d %H:%M:%S})")
     bottom.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
     fig.tight_layout()
     write_atomic(path, lambda temp: fig.savefig(temp, dpi=110, format="png"))
     plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Staging an EDF, or signals already in memory: the API behind predict.py (one code path, so the two cannot diverge)
+
+# Alias tables by name: the built-in one (any EDF) and the five NSRR datasets' (their own labels, e.g. MESA's EEG3)
+CHANNEL_TABLES = {"edf": generic.CHANNELS, "shhs": shhs.CHANNELS, "mesa": mesa.CHANNELS, "mros": mros.CHANNELS,
+                  "apples": apples.CHANNELS, "wsc": wsc.CHANNELS}
+STAGING_SLOTS = DEFAULT_REQUIRED                           # EEG, EOG, EMG: what AASM staging reads
+# κ with one slot absent (fed as zeros) on the synthetic benchmark, bench/channel_dropout.py (README "Channel
+# dropout"): (trained without channel dropout, encoder + probe trained with train.channel_dropout 0.2); "none": all
+ABSENT_KAPPA = {"none": (0.803, 0.701), "ECG": (0.731, 0.707), "EOG": (0.640, 0.472), "EMG": (0.799, 0.692),
+                "EEG": (0.296, 0.532), "SPO2": (0.782, 0.657), "THOR": (0.640, 0.781), "ABDO": (0.602, 0.757)}
+EXPORTS = {"edf": ".stages.edf", "luna": ".stages.annot", "xml": ".stages.xml", "txt": ".stages.txt"}
+NSRR_CONCEPTS = ("Wake|0", "Stage 1 sleep|1", "Stage 2 sleep|2", "Stage 3 sleep|3", "REM sleep|5")   # by class
+
+
+class StagingError(ValueError):
+    """A night that cannot be staged; the message is the one-line cause."""
+
+
+@dataclass
+class Model:
+    """A probe run ready to stage nights: encoder and probe in eval mode on `device`, the run's window (s)."""
+    encoder: torch.nn.Module
+    probe: torch.nn.Module
+    window_s: float
+    path: Path
+    device: str = "cpu"
+
+
+def load_model(run, device="cpu", latest: bool = False) -> Model:
+    """A Model from a run folder, a runs.Run or a Model (returned as it is): load it once to stage many nights.
+    latest=True accepts a run without a final checkpoint, i.e. its ckpt.pt (runs.read_run)."""
+    if isinstance(run, Model):
+        return run
+    if not isinstance(run, runs.Run):
+        run = runs.read_run(run, latest=latest)
+    return Model(run.encoder().to(device), run.probe().to(device), float(run.config["data"]["window_s"]),
+                 Path(run.path), str(device))
+
+
+@dataclass
+class NightResult:
+    """One staged night (stage_edf, stage_signals). `write` makes predict.py's files from it."""
+    probs: np.ndarray               # [E, 5] float32: W, N1, N2, N3, REM per full 30-s epoch
+    table: pd.DataFrame             # one row per epoch: HYPNOGRAM_COLUMNS (epoch_table)
+    stats: dict                     # sleep_statistics of the most probable stages, lights-off to lights-on
+    warnings: list[str]
+    absent: list[str]               # slots fed to the model as zeros
+    start_time: str | None          # ISO start of the recording (None: the EDF header has none)
+    source: str | None              # the EDF (None: in-memory signals)
+    run: str
+    channel_table: str | None       # the alias table that named the EDF's channels (CHANNEL_TABLES)
+    source_labels: dict             # slot -> EDF label or derivation 'A - B'
+    source_units: dict              # slot -> the unit the EDF (or the caller) declared, before conversion to µV
+    window_s: float
+    stride_s: float
+    embeddings: np.ndarray | None = None    # [E, 7, D] float32, with embeddings=True
+
+    @property
+    def stages(self) -> np.ndarray:
+        """[E] the most probable class: 0 W, 1 N1, 2 N2, 3 N3, 4 R."""
+        return self.probs.argmax(axis=1)
+
+    def record(self) -> dict:
+        """<stem>.stats.json: the statistics, and what they were computed from."""
+        return {"edf": self.source, "run": self.run, "start_time": self.start_time, "window_s": self.window_s,
+                "stride_s": self.stride_s, **self.stats, "absent_slots": self.absent,
+                "channel_table": self.channel_table, "source_labels": self.source_labels,
+                "source_units": self.source_units, "warnings": self.warnings}
+
+    def write(self, stem, exports=(), embeddings: bool = False, plot: bool = True, plt=None) -> list[Path]:
+        """predict.py's files for this night, each written atomically; returns their paths. <stem>.hypnogram.csv,
+        <stem>.stats.json, <stem>.stages.<ext> per export format (EXPORTS), <stem>.embeddings.npy (float16 [E, 7, D])
+        with embeddings=True, <stem>.png with plot=True (and matplotlib installed)."""
+        stem = Path(stem)
+        stem.parent.mkdir(parents=True, exist_ok=True)
+
+        def named(suffix: str) -> Path:
+            return stem.with_name(stem.name + suffix)
+        written = [named(".hypnogram.csv"), named(".stats.json")]
+        write_hypnogram_csv(written[0], self.table)
+        write_atomic(written[1], lambda temp: temp.write_text(json.dumps(self.record(), indent=2) + "\n"))
+        for fmt in exports:
+            written.append(named(EXPORTS[fmt]))
+            export_stages(written[-1], fmt, self.stages, self.start_time)
+        if embeddings:
+            if self.embeddings is None:
+                raise ValueError("no embeddings to write: stage the night with embeddings=True")
+            written.append(named(".embeddings.npy"))
+            write_atomic(written[-1], lambda temp: _save_npy(temp, self.embeddings.astype(np.float16)))
+        plt = (plt or pyplot()) if plot else None
+        if plt is not None:
+            written.append(named(".png"))
+            plot_hypnogram(written[-1], self.probs, Path(self.source).name if self.source else stem.name, plt=plt,
+                           start_time=self.start_time, lights_off=self.stats.get("lights_off_epoch"),
+                           lights_on=self.stats.get("lights_on_epoch"))
+        return written
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    with open(path, "wb") as f:                               # a file object: np.save would append .npy to the name
+        np.save(f, array)
+
+
+def channel_table(labels: list[str], dataset: str | None = None) -> tuple[str, dict]:
+    """(name, alias table) for an EDF's labels: `dataset`'s when given (edf = the built-in table), else the table that
+    resolves the most staging slots, then the most slots, then with the most preferred candidates (a table's first
+    choice is its dataset's own label); ties go to the built-in table. Only MESA's table knows that MESA's EEG3 is
+    C4-M1, and SHHS's would take MESA's EEG2 (Cz-Oz) as its second choice."""
+    if dataset is not None:
+        if dataset not in CHANNEL_TABLES:
+            raise StagingError(f"unknown dataset {dataset!r}: one of {', '.join(CHANNEL_TABLES)}")
+        return dataset, CHANNEL_TABLES[dataset]
+
+    def fit(name: str) -> tuple[int, int, int]:
+        table = CHANNEL_TABLES[name]
+        ranks = {slot: next((rank for rank, candidate in enumerate(table.get(slot, []))
+                             if resolve(labels, {slot: [candidate]})[slot] is not None), None) for slot in SLOTS}
+        found = [slot for slot, rank in ranks.items() if rank is not None]
+        return (sum(slot in found for slot in STAGING_SLOTS), len(found), -sum(ranks[slot] for slot in found))
+    name = max(CHANNEL_TABLES, key=fit)                       # the first of equals: "edf"
+    return name, CHANNEL_TABLES[name]
+
+
+def staging_options(channels=None, allow_missing: bool = False, require_all: bool = False, strict: bool = False,
+                    zero_phase: bool = False) -> Options:
+    """prepare's Options for staging: the staging slots required (all slots with require_all, none with
+    allow_missing), a short file read as far as it goes unless strict. channels: a YAML file or a dict, slot ->
+    label, 'A - B' derivation or None (absent)."""
+    require = "all" if require_all else "none" if allow_missing else ",".join(STAGING_SLOTS)
+    try:
+        opts = make_options(channels, require=require, zero_phase=zero_phase)
+    except SystemExit as err:                                 # a bad channel map: the one line, as an exception
+        raise StagingError(str(err)) from None
+    opts.allow_truncated = not strict
+    return opts
+
+
+def _missing_slots(labels: list[str], table: dict, opts: Options) -> None:
+    """Fail early, naming the EDF's labels, when a required slot has no label (a StagingError that says what to do)."""
+    sources = resolve(labels, table, opts.channel_map)
+    mapped = opts.channel_map or {}
+    shown = ", ".join(label for label in labels if label != "EDF Annotations")
+    hint = "name them with --channels map.yaml (Python: channels=), e.g. {EEG: C4-M1, EOG: E1 - M2}"
+    if all(source is None for source in sources.values()):
+        reasons = [f"slot {slot}: " + ("mapped to null by --channels" if slot in mapped else
+                                       "none of its labels is in the EDF") for slot in SLOTS]
+        raise StagingError(f"no usable channel: {'; '.join(reasons)}; the EDF's labels: {shown}: {hint}")
+    missing = [slot for slot in opts.required if sources[slot] is None and slot not in mapped]
+    if missing:
+        allow = "" if set(opts.required) - set(STAGING_SLOTS) else ", or stage without them: --allow-missing"
+        raise StagingError(f"no {', '.join(missing)} among the EDF's labels ({shown}): {hint}, or --dataset "
+                           f"({', '.join(CHANNEL_TABLES)}){allow}")
+
+
+def _lights_in_edf(path: Path) -> tuple[float | None, float | None]:
+    """Lights-off/on from the EDF's own annotations (EDF+), if it has any."""
+    try:
+        _, events = edf_format.read_annotations(path)
+    except edf_format.EdfError:                               # plain EDF (no annotation signal), or unreadable as EDF+
+        return None, None
+    return lights_from_annotations(events)
+
+
+def stage_edf(path, run, channels=None, lights_off=None, lights_on=None, dataset: str | None = None,
+              allow_missing: bool = False, *, require_all: bool = False, strict: bool = False,
+              zero_phase: bool = False, stride_s: float | None = None, batch_size: int = 4, device: str | None = None,
+              embeddings: bool = False, latest: bool = False) -> NightResult:
+    """Stage one EDF with a probe run (a folder, runs.Run or load_model's Model), through the signal path of
+    `python -m prepare edf`. Channels: `channels` (YAML file or dict), else the alias table of `dataset` or the one
+    that fits the labels (channel_table). Missing EEG, EOG or EMG fail the night unless allow_missing (zeros, with
+    a warning that quotes the cost); require_all fails on any missing slot. lights_off / lights_on: seconds after
+    the start, clock times "HH:MM[:SS]" or datetimes; each not given comes from the EDF+ annotations' "Lights
+    off/on", else it is the start or end of the recording. Raises StagingError (one line) for a night that cannot
+    be staged."""
+    path = Path(path)
+    opts = staging_options(channels, allow_missing, require_all, strict, zero_phase)
+    model = load_model(run, device or "cpu", latest)
+    try:
+        labels = edf_format.read_header(path, allow_truncated=opts.allow_truncated).labels()
+        table_name, table = channel_table(labels, dataset)
+        _missing_slots(labels, table, opts)
+        night = Night(dataset="edf", night_id=path.stem, subject=path.stem, visit="", edf=path, labelled=False)
+        signals, _, attrs = prepare_night(night, table, opts)
+    except NIGHT_ERRORS as err:
+        # the file is named once, by the caller: drop the reader's own "path: " prefix
+        raise StagingError(str(err).replace("\n", " ").removeprefix(f"{path}: ")) from None
+    if lights_off is None or lights_on is None:               # each one given beats the file's own
+        file_off, file_on = _lights_in_edf(path)
+        lights_off = file_off if lights_off is None else lights_off
+        lights_on = file_on if lights_on is None else lights_on
+    return _stage(model, signals, attrs, lights_off, lights_on, stride_s, batch_size, embeddings, str(path),
+                  table_name)
+
+
+def stage_signals(signals: dict, run, start_time=None, lights_off=None, lights_on=None, allow_missing: bool = False,
+                  *, require_all: bool = False, zero_phase: bool = False, stride_s: float | None = None,
+                  batch_size: int = 4, device: str | None = None, embeddings: bool = False,
+                  latest: bool = False) -> NightResult:
+    """Stage a night held in memory: `signals` maps slots (SLOTS: ECG, EOG, EMG, EEG, SPO2, THOR, ABDO) to
+    (samples, fs in Hz, unit), unit as an EDF would declare it (V, mV or uV for ECG/EOG/EMG/EEG; % for SPO2). The
+    same units, checks, filters and resampling as stage_edf (prepare.night.prepare_arrays); start_time (datetime or
+    ISO text) gives clock times. Other arguments as stage_edf."""
+    opts = staging_options(None, allow_missing, require_all, False, zero_phase)
+    model = load_model(run, device or "cpu", latest)
+    if missing := [slot for slot in opts.required if signals.get(slot) is None]:
+        raise StagingError(f"signals: no {', '.join(missing)} (given: {', '.join(signals) or 'nothing'})"
+                           + ("" if require_all else "; stage without them with allow_missing=True"))
+    try:
+        prepared, attrs = prepare_arrays(signals, opts, start_time)
+    except NIGHT_ERRORS as err:
+        raise StagingError(str(err).replace("\n", " ")) from None
+    return _stage(model, prepared, attrs, lights_off, lights_on, stride_s, batch_size, embeddings, None, None)
+
+
+def embed_edf(path, run, **options) -> np.ndarray:
+    """Per-epoch embeddings of an EDF [E, 7, D] float32: for each full 30-s epoch and slot (SLOTS order), the mean of
+    the encoder's 5 patch embeddings (6 s each), averaged over the windows that saw the epoch. Options as stage_edf."""
+    return stage_edf(path, run, embeddings=True, **options).embeddings
+
+
+def absent_warning(absent: list[str], reasons: list[str]) -> str:
+    """One line: the slots fed as zeros, why, and what that cost on the synthetic benchmark."""
+    costs = ", ".join(f"{slot} {ABSENT_KAPPA[slot][0]:.2f} ({ABSENT_KAPPA[slot][1]:.2f})" for slot in absent)
+    every, every_dropout = ABSENT_KAPPA["none"]
+    return (f"absent slots {', '.join(absent)} (fed as zeros): {'; '.join(reasons)}. What a missing slot costs, κ on "
+            f"the synthetic benchmark (README 'Channel dropout'): {costs}, against {every:.2f} ({every_dropout:.2f}) "
+            f"with every slot; in brackets a model trained with train.channel_dropout 0.2")
+
+
+def _stage(model: Model, signals: np.ndarray, attrs: dict, lights_off, lights_on, stride_s, batch_size: int,
+           embeddings: bool, source: str | None, table_name: str | None) -> NightResult:
+    """Prepared signals [7, T] float16 and their attrs (prepare_night / prepare_arrays) -> NightResult."""
+    absent = [slot for slot, ok in zip(SLOTS, attrs["present"]) if not ok]
+    if len(absent) == len(SLOTS):
+        raise StagingError(f"no usable channel: {'; '.join(attrs['warnings'])}")
+    window = int(round(model.window_s / EPOCH_S)) * EPOCH_SAMPLES
+    stride = max(int(round((stride_s or model.window_s / 2) / EPOCH_S)) * EPOCH_SAMPLES, EPOCH_SAMPLES)
+    staged = stage_night(model.encoder, model.probe, signals.astype(np.float32), window, stride, batch_size,
+                         model.device, embeddings=embeddings)
+    probs, embedded = (staged[0].numpy(), staged[1].numpy()) if embeddings else (staged.numpy(), None)   # [E, 5]
+    try:
+        off, on = lights_epochs(len(probs), lights_off, lights_on, attrs["start_time"])
+    except ValueError as err:
+        raise StagingError(str(err)) from None
+    slot_warnings = {slot: [w for w in attrs["warnings"] if w.startswith(f"slot {slot}:")] for slot in absent}
+    warnings = [w for w in attrs["warnings"] if not any(w in found for found in slot_warnings.values())]
+    if absent:
+        warnings.append(absent_warning(absent, [w for slot in absent for w in slot_warnings[slot]]))
+    return NightResult(probs=probs, table=epoch_table(probs, attrs["start_time"]),
+                       stats=sleep_statistics(probs.argmax(axis=1), lights_off=off, lights_on=on),
+                       warnings=warnings, absent=absent, start_time=attrs["start_time"], source=source,
+                       run=str(model.path), channel_table=table_name, source_labels=attrs["source_labels"],
+                       source_units=attrs["declared_units"], window_s=model.window_s, stride_s=stride / FS,
+                       embeddings=embedded)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Exports: the predicted stages as hypnogram files that prepare/annotations.py (and the tools named) read back
+
+
+def export_stages(path, fmt: str, stages: np.ndarray, start_time: str | None = None) -> None:
+    """stages [E] (0 W … 4 R) as `fmt`, written atomically: edf (EDF+ 'Sleep stage X', one annotation per run:
+    EDFbrowser, MNE, pyedflib), luna (Luna .annot: one row per epoch, start/stop in seconds from the recording
+    start), xml (NSRR XML: one 'Stages|Stages' event per run), txt (one stage letter per line: W N1 N2 N3 R)."""
+    if fmt == "edf":
+        start = dt.datetime.fromisoformat(start_time) if start_time else None
+        edf_format.write_annotations(path, stage_annotations(stages), start, "predict.py")
+        return
+    letters = [AASM_LETTERS[k] for k in stages]
+    if fmt == "txt":
+        text = "".join(f"{letter}\n" for letter in letters)
+    elif fmt == "luna":
+        text = "class\tinstance\tchannel\tstart\tstop\tmeta\n" + "".join(
+            f"{letter}\t.\t.\t{i * EPOCH_S:.3f}\t{(i + 1) * EPOCH_S:.3f}\t.\n" for i, letter in enumerate(letters))
+    elif fmt == "xml":
+        text = nsrr_xml(stages, start_time)
+    else:
+        raise ValueError(f"unknown export format {fmt!r}: one of {', '.join(EXPORTS)}")
+    write_atomic(path, lambda temp: temp.write_text(text, encoding="utf-8"))
+
+
+def nsrr_xml(stages: np.ndarray, start_time: str | None) -> str:
+    """NSRR XML (docs/formats.md §3a): the recording's start and length, then one stage event per run."""
+    def event(*fields) -> str:
+        return "<ScoredEvent>" + "".join(f"<{tag}>{value}</{tag}>" for tag, value in fields) + "</ScoredEvent>\n"
+    clock = [("ClockTime", f"{dt.datetime.fromisoformat(start_time):%d.%m.%y %H.%M.%S}")] if start_time else []
+    events = [event(("EventType", ""), ("EventConcept", "Recording Start Time"), ("Start", "0"),
+                    ("Duration", f"{len(stages) * EPOCH_S:.1f}"), *clock)]
+    events += [event(("EventType", "Stages|Stages"), ("EventConcept", NSRR_CONCEPTS[code]),
+                     ("Start", f"{first * EPOCH_S:.1f}"), ("Duration", f"{length * EPOCH_S:.1f}"))
+               for first, length, code in stage_runs(stages)]
+    return ('<?xml version="1.0" encoding="UTF-8"?>\n<PSGAnnotation>\n<SoftwareVersion>pftsleep predict.py'
+            "</SoftwareVersion>\n<EpochLength>30</EpochLength>\n<ScoredEvents>\n" + "".join(events)
+            + "</ScoredEvents>\n</PSGAnnotation>\n")

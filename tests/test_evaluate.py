@@ -170,7 +170,7 @@ def test_cli_writes_the_contract_files(evaluated):
     assert "0.60" in report and "Fox et al. 2025" in report          # MESA's paper κ beside ours
     assert "Protocol `night`: every night staged whole: windows of 600 s every 300 s" in report
     assert "Label lag: none" in report and "recipe: not recorded" in report
-    for name in ["confusion.png", "hypnogram_mesa-0003.png", "hypnogram_shhs1-0001.png"]:
+    for name in ["confusion.png", "bland_altman.png", "hypnogram_mesa-0003.png", "hypnogram_shhs1-0001.png"]:
         assert (out / name).stat().st_size > 0
 
 
@@ -192,6 +192,41 @@ def test_predictions_csv_reproduces_the_metrics(evaluated):
     p_e = sum(np.mean(t == k) * np.mean(p == k) for k in range(5))
     assert (p_o - p_e) / (1 - p_e) == pytest.approx(results["pooled"]["kappa"])
     assert results["pooled"]["auroc"]["W"] == pytest.approx(brute_force_auroc(probs[:, 0], t == 0), abs=1e-5)
+
+
+def test_sleep_statistics_agreement_block(evaluated):
+    """results.json's agreement (pooled and per dataset) is Bland–Altman over the nights' statistics, each night's
+    statistics computed on the technologist's scored epochs only; sleep_statistics.csv holds them per night."""
+    root, run, out, results = evaluated
+    keys = {"TST_min", "SE_pct", "WASO_min", "SOL_min", "REM_latency_from_onset_min",
+            "W_min", "N1_min", "N2_min", "N3_min", "R_min"}
+    for group in [results["pooled"], *results["datasets"].values()]:
+        assert set(group["agreement"]) == keys
+        for a in group["agreement"].values():
+            assert set(a) == {"n", "bias", "sd", "loa", "mean_reference", "mean_observed"} and len(a["loa"]) == 2
+    table = pd.read_csv(out / "sleep_statistics.csv", dtype={"night_id": str}).set_index("night_id")
+    assert len(table) == 3 and {f"{k}_{side}" for k in keys for side in ("true", "pred")} <= set(table.columns)
+    # TST by hand from predictions.csv (its rows are exactly the scored epochs): sleep epochs × 0.5 min
+    predictions = pd.read_csv(out / "predictions.csv", dtype={"night_id": str})
+    by_night = predictions.groupby("night_id")
+    tst_true, tst_pred = (by_night.apply(lambda n, c=c: 0.5 * (n[c] > 0).sum()) for c in ("true", "pred"))
+    assert np.allclose(table.loc[tst_true.index, "TST_min_true"], tst_true)
+    assert np.allclose(table.loc[tst_pred.index, "TST_min_pred"], tst_pred)
+    differences = (tst_pred - tst_true).to_numpy()
+    tst = results["pooled"]["agreement"]["TST_min"]
+    assert tst["n"] == 3 and tst["bias"] == pytest.approx(differences.mean())
+    assert tst["loa"] == pytest.approx([differences.mean() - 1.96 * differences.std(ddof=1),
+                                       differences.mean() + 1.96 * differences.std(ddof=1)])
+    # SE over the whole recording (TIB = every epoch, unscored ones included)
+    manifest = pd.read_csv(root / "manifest.csv", dtype={"night_id": str}).set_index("night_id")
+    tib = 0.5 * manifest.loc[table.index, "n_epochs"]
+    assert np.allclose(table["SE_pct_pred"], 100 * table["TST_min_pred"] / tib)
+    shhs = results["datasets"]["shhs"]["agreement"]["W_min"]
+    w_diff = (table["W_min_pred"] - table["W_min_true"])[["shhs1-0001", "shhs1-0002"]]
+    assert shhs["n"] == 2 and shhs["bias"] == pytest.approx(w_diff.mean())
+    report = (out / "results.md").read_text()
+    assert "95 % limits of agreement" in report and "| TST_min | 3 |" in report
+    assert (out / "bland_altman.png").stat().st_size > 0
 
 
 def test_stitched_probabilities_are_stage_night(evaluated):

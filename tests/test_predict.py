@@ -31,7 +31,7 @@ def test_statistics_hand_computed():
     assert s["TST_min"] == 3.5                         # 7 sleep epochs
     assert s["WASO_min"] == 1.5                        # epochs 5, 6, 7
     assert s["SE_pct"] == pytest.approx(100 * 3.5 / 6.5)
-    assert s["REM_latency_min"] == 3.5                 # epoch 9 − epoch 2 = 7 epochs
+    assert s["REM_latency_from_onset_min"] == 3.5      # epoch 9 − epoch 2 = 7 epochs
     assert s["awakenings"] == 1                        # the 3-epoch run; the trailing W is outside the SPT
     assert s["stage_min"] == {"W": 3.0, "N1": 0.5, "N2": 2.0, "N3": 0.0, "R": 1.0}
     assert s["stage_pct_TST"] == pytest.approx({"N1": 100 / 7, "N2": 400 / 7, "N3": 0.0, "R": 200 / 7})
@@ -41,7 +41,8 @@ def test_statistics_awakening_minimum_and_edge_cases():
     # single W epochs inside the SPT are WASO but not awakenings (minimum 2 epochs = 1 min)
     s = stage.sleep_statistics([2, 0, 2, 0, 0, 2, 0, 2])
     assert stage.MIN_AWAKENING_EPOCHS == 2
-    assert s["awakenings"] == 1 and s["WASO_min"] == 2.0 and s["SOL_min"] == 0.0 and s["REM_latency_min"] is None
+    assert s["awakenings"] == 1 and s["WASO_min"] == 2.0 and s["SOL_min"] == 0.0
+    assert s["REM_latency_from_onset_min"] is None
     awake = stage.sleep_statistics([0, 0, 0, 0])
     assert awake["TST_min"] == 0 and awake["SE_pct"] == 0 and awake["SOL_min"] is None and awake["SPT_min"] == 0
     assert awake["stage_pct_TST"]["N2"] is None and awake["awakenings"] == 0
@@ -67,8 +68,8 @@ def test_end_to_end_outputs(tmp_path, tiny_probe_run, psg_writer, seconds, capsy
     expected = [(psg_writer.start + dt.timedelta(seconds=30 * i)).strftime("%H:%M:%S") for i in range(n_epochs)]
     assert table["clock_time"].tolist() == expected and expected[1] == "00:00:15"
     stats = json.loads((tmp_path / "night a.stats.json").read_text())
-    for key in ("TIB_min", "SPT_min", "TST_min", "SE_pct", "SOL_min", "WASO_min", "REM_latency_min", "stage_min",
-                "stage_pct_TST", "awakenings", "absent_slots"):
+    for key in ("TIB_min", "SPT_min", "TST_min", "SE_pct", "SOL_min", "WASO_min", "REM_latency_from_onset_min",
+                "stage_min", "stage_pct_TST", "awakenings", "absent_slots"):
         assert key in stats
     assert stats["TIB_min"] == n_epochs / 2 and stats["absent_slots"] == []
     assert stats == {**stats, **stage.sleep_statistics(probs.argmax(axis=1))}
