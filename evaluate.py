@@ -59,6 +59,10 @@ Writes into --out (docs/design.md §11), each file atomically:
 """
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # before torch loads OpenMP: README "Threads"
+
 import argparse
 import json
 import re

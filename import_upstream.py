@@ -42,6 +42,10 @@ the frozen attention scale. The rest of the config is the paper's (ModelConfig /
 """
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # before torch loads OpenMP: README "Threads"
+
 import argparse
 import dataclasses
 import pickle

@@ -46,11 +46,16 @@ night was staged, 1 if every night failed.
 """
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # before torch loads OpenMP: README "Threads"
+
 import argparse
 import csv
-import os
 import sys
 import time
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -117,17 +122,54 @@ def write_summary(path: Path, rows: list[dict]) -> None:
     runs.write_atomic(path, write)
 
 
-def stage_one(edf: Path, model: stage.Model, args, plt) -> tuple[stage.NightResult, list[Path]]:
-    """Stage one EDF and write its files (the API's result writes them); raises stage.StagingError, one line."""
-    result = stage.stage_edf(edf, model, channels=args.channel_map, lights_off=args.lights_off,
-                             lights_on=args.lights_on, dataset=args.dataset, allow_missing=args.allow_missing,
-                             require_all=args.require_all, strict=args.strict, zero_phase=args.zero_phase,
-                             stride_s=args.stride_s, batch_size=args.batch_size, embeddings=args.embeddings)
+def read_night(edf: Path, args) -> stage.PreparedNight | stage.StagingError:
+    """One EDF read and filtered for staging, or why it cannot be (returned, not raised, so that a reader process
+    hands it back like a result)."""
+    try:
+        return stage.read_edf_night(edf, args.channel_map, args.dataset, args.allow_missing,
+                                    require_all=args.require_all, strict=args.strict, zero_phase=args.zero_phase)
+    except stage.StagingError as err:
+        return err
+    except Exception as err:          # a bug must not sink the batch, but must be visible as one
+        return stage.StagingError(f"internal error ({type(err).__name__}): {err}".replace("\n", " "))
+
+
+def read_nights(edfs: list[Path], args):
+    """(edf, PreparedNight or StagingError) in order. With --workers N, N reader processes read and filter the next
+    nights while this process stages the current one; at most N nights wait, read, so memory stays bounded."""
+    if args.workers < 1:
+        yield from ((edf, read_night(edf, args)) for edf in edfs)
+        return
+    with ProcessPoolExecutor(args.workers, initializer=runs.die_with_parent, initargs=(os.getpid(),)) as pool:
+        pending, queue = deque(), iter(edfs)
+        for edf in queue:
+            pending.append((edf, pool.submit(read_night, edf, args)))
+            if len(pending) > args.workers:
+                edf_done, future = pending.popleft()
+                yield edf_done, future.result()
+        while pending:
+            edf_done, future = pending.popleft()
+            yield edf_done, future.result()
+
+
+def stage_one(edf: Path, night: stage.PreparedNight, model: stage.Model, args, plt):
+    """Stage one read night and write its files (the API's result writes them); raises stage.StagingError."""
+    result = stage.stage_prepared(night, model, args.lights_off, args.lights_on, stride_s=args.stride_s,
+                                  batch_size=args.batch_size, embeddings=args.embeddings)
     for warning in result.warnings:
         print(f"warning: {edf}: {warning}")
     written = result.write((args.out or edf.parent) / edf.stem, exports=args.export, embeddings=args.embeddings,
                            plot=plt is not None, plt=plt)
     return result, written
+
+
+def edf_files(paths: list[Path]) -> list[Path]:
+    """EDF files as given, and those in each folder given (*.edf, any case, sorted); a missing path is kept so that
+    it fails as one night."""
+    files = []
+    for path in paths:
+        files += sorted(p for p in path.iterdir() if p.suffix.lower() == ".edf") if path.is_dir() else [path]
+    return files
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -136,7 +178,8 @@ def stage_one(edf: Path, model: stage.Model, args, plt) -> tuple[stage.NightResu
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="predict.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("edfs", nargs="+", type=Path, metavar="EDF", help="EDF files to stage, each independently")
+    parser.add_argument("edfs", nargs="+", type=Path, metavar="EDF",
+                        help="EDF files to stage, each independently, or folders of them (their *.edf)")
     parser.add_argument("--run", "--run-dir", dest="run", type=Path, required=True,
                         help="probe run folder (config.yaml + ckpt_final.pt or ckpt_best.pt, trained or imported)")
     parser.add_argument("--latest", action="store_true",
@@ -174,6 +217,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--zero-phase", action="store_true",
                         help="zero-phase filters, as `python -m prepare --zero-phase`: only for a run trained on "
                              "nights prepared that way (default: the paper's causal filters)")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="reader processes that read and filter the next nights while this one stages the current "
+                             "night (default 0: read each night in turn)")
     parser.add_argument("--batch-size", dest="batch_size", type=int, default=4,
                         help="windows per forward pass (default 4)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
@@ -181,6 +227,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     for old in ("--stride_s", "--batch_size"):                     # the spellings before flags were kebab-case
         parser.add_argument(old, dest=old[2:], type=float if old.endswith("_s") else int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    args.edfs = edf_files(args.edfs)
+    if not args.edfs:
+        parser.error("no EDF files in the folders given")
     args.export = [fmt.strip().lower() for fmt in args.export.split(",") if fmt.strip()]
     if unknown := sorted(set(args.export) - set(stage.EXPORTS)):
         parser.error(f"--export: unknown formats {unknown}; formats are {', '.join(stage.EXPORTS)}")
@@ -205,9 +254,11 @@ def main(argv=None) -> int:
     summary = (args.out or Path(os.path.commonpath([folder.resolve() for folder in folders]))) / "summary.csv"
     plt = stage.pyplot()
     rows, failures, started = [], [], time.time()
-    for edf in args.edfs:
+    for edf, night in read_nights(args.edfs, args):
         try:
-            result, written = stage_one(edf, model, args, plt)
+            if isinstance(night, stage.StagingError):
+                raise night
+            result, written = stage_one(edf, night, model, args, plt)
             rows.append(summary_row(edf, result))
             print(f"{edf}: wrote {', '.join(p.name for p in written)}")
         except stage.StagingError as err:

@@ -26,6 +26,7 @@ order, and a deterministic kill point for the tests that kill a job and resume i
 """
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import json
 import math
@@ -445,6 +446,18 @@ def restore_rng(ckpt: dict, rank: int, world: int, device) -> None:
     torch.set_rng_state(ckpt["rng_cpu"][rank])
     if device.type == "cuda" and "rng_cuda" in ckpt:
         torch.cuda.set_rng_state(ckpt["rng_cuda"][rank], device)
+
+
+def die_with_parent(parent: int) -> None:
+    """Worker-process initializer (prepare --workers, predict.py --workers): a worker must not outlive a killed parent
+    (SIGKILL leaves the parent no time to stop its pool).
+    Linux: the kernel kills the worker when its parent dies (PR_SET_PDEATHSIG); elsewhere nothing is set."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)     # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:      # the parent died before prctl took effect
+        os._exit(1)
 
 
 def kill_point(what: str, count: int) -> None:

@@ -559,6 +559,35 @@ def _lights_in_edf(path: Path) -> tuple[float | None, float | None]:
     return lights_from_annotations(events)
 
 
+@dataclass
+class PreparedNight:
+    """An EDF read and conditioned for the model (read_edf_night), not yet staged: what predict.py's reader
+    processes hand to the one that stages."""
+    path: Path
+    signals: np.ndarray             # [7, T] float16 at 125 Hz, SLOTS order (absent slots zeros)
+    attrs: dict                     # prepare_night's: present, warnings, start_time, source labels and units
+    table_name: str                 # the alias table that named the channels (CHANNEL_TABLES)
+    lights: tuple                   # (lights-off, lights-on) s after the start from the EDF+ annotations, or None
+
+
+def read_edf_night(path, channels=None, dataset: str | None = None, allow_missing: bool = False, *,
+                   require_all: bool = False, strict: bool = False, zero_phase: bool = False) -> PreparedNight:
+    """Read, check and filter one EDF for staging, through the signal path of `python -m prepare edf` (arguments
+    as stage_edf). Raises StagingError (one line) for a night that cannot be staged."""
+    path = Path(path)
+    opts = staging_options(channels, allow_missing, require_all, strict, zero_phase)
+    try:
+        labels = edf_format.read_header(path, allow_truncated=opts.allow_truncated).labels()
+        table_name, table = channel_table(labels, dataset)
+        _missing_slots(labels, table, opts)
+        night = Night(dataset="edf", night_id=path.stem, subject=path.stem, visit="", edf=path, labelled=False)
+        signals, _, attrs = prepare_night(night, table, opts)
+    except NIGHT_ERRORS as err:
+        # the file is named once, by the caller: drop the reader's own "path: " prefix
+        raise StagingError(str(err).replace("\n", " ").removeprefix(f"{path}: ")) from None
+    return PreparedNight(path, signals, attrs, table_name, _lights_in_edf(path))
+
+
 def stage_edf(path, run, channels=None, lights_off=None, lights_on=None, dataset: str | None = None,
               allow_missing: bool = False, *, require_all: bool = False, strict: bool = False,
               zero_phase: bool = False, stride_s: float | None = None, batch_size: int = 4, device: str | None = None,
@@ -570,24 +599,20 @@ def stage_edf(path, run, channels=None, lights_off=None, lights_on=None, dataset
     the start, clock times "HH:MM[:SS]" or datetimes; each not given comes from the EDF+ annotations' "Lights
     off/on", else it is the start or end of the recording. Raises StagingError (one line) for a night that cannot
     be staged."""
-    path = Path(path)
-    opts = staging_options(channels, allow_missing, require_all, strict, zero_phase)
     model = load_model(run, device or "cpu", latest)
-    try:
-        labels = edf_format.read_header(path, allow_truncated=opts.allow_truncated).labels()
-        table_name, table = channel_table(labels, dataset)
-        _missing_slots(labels, table, opts)
-        night = Night(dataset="edf", night_id=path.stem, subject=path.stem, visit="", edf=path, labelled=False)
-        signals, _, attrs = prepare_night(night, table, opts)
-    except NIGHT_ERRORS as err:
-        # the file is named once, by the caller: drop the reader's own "path: " prefix
-        raise StagingError(str(err).replace("\n", " ").removeprefix(f"{path}: ")) from None
-    if lights_off is None or lights_on is None:               # each one given beats the file's own
-        file_off, file_on = _lights_in_edf(path)
-        lights_off = file_off if lights_off is None else lights_off
-        lights_on = file_on if lights_on is None else lights_on
-    return _stage(model, signals, attrs, lights_off, lights_on, stride_s, batch_size, embeddings, str(path),
-                  table_name)
+    night = read_edf_night(path, channels, dataset, allow_missing, require_all=require_all, strict=strict,
+                           zero_phase=zero_phase)
+    return stage_prepared(night, model, lights_off, lights_on, stride_s=stride_s, batch_size=batch_size,
+                          embeddings=embeddings)
+
+
+def stage_prepared(night: PreparedNight, model: Model, lights_off=None, lights_on=None, *,
+                   stride_s: float | None = None, batch_size: int = 4, embeddings: bool = False) -> NightResult:
+    """Stage a night read by read_edf_night (lights-off/on given here beat the EDF's own annotations)."""
+    file_off, file_on = night.lights
+    return _stage(model, night.signals, night.attrs, file_off if lights_off is None else lights_off,
+                  file_on if lights_on is None else lights_on, stride_s, batch_size, embeddings, str(night.path),
+                  night.table_name)
 
 
 def stage_signals(signals: dict, run, start_time=None, lights_off=None, lights_on=None, allow_missing: bool = False,

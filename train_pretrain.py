@@ -17,6 +17,10 @@ The run folder, the process group, RNG states and the epoch order are runs.py's.
 """
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # before torch loads OpenMP: README "Threads"
+
 import argparse
 import time
 from contextlib import nullcontext

@@ -16,6 +16,10 @@ the loss (train.loss_trim_wake), CutMix of 30-s epochs across the nights of a ba
 """
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # before torch loads OpenMP: README "Threads"
+
 import argparse
 import hashlib
 import json
@@ -60,6 +64,7 @@ class TrainConfig:
     cutmix_p: float = 0.5                # probability per batch of shuffling 30-s epochs across its nights
     channel_dropout: float = 0.0         # replace each present channel of a window by an absent one with this probability
     cache_embeddings: bool = True        # compute the frozen encoder's embeddings once (float16 zarr) and reuse them
+    cpu_threads: int = 1                 # torch threads on CPU once the embeddings are cached (0: torch's default; README "Threads")
     keep_best: bool = False              # also keep ckpt_best.pt (best best_metric), which then is the run's model
     best_metric: str = "val_loss"        # what "best" means: "val_loss" (upstream) | "val_kappa"
     patience: int = 0                    # stop after this many validations without a better best_metric (0 = off;
@@ -337,6 +342,10 @@ def main(argv=None) -> None:
         val_cache = embedding_cache(encoder, val_nights, args.encoder, cfg, rank, world, device, autocast) \
             if len(val_nights) else None
     train_set, val_set = ProbeWindows(train_nights, train_cache), ProbeWindows(val_nights, val_cache)
+    threads = torch.get_num_threads()
+    if device.type == "cpu" and tc.cpu_threads and train_cache is not None:
+        # the GRU's many small steps: one thread is as fast as two alone, and never spins against another job
+        torch.set_num_threads(tc.cpu_threads)
     weights = class_weights(train_nights).to(device) if tc.class_weights else None
 
     per_step, total_steps = runs.total_steps(len(train_set), world, tc, "labelled training windows")
@@ -417,6 +426,7 @@ def main(argv=None) -> None:
         best = (f"; the run's model is ckpt_best.pt ({tc.best_metric} {progress['best']:.4f})"
                 if progress["best"] is not None else "")
         print(f"done: {progress['step']} steps{why}{best}; run folder {args.run}")
+    torch.set_num_threads(threads)                   # the caller's (tests run many scripts in one process)
     runs.teardown_distributed()
 
 

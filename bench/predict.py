@@ -8,8 +8,16 @@ a child process so that its peak RSS is its own (it includes importing torch and
 kernel on CPU too (model.SelfAttention.sdpa_attention decides per call), and stage_night runs the encoder one channel
 sequence at a time on CPU (Encoder.encode's sequences_per_pass). EDF reading and filtering are `bench/prepare.py`'s.
 
-    python bench/predict.py [--hours 8] [--threads 2] [--timeout 300]
+    python bench/predict.py [--hours 8] [--threads 2] [--timeout 300] [--folder N] [--workers W]
+
+--folder N also stages a folder of N synthetic EDFs of --hours each (`python -m synthetic edf`) with the paper-config
+random-weight run through `predict.py FOLDER --workers W` (default 1: one reader process reads and filters the next
+night while the current one is staged) and prints nights per hour, the figure a lab staging folders cares about.
 """
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # as predict.py: README "Threads"
+
 import argparse
 import json
 import resource
@@ -37,11 +45,37 @@ def child(hours: float, threads: int) -> None:
     print(json.dumps({"seconds": seconds, "epochs": len(probs)}))
 
 
+def folder_nights_per_hour(n_nights: int, hours: float, workers: int, timeout: float) -> float:
+    """Nights per hour of `predict.py FOLDER --workers W` on N synthetic EDFs (reading, filtering, staging, writing)."""
+    import tempfile
+    import torch
+    import runs
+    from model import Encoder, ModelConfig, ProbeConfig, ProbeHead
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        subprocess.run([sys.executable, "-m", "synthetic", "edf", str(tmp / "edfs"), "--nights", str(n_nights),
+                        "--hours", str(hours), "--seed", "3"], cwd=ROOT, check=True, capture_output=True)
+        torch.manual_seed(0)
+        weights = torch.nn.ModuleDict({"encoder": Encoder(ModelConfig()), "probe": ProbeHead(ProbeConfig())})
+        (tmp / "run").mkdir()
+        runs.save_checkpoint(tmp / "run" / runs.FINAL, {"model": weights.state_dict()})
+        runs.save_config(tmp / "run", {"model": vars(ModelConfig()), "probe": vars(ProbeConfig()),
+                                       "data": {"window_s": 28800.0}})
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "predict.py", str(tmp / "edfs"), "--run", str(tmp / "run"), "--out",
+                        str(tmp / "out"), "--workers", str(workers), "--device", "cpu"], cwd=ROOT, check=True,
+                       capture_output=True, timeout=timeout * n_nights)
+        return n_nights / (time.perf_counter() - start) * 3600
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hours", type=float, default=8.0, help="night length (default 8)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--timeout", type=float, default=300, help="give up after this many seconds (default 300)")
+    parser.add_argument("--folder", type=int, default=0, metavar="N",
+                        help="also stage a folder of N synthetic EDFs with predict.py and print nights per hour")
+    parser.add_argument("--workers", type=int, default=1, help="predict.py --workers for --folder (default 1)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -59,6 +93,10 @@ def main():
     print(f"staged {result['epochs']} epochs")
     print(f"predict: {result['seconds']:.1f} s, {peak_mb:.0f} MB peak RSS per {args.hours:g}-h night "
           f"(paper config, cpu, {args.threads} threads); target <= 10 s, <= 2 GB")
+    if args.folder:
+        rate = folder_nights_per_hour(args.folder, args.hours, args.workers, args.timeout)
+        print(f"predict.py FOLDER --workers {args.workers}: {rate:.0f} nights per hour ({args.folder} nights of "
+              f"{args.hours:g} h, paper config, cpu)")
 
 
 if __name__ == "__main__":

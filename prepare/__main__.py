@@ -4,10 +4,11 @@ See `python -m prepare --help` and README.md ("Preparing data").
 """
 from __future__ import annotations
 
-import argparse
-import ctypes
 import os
-import signal
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # before torch loads OpenMP: README "Threads"
+
+import argparse
 import sys
 import tempfile
 import time
@@ -16,7 +17,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from runs import kill_point
+from runs import die_with_parent, kill_point
 from . import apples, generic, mesa, mros, shhs, store, wsc
 from .night import DEFAULT_REQUIRED, NIGHT_ERRORS, Night, Options, make_options, prepare_night, unknown_label_report
 from .signals import SLOTS
@@ -109,17 +110,6 @@ def check_writable(out: Path) -> str | None:
     except OSError as err:
         return f"{out}: cannot write the output folder ({err.strerror})"
     return None
-
-
-def die_with_parent(parent: int) -> None:
-    """Worker initializer: a worker must not outlive a killed `prepare` (SIGKILL leaves no time to stop the pool).
-    Linux: the kernel kills the worker when its parent dies (PR_SET_PDEATHSIG); elsewhere nothing is set."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)     # 1 = PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        return
-    if os.getppid() != parent:      # the parent died before prctl took effect
-        os._exit(1)
 
 
 def main(argv=None) -> int:

@@ -1,9 +1,12 @@
 """Shared test fixtures: small EDFs written with pyedflib (an independent writer for our reader), run folders with
 random weights written by runs.py (as a trained run is), and one prepared synthetic SHHS cohort for the training tests.
 Test modules take these as fixtures, never by import."""
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # as the scripts (README "Threads"), before torch is imported
+
 import dataclasses
 import datetime as dt
-import os
 import signal
 import subprocess
 import sys

@@ -171,3 +171,26 @@ def test_stage_annotation_record_by_hand():
     record = edf_format.annotation_record(stage.stage_annotations(np.array([0, 0, 1, 4])))
     assert record == (b"+0\x14\x14\x00" b"+0\x1560\x14Sleep stage W\x14\x00" b"+60\x1530\x14Sleep stage N1\x14\x00"
                       b"+90\x1530\x14Sleep stage R\x14\x00" b"\x00")
+
+
+def test_a_folder_with_reader_workers_gives_what_one_process_gives(tmp_path, tiny_probe_run, psg_writer, capsys):
+    """predict.py FOLDER --workers 2: the nights are read in reader processes (a bad one among them), staged in
+    order, with the same files and summary as reading them in turn."""
+    folder = tmp_path / "edfs"
+    folder.mkdir()
+    for i in range(3):
+        psg_writer(folder / f"night-{i}.EDF" if i == 2 else folder / f"night-{i}.edf", 6 * 60, seed=i)
+    (folder / "broken.edf").write_bytes(b"0" * 300)
+    (folder / "notes.txt").write_text("not an EDF")
+    outputs = {}
+    for workers in ("0", "2"):
+        out = tmp_path / f"out-{workers}"
+        assert predict.main([str(folder), "--run", str(tiny_probe_run), "--out", str(out), "--workers", workers,
+                             "--device", "cpu"]) == 0
+        outputs[workers] = {p.name: p.read_bytes() for p in out.iterdir() if p.suffix in (".csv", ".json")}
+    printed = capsys.readouterr()
+    assert printed.err.count("error: ") == 2 and f"{folder / 'broken.edf'}" in printed.err
+    assert "3 of 4 nights staged" in printed.out
+    summary = outputs["2"]["summary.csv"].decode().splitlines()
+    assert [line.split(",")[0] for line in summary[1:]] == ["broken", "night-0", "night-1", "night-2"]
+    assert outputs["0"] == outputs["2"]
