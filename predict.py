@@ -241,6 +241,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         value = getattr(args, name)
         if value is not None and value.replace(".", "", 1).isdigit():
             setattr(args, name, float(value))
+        elif value is not None:
+            try:                                                    # its form, before any night is staged
+                stage.seconds_after_start(value, "2000-01-01T00:00:00")
+            except ValueError as err:
+                parser.error(f"--{name.replace('_', '-')}: {err}")
     return args
 
 
