@@ -152,6 +152,26 @@ def read_yaml(path: Path) -> dict:
     return values or {}
 
 
+def positive(kind):
+    """argparse type for a number above 0 (`--batch-size`, `--stride-s`): a 0 or a negative is one line, not a
+    silently empty batch or a traceback later."""
+    def parse(text: str):
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def non_negative(text: str) -> int:
+    """argparse type for a count that may be 0 (`--workers`, `--bootstrap`)."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, got {text}")
+    return value
+
+
 def parser(config_cls, description: str, prog: str) -> argparse.ArgumentParser:
     """An argparse parser whose epilog lists every config field; parse with parse_known_args and pass the rest
     to load()."""

@@ -75,6 +75,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
+import config
 import runs
 import stage
 from data import DataConfig
@@ -430,23 +431,23 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="shift the technologists' stages this many epochs later before scoring (negative: "
                              "earlier); the epochs left without a stage are unscored. |K| must be less than the "
                              "shortest selected night (default: 0)")
-    parser.add_argument("--window-s", dest="window_s", type=float,
+    parser.add_argument("--window-s", dest="window_s", type=config.positive(float),
                         help="window length in seconds (default: the run's data.window_s); under --protocol upstream "
                              "also the part of each night that is scored")
-    parser.add_argument("--stride-s", dest="stride_s", type=float,
+    parser.add_argument("--stride-s", dest="stride_s", type=config.positive(float),
                         help="hop between windows in seconds, at least 30; overlapping epochs average their "
                              "probabilities (default: half a window; not with --protocol upstream)")
     parser.add_argument("--absent", default="",
                         help="comma-separated slots to zero in every night, e.g. EEG or THOR,ABDO: how the model does "
                              f"when an EDF lacks them (slots: {', '.join(SLOTS)}; default: none)")
-    parser.add_argument("--batch-size", dest="batch_size", type=int, default=4,
+    parser.add_argument("--batch-size", dest="batch_size", type=config.positive(int), default=4,
                         help="windows per forward pass (default: 4)")
-    parser.add_argument("--bootstrap", type=int, default=1000,
+    parser.add_argument("--bootstrap", type=config.non_negative, default=1000,
                         help="bootstrap resamples of the nights for the 95 %% intervals; 0 = none (default: 1000)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (default: 0)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--png-nights", dest="png_nights", type=int, default=3,
+    parser.add_argument("--png-nights", dest="png_nights", type=config.non_negative, default=3,
                         help="hypnogram PNGs for the first this many nights (default: 3)")
     for old in ("--window_s", "--stride_s", "--batch_size"):     # the spellings before flags were kebab-case
         parser.add_argument(old, dest=old[2:], type=float if old.endswith("_s") else int, help=argparse.SUPPRESS)

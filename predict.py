@@ -60,6 +60,7 @@ from pathlib import Path
 
 import torch
 
+import config
 import runs
 import stage
 from prepare.night import make_options
@@ -212,15 +213,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--strict", action="store_true",
                         help="fail a night whose EDF holds fewer data records than its header says (default: stage "
                              "the records that are there and say so in a warning)")
-    parser.add_argument("--stride-s", dest="stride_s", type=float, default=None,
+    parser.add_argument("--stride-s", dest="stride_s", type=config.positive(float), default=None,
                         help="seconds between window starts (default: half the run's data.window_s)")
     parser.add_argument("--zero-phase", action="store_true",
                         help="zero-phase filters, as `python -m prepare --zero-phase`: only for a run trained on "
                              "nights prepared that way (default: the paper's causal filters)")
-    parser.add_argument("--workers", type=int, default=0,
+    parser.add_argument("--workers", type=config.non_negative, default=0,
                         help="reader processes that read and filter the next nights while this one stages the current "
                              "night (default 0: read each night in turn)")
-    parser.add_argument("--batch-size", dest="batch_size", type=int, default=4,
+    parser.add_argument("--batch-size", dest="batch_size", type=config.positive(int), default=4,
                         help="windows per forward pass (default 4)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cpu or cuda (default: cuda if available)")

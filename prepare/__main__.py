@@ -17,6 +17,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from config import positive
 from runs import die_with_parent, kill_point
 from . import apples, generic, mesa, mros, shhs, store, wsc
 from .night import DEFAULT_REQUIRED, NIGHT_ERRORS, Night, Options, make_options, prepare_night, unknown_label_report
@@ -51,10 +52,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("dataset", choices=sorted(DATASETS), help="which dataset layout SRC follows")
     parser.add_argument("paths", nargs="+", metavar="SRC… OUT",
                         help="dataset root (for `edf`: EDF files or folders), then the output folder")
-    parser.add_argument("--workers", type=int, default=1, help="processes working on nights in parallel (default 1)")
+    parser.add_argument("--workers", type=positive(int), default=1, help="processes working on nights in parallel (default 1)")
     parser.add_argument("--shard", default="0/1", metavar="I/N",
                         help="only nights whose index (sorted by id) %% N == I, 0 <= I < N: one array job each")
-    parser.add_argument("--limit", type=int, default=None, metavar="K", help="only the first K nights (of this shard)")
+    parser.add_argument("--limit", type=positive(int), default=None, metavar="K", help="only the first K nights (of this shard)")
     parser.add_argument("--overwrite", action="store_true", help="prepare nights again even when their store exists")
     parser.add_argument("--channels", type=Path, metavar="map.yaml",
                         help="YAML mapping slot -> EDF label or 'A - B' derivation (null = absent); "
