@@ -196,11 +196,11 @@ class NightDataset(torch.utils.data.Dataset):
         window_stages[:n_epochs] = torch.from_numpy(self._night(night)[1][start_epoch: start_epoch + n_epochs].astype(np.int64))
         return window_stages
 
-    def padded_epochs(self, index: int) -> torch.Tensor:
+    def padded_epochs(self, index: int, stages: torch.Tensor | None = None) -> torch.Tensor:
         """The window's epochs the encoder treats as padding [L / 3750] bool: those past the night's end and, under
-        data.mask_epochs, its unscored and trimmed ones."""
+        data.mask_epochs, its unscored and trimmed ones. `stages`: the window's, when the caller has them already."""
         night, start_epoch, last_epoch = self.windows[index]
-        stages = self.stages_of(index)                                                  # [E]
+        stages = self.stages_of(index) if stages is None else stages                    # [E]
         padded = torch.arange(self.window_epochs) >= min(self.window_epochs, last_epoch - start_epoch)
         if self.mask_epochs == "none" or not (self._night(night)[1] >= 0).any():
             return padded
@@ -215,9 +215,10 @@ class NightDataset(torch.utils.data.Dataset):
         signals = np.zeros((N_CHANNELS, self.window_samples), np.float32)    # [7, L]
         for c, channel in enumerate(channels):
             signals[c, :n] = channel[start: start + n]
-        padded_epochs = self.padded_epochs(index)                            # [E]
+        window_stages = self.stages_of(index)                                # [E]
+        padded_epochs = self.padded_epochs(index, window_stages)             # [E]
         return {"signals": torch.from_numpy(signals), "padding_mask": padded_epochs.repeat_interleave(EPOCH_SAMPLES),
-                "padded_epochs": padded_epochs, "stages": self.stages_of(index), "present": present,
+                "padded_epochs": padded_epochs, "stages": window_stages, "present": present,
                 "night": night, "start": start}
 
 

@@ -127,10 +127,10 @@ def read_run(run_dir: str | Path, latest: bool = False) -> Run:
                                 f"(resume it with --resume), or pass --latest to use its {LATEST}")
     if ckpt is None:
         raise FileNotFoundError(f"{run_dir}: not a run folder (needs {CONFIG} and {FINAL})")
-    return Run(run_dir, config, read_checkpoint(ckpt, "cpu"))
+    return Run(run_dir, config, load_checkpoint(ckpt, "cpu"))
 
 
-def read_checkpoint(path: Path, device) -> dict:
+def load_checkpoint(path: Path, device) -> dict:
     """torch.load(weights_only=True), with one line naming the file when it is not a readable checkpoint."""
     try:
         return torch.load(path, map_location=device, weights_only=True)
@@ -183,22 +183,18 @@ def save_training_checkpoint(path: Path, model: torch.nn.Module, optimizer, sche
                                "config": dataclasses.asdict(cfg)})
 
 
-def load_checkpoint(path: Path, device) -> dict:
-    return read_checkpoint(path, device)
-
-
 def load_latest(run_dir: Path, device) -> dict | None:
     """The checkpoint to resume from: ckpt.pt, or ckpt_prev.pt when ckpt.pt is unreadable (a disk that failed
     mid-write, a copy cut short) or missing after a kill between the two renames; None for a fresh run."""
     latest, previous = Path(run_dir) / LATEST, Path(run_dir) / PREVIOUS
     try:
-        return read_checkpoint(latest, device) if latest.exists() else (
-            read_checkpoint(previous, device) if previous.exists() else None)
+        return load_checkpoint(latest, device) if latest.exists() else (
+            load_checkpoint(previous, device) if previous.exists() else None)
     except CorruptCheckpoint as err:
         if not previous.exists():
             raise SystemExit(f"{err}; no {PREVIOUS} to fall back to: start the run afresh") from None
         try:
-            ckpt = read_checkpoint(previous, device)
+            ckpt = load_checkpoint(previous, device)
         except CorruptCheckpoint as second:
             raise SystemExit(f"{err}; and {second}: start the run afresh") from None
         print(f"{err}; resuming from {previous} (step {ckpt['step']})")

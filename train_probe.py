@@ -160,8 +160,9 @@ class ProbeWindows(torch.utils.data.Dataset):
         if self.cache is None:
             item = self.nights[index]
         else:
+            stages = self.nights.stages_of(index)                                           # [E]
             item = {"embeddings": torch.from_numpy(self.cache[index].astype(np.float32)),
-                    "padded_epochs": self.nights.padded_epochs(index), "stages": self.nights.stages_of(index),
+                    "padded_epochs": self.nights.padded_epochs(index, stages), "stages": stages,
                     "present": self.nights.present_of(index)}
         item["n_valid_epochs"] = n_valid_epochs
         return item
