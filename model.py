@@ -19,6 +19,7 @@ Upstream's outputs are [B, C, D, N], [B, N, C, P], [B, classes, N/5]; ours [B, C
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -68,13 +69,19 @@ class ProbeConfig:                       # the paper's values, not the upstream 
 # ----------------------------------------------------------------------------------------------------------------------
 # Attention
 
+QUERY_BLOCK = 192                        # inplace_attention's queries per step (bench/predict.py; 4800 = 25 · 192)
+SCORES_BYTES = 2 ** 29                   # inplace_attention's scores per pass, at most (unless one sequence needs more)
+FUSED_ON_CPU = False                     # sdpa on CPU: the fused *backward* at head dim 384 is slower (bench/pretrain.py)
+FF_ROWS = 600                            # without autograd, the feed-forward layer takes this many patches at a time
+
 
 class SelfAttention(nn.Module):
     """Multi-head self-attention over one channel's patches, with residual attention (He et al. 2020, RealFormer):
     layer ℓ's pre-softmax scores are s·q_ℓ·k_ℓᵀ + layer ℓ-1's, i.e. Σ_{j≤ℓ} s·q_j·k_jᵀ. The "math" path materialises
     them [S, H, N, N] and hands them on, as upstream. The "sdpa" path never does: they are one dot product between
     [s·q_1 | … | s·q_ℓ] and [k_1 | … | k_ℓ] (per head), so each layer hands on its concatenated (scaled) queries and
-    keys and runs SDPA with scale 1; head dims grow d → 2d → 3d over the layers, values keep d."""
+    keys and runs SDPA with scale 1; head dims grow d → 2d → 3d over the layers, values keep d. On CPU in inference
+    mode (staging) both paths keep the scores instead, in place (inplace_attention): no backward, less arithmetic."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -94,7 +101,11 @@ class SelfAttention(nn.Module):
         # head h owns features h·d … h·d+d-1 (upstream's split)
         q, k, v = (proj(x).view(S, N, self.n_heads, self.head_dim).transpose(1, 2)
                    for proj in (self.query, self.key, self.value))                     # [S, H, N, d] each
-        attend = self.math_attention if self.path == "math" else self.sdpa_attention
+        # on CPU in inference mode both paths keep the scores, in place (inplace_attention): least arithmetic
+        if q.device.type == "cpu" and torch.is_inference_mode_enabled():
+            attend = self.inplace_attention
+        else:
+            attend = self.math_attention if self.path == "math" else self.sdpa_attention
         out, carry = attend(q, k, v, key_padding, prev)                                  # [S, H, N, d]
         out = out.transpose(1, 2).reshape(S, N, D)                                       # [S, N, H·d] head-major
         return self.dropout(self.out(out)), (carry if self.residual_attention else None)
@@ -113,6 +124,32 @@ class SelfAttention(nn.Module):
             weights = weights.masked_fill(key_padding[:, None, None, :], 0.0)
         return weights @ v, scores
 
+    def inplace_attention(self, q, k, v, key_padding, prev_scores):
+        """The math path without autograd, for staging on CPU: the accumulated scores are kept as blocks of QUERY_BLOCK
+        queries ([blocks, S·H, b, N]) and updated in place (s·q_ℓ·k_ℓᵀ added), so each layer multiplies at head dim d
+        only and the softmax weights exist for one block at a time. Memory: S·H·N² floats (Encoder.contextualise)."""
+        S, H, N, d = q.shape
+        q, k, v = (t.reshape(S * H, N, d) for t in (q, k, v))                            # [S·H, N, d]
+        starts = range(0, N, QUERY_BLOCK)
+        # one allocation (returned to the system when freed), blocks contiguous but for a shorter last one
+        scores = q.new_empty(len(starts), S * H, QUERY_BLOCK, N) if prev_scores is None else prev_scores
+        out = torch.empty_like(v)                                                        # [S·H, N, d]
+        ignored = zeroed = None
+        if key_padding is not None and key_padding.any():                                # as math_attention
+            zeroed = key_padding.repeat_interleave(H, dim=0)[:, None, :]                 # [S·H, 1, N]
+            ignored = zeroed & ~zeroed.all(-1, keepdim=True)
+        for j, i in enumerate(starts):
+            block = scores[j, :, :N - i]                                                 # [S·H, b, N]
+            block.baddbmm_(q[:, i:i + QUERY_BLOCK], k.transpose(1, 2), beta=0.0 if prev_scores is None else 1.0,
+                           alpha=self.scale)
+            if ignored is not None:
+                block.masked_fill_(ignored, float("-inf"))
+            weights = block.softmax(dim=-1)                                              # [S·H, b, N]
+            if zeroed is not None:
+                weights.masked_fill_(zeroed, 0.0)
+            torch.bmm(weights, v, out=out[:, i:i + QUERY_BLOCK])
+        return out.view(S, H, N, d), scores
+
     def sdpa_attention(self, q, k, v, key_padding, prev_qk):
         """Fused attention; residual attention through query/key concatenation (class docstring)."""
         q = q * self.scale                                                               # [S, H, N, d]
@@ -125,10 +162,8 @@ class SelfAttention(nn.Module):
             all_padded = key_padding.all(-1)                                             # [S]
             attn_mask = (~key_padding | all_padded[:, None])[:, None, None, :]           # [S, 1, 1, N]
         # Fused kernels want one head dim for q, k, v: v zero-padded to ℓ·d (dropped after), never [S, H, N, N] scores.
-        # On CPU only in inference mode: there the fused *backward* at head dim 384 is slower (bench/pretrain.py).
         width = v.shape[-1]
-        fused = q.device.type != "cpu" or torch.is_inference_mode_enabled()
-        pad = q.shape[-1] - width if fused else 0
+        pad = q.shape[-1] - width if q.device.type != "cpu" or FUSED_ON_CPU else 0
         padded_v = F.pad(v, (0, pad)) if pad else v                                      # [S, H, N, ℓ·d]
         out = F.scaled_dot_product_attention(q, k, padded_v, attn_mask=attn_mask, scale=1.0)[..., :width]  # [S, H, N, d]
         if all_padded is not None:
@@ -181,9 +216,16 @@ class EncoderLayer(nn.Module):
         """x [S, N, D] -> (x [S, N, D], what the next layer's attention needs for residual attention)"""
         attended, prev = self.attn(x, key_padding, prev)                                 # [S, N, D]
         x = token_batch_norm(self.norm_attn, x + self.dropout(attended))                 # [S, N, D]
-        hidden = self.dropout(F.gelu(self.ff_in(x)))                     # [S, N, d_ff], exact (erf) GELU as upstream
-        x = token_batch_norm(self.norm_ff, x + self.dropout(self.ff_out(hidden)))        # [S, N, D]
+        if torch.is_grad_enabled():
+            fed = self.feed_forward(x)                                                   # [S, N, D]
+        else:   # row by row is exact; FF_ROWS at a time keep the [S, rows, d_ff] hidden layer small
+            fed = torch.cat([self.feed_forward(rows) for rows in x.split(FF_ROWS, dim=1)], dim=1)
+        x = token_batch_norm(self.norm_ff, x + self.dropout(fed))                        # [S, N, D]
         return x, prev
+
+    def feed_forward(self, x: Tensor) -> Tensor:
+        """x [S, n, D] -> [S, n, D]; exact (erf) GELU as upstream"""
+        return self.ff_out(self.dropout(F.gelu(self.ff_in(x))))                          # via [S, n, d_ff]
 
 
 def revin_statistics(signals: Tensor, valid: Tensor | None, eps: float) -> tuple[Tensor, Tensor]:
@@ -231,29 +273,42 @@ class Encoder(nn.Module):
         if padding_mask is not None and self.cfg.revin_stats == "valid":
             valid = ~padding_mask[:, None, :]                                             # [B, 1, T]
         mean, std = revin_statistics(signals, valid, self.cfg.revin_eps)                 # [B, C, 1] each
-        x = (signals - mean) / std                                                       # [B, C, T]
-        x = x * self.revin_weight[:, None] + self.revin_bias[:, None]                    # [B, C, T]
+        # (x - mean) / std · weight + bias, as one new [B, C, T] tensor: a night's signals are large
+        x = (signals - mean).mul_(self.revin_weight[:, None] / std).add_(self.revin_bias[:, None])   # [B, C, T]
         if valid is not None:
-            x = x.masked_fill(~valid, 0.0)   # padded content then never reaches the encoder, even in a partial patch
+            x.masked_fill_(~valid, 0.0)      # padded content then never reaches the encoder, even in a partial patch
         patches = x[..., :N * P].reshape(B, C, N, P)                                     # [B, C, N, P]
         key_padding = None if padding_mask is None else padding_mask[:, :N * P].reshape(B, N, P).all(dim=-1)  # [B, N]
         return patches, key_padding
 
     def encode(self, patches: Tensor, key_padding: Tensor | None = None, sequences_per_pass: int | None = None) -> Tensor:
         """(possibly corrupted) normalised patches [B, C, N, P], key_padding [B, N] bool or None
-        -> embeddings [B, C, N, D]. sequences_per_pass (eval mode only): run the transformer over that many channel
-        sequences at a time, to bound inference memory; exact, as in eval mode every sequence is computed on its own."""
-        B, C, N, P = patches.shape
+        -> embeddings [B, C, N, D]."""
+        return self.contextualise(self.tokens(patches), key_padding, sequences_per_pass)
+
+    def tokens(self, patches: Tensor) -> Tensor:
+        """patches [B, C, N, P] -> per-channel Linear(P→D) + learned position [B, C, N, D]."""
         x = torch.einsum("bcnp,cdp->bcnd", patches, self.patch_weight)                   # [B, C, N, D]
-        x = x + self.patch_bias[:, None, :]
-        x = self.dropout(x + self.pos_embed[:N])                                         # [B, C, N, D]
-        x = x.reshape(B * C, N, -1)                       # [B·C, N, D]: every channel its own sequence, row b·C + c
+        return self.dropout(x.add_(self.patch_bias[:, None, :]).add_(self.pos_embed[:patches.shape[2]]))
+
+    def contextualise(self, tokens: Tensor, key_padding: Tensor | None = None,
+                      sequences_per_pass: int | None = None) -> Tensor:
+        """tokens [B, C, N, D], key_padding [B, N] bool or None -> embeddings [B, C, N, D]. sequences_per_pass (eval
+        mode without autograd only): run the transformer over that many channel sequences at a time, each pass's
+        output replacing its tokens (so tokens becomes the result), to bound inference memory; exact, as in eval mode
+        every sequence is computed on its own. On CPU in inference mode it defaults to what keeps inplace_attention's
+        scores within SCORES_BYTES."""
+        B, C, N, D = tokens.shape
+        x = tokens.reshape(B * C, N, D)                   # [B·C, N, D]: every channel its own sequence, row b·C + c
         key_padding = None if key_padding is None else key_padding.repeat_interleave(C, dim=0)   # [B·C, N]
-        if sequences_per_pass and not self.training:
-            parts = [self.transform(x[i:i + sequences_per_pass], None if key_padding is None else
-                                    key_padding[i:i + sequences_per_pass]) for i in range(0, B * C, sequences_per_pass)]
-            return torch.cat(parts).view(B, C, N, -1)                                    # [B, C, N, D]
-        return self.transform(x, key_padding).view(B, C, N, -1)                          # [B, C, N, D]
+        if sequences_per_pass is None and x.device.type == "cpu" and torch.is_inference_mode_enabled():
+            sequences_per_pass = max(1, SCORES_BYTES // (4 * self.cfg.n_heads * N * N))
+        if sequences_per_pass and not self.training and not torch.is_grad_enabled():
+            for i in range(0, B * C, sequences_per_pass):
+                rows = slice(i, i + sequences_per_pass)
+                x[rows] = self.transform(x[rows], None if key_padding is None else key_padding[rows])
+            return x.view(B, C, N, D)                                                    # [B, C, N, D]
+        return self.transform(x, key_padding).view(B, C, N, D)                           # [B, C, N, D]
 
     def transform(self, x: Tensor, key_padding: Tensor | None) -> Tensor:
         """The transformer layers: x [S, N, D], key_padding [S, N] or None -> [S, N, D]."""
@@ -315,10 +370,13 @@ class ProbeHead(nn.Module):
     def forward(self, embeddings: Tensor, padding_mask: Tensor | None = None) -> Tensor:
         """embeddings [B, C, N, D], padding_mask [B, T] bool (True = padded) or None -> logits [B, N // 5, classes]."""
         B, C, N, D = embeddings.shape
-        x = embeddings * self.channel_weight[:, None, None] + self.channel_bias[:, None, None]   # [B, C, N, D]
-        x = x.transpose(1, 2).reshape(B, N, C * D)                # [B, N, C·D], channel-major (feature c·D + d)
+        x = embeddings.transpose(1, 2).reshape(B, N, C * D)       # [B, N, C·D], channel-major (feature c·D + d)
+        x = x.mul_(self.channel_weight.repeat_interleave(D)).add_(self.channel_bias.repeat_interleave(D))   # in place
         if self.cfg.kind == "linear":
             logits = self.linear(x)                                                      # [B, N, classes]
+        elif x.device.type == "cpu" and torch.is_inference_mode_enabled():
+            lengths = [N] * B if padding_mask is None else valid_lengths(padding_mask, N).tolist()
+            logits = self.mlp(cpu_bidirectional_gru(self.gru, x, lengths))              # [B, N, classes]
         elif padding_mask is None:
             logits = self.mlp(self.gru(x)[0])                                            # [B, N, classes]
         else:
@@ -329,6 +387,37 @@ class ProbeHead(nn.Module):
             logits = self.mlp(hidden)   # zeros past each length still go through the MLP (a mixed epoch), as upstream
         k, E = self.cfg.patches_per_epoch, N // self.cfg.patches_per_epoch
         return logits[:, :E * k].reshape(B, E, k, -1).mean(dim=2)                        # [B, E, classes]
+
+
+def cpu_bidirectional_gru(gru: nn.GRU, x: Tensor, lengths: list[int]) -> Tensor:
+    """nn.GRU's output [B, N, 2H] for x [B, N, I] (eval mode, inference mode, CPU): each layer's two directions run side
+    by side in two threads of one torch thread each, through torch's own GRU kernel. A recurrent step is a
+    matrix-vector product bound by memory, so two at once beat one on two threads. Zeros past each length, as packed."""
+    N, outputs, threads = x.shape[1], [], torch.get_num_threads()
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            for b, length in enumerate(lengths):
+                sequence = x[b, :length]                                                 # [L, I]
+                for layer in range(gru.num_layers):
+                    halves = pool.map(gru_direction, [gru] * 2, [layer] * 2, [sequence] * 2, (False, True))
+                    sequence = torch.cat(list(halves), dim=-1)                           # [L, 2H]
+                outputs.append(sequence if length == N else F.pad(sequence, (0, 0, 0, N - length)))   # [N, 2H]
+    finally:
+        torch.set_num_threads(threads)   # the workers' setting reaches MKL's, which is process-wide
+    return outputs[0][None] if len(outputs) == 1 else torch.stack(outputs)              # [B, N, 2H]
+
+
+def gru_direction(gru: nn.GRU, layer: int, sequence: Tensor, reverse: bool) -> Tensor:
+    """One direction of one layer of an nn.GRU, in a worker thread: sequence [L, I] -> [L, H]."""
+    torch.set_num_threads(1)
+    suffix = "_reverse" if reverse else ""
+    weights = [getattr(gru, f"{kind}_l{layer}{suffix}") for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+    with torch.inference_mode():                                                         # per thread, like grad mode
+        if reverse:
+            sequence = sequence.flip(0)
+        h0 = sequence.new_zeros(1, 1, gru.hidden_size)
+        hidden = torch.gru(sequence[None], h0, weights, True, 1, 0.0, False, False, True)[0][0]   # [L, H]
+    return hidden.flip(0) if reverse else hidden
 
 
 def valid_lengths(padding_mask: Tensor, n_patches: int) -> Tensor:

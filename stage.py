@@ -81,7 +81,7 @@ HYPNOGRAM_COLUMNS = ("epoch", "onset_s", "date", "clock_time", "stage", *PROB_CO
 PROB_DECIMALS = 5
 
 
-@torch.inference_mode()   # no backward can follow: on CPU too, attention takes the fused kernel (model.py)
+@torch.inference_mode()   # no backward can follow: on CPU, attention and GRU take their inference paths (model.py)
 def stage_night(encoder, probe, signals, window_samples: int, stride_samples: int | None = None,
                 batch_size: int = 4, device="cpu", embeddings: bool = False):
     """signals [C, T] (float32 array or tensor) -> stage probabilities per full 30-s epoch [T // 3750, classes];
@@ -106,8 +106,10 @@ def stage_night(encoder, probe, signals, window_samples: int, stride_samples: in
             windows[j, :, :n] = signals[:, start * epoch_samples: start * epoch_samples + n]
             padding[j, :n] = False
         windows, padding = windows.to(device), padding.to(device)
-        # on CPU one channel sequence per encoder pass: half the peak memory, same speed (Encoder.encode)
-        embedded = encoder.embed(windows, padding, sequences_per_pass=1 if windows.device.type == "cpu" else None)
+        patches, key_padding = encoder.patchify(windows, padding)                       # [b, C, N, P], [b, N]
+        tokens = encoder.tokens(patches)                                                # [b, C, N, D]
+        del windows, patches                                # a night's samples are not held while the encoder runs
+        embedded = encoder.contextualise(tokens, key_padding)   # on CPU a sequence or a few per pass (model.py)
         probs = probe(embedded, padding).softmax(dim=-1).cpu()                          # [b, E_w, classes]
         if embeddings:                            # [b, C, N, D] -> the mean of each epoch's patches [b, E_w, C, D]
             b, _, N, D = embedded.shape

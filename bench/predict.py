@@ -4,11 +4,15 @@ per 8-h night).
 Random weights at the paper config (Encoder(ModelConfig()), ProbeHead(ProbeConfig())), input [7, hours × 3600 × 125]
 noise, staged by stage.stage_night with the paper's 8-h window (so an 8-h night is one window). The staging runs in
 a child process so that its peak RSS is its own (it includes importing torch and building the model, as a real
-`predict.py` run would); only the stage_night call is timed. Staging runs in inference mode, so attention takes the fused
-kernel on CPU too (model.SelfAttention.sdpa_attention decides per call), and stage_night runs the encoder one channel
-sequence at a time on CPU (Encoder.encode's sequences_per_pass). EDF reading and filtering are `bench/prepare.py`'s.
+`predict.py` run would); only the stage_night call is timed. Staging runs in inference mode, so on CPU the encoder
+runs one channel sequence at a time with its attention scores kept in place (model.SelfAttention.inplace_attention)
+and the probe's GRU runs each layer's two directions side by side (model.cpu_bidirectional_gru). EDF reading and
+filtering are `bench/prepare.py`'s.
 
-    python bench/predict.py [--hours 8] [--threads 2] [--timeout 300] [--folder N] [--workers W]
+    python bench/predict.py [--hours 8] [--threads 2] [--timeout 300] [--check] [--folder N] [--workers W]
+
+--check also stages the same night through the reference paths (the ones training and validation take: SDPA
+attention without kept scores, nn.GRU over the packed sequence) and prints the largest difference in any probability.
 
 --folder N also stages a folder of N synthetic EDFs of --hours each (`python -m synthetic edf`) with the paper-config
 random-weight run through `predict.py FOLDER --workers W` (default 1: one reader process reads and filters the next
@@ -27,10 +31,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+TARGET = "targets: <= 15 s, <= 1.3 GB (issue 15); <= 10 s, <= 2 GB (docs/design.md §10)"
 sys.path.insert(0, str(ROOT))
 
 
-def child(hours: float, threads: int) -> None:
+def child(hours: float, threads: int, check: bool) -> None:
     import torch
     from model import Encoder, ModelConfig, ProbeConfig, ProbeHead
     from stage import stage_night
@@ -41,8 +46,12 @@ def child(hours: float, threads: int) -> None:
     signals = torch.randn(encoder.cfg.n_channels, int(hours * 3600 * 125))        # [7, T]
     start = time.perf_counter()
     probs = stage_night(encoder, probe, signals, window, window // 2, batch_size=1, device="cpu")
-    seconds = time.perf_counter() - start
-    print(json.dumps({"seconds": seconds, "epochs": len(probs)}))
+    result = {"seconds": time.perf_counter() - start, "epochs": len(probs)}
+    if check:   # model.py takes its CPU inference paths only when it sees inference mode: hide it
+        torch.is_inference_mode_enabled = lambda: False
+        reference = stage_night(encoder, probe, signals, window, window // 2, batch_size=1, device="cpu")
+        result["max_difference"] = (probs - reference).abs().max().item()
+    print(json.dumps(result))
 
 
 def folder_nights_per_hour(n_nights: int, hours: float, workers: int, timeout: float) -> float:
@@ -73,26 +82,31 @@ def main():
     parser.add_argument("--hours", type=float, default=8.0, help="night length (default 8)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--timeout", type=float, default=300, help="give up after this many seconds (default 300)")
+    parser.add_argument("--check", action="store_true",
+                        help="also stage through the reference paths and print the largest probability difference")
     parser.add_argument("--folder", type=int, default=0, metavar="N",
                         help="also stage a folder of N synthetic EDFs with predict.py and print nights per hour")
     parser.add_argument("--workers", type=int, default=1, help="predict.py --workers for --folder (default 1)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        return child(args.hours, args.threads)
+        return child(args.hours, args.threads, args.check)
     command = [sys.executable, __file__, "--child", "--hours", str(args.hours), "--threads", str(args.threads)]
+    command += ["--check"] if args.check else []
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout, check=True)
     except subprocess.TimeoutExpired:
         raise SystemExit(f"predict: gave up after {args.timeout:g} s per {args.hours:g}-h night "
-                         f"(paper config, cpu, {args.threads} threads); target <= 10 s, <= 2 GB")
+                         f"(paper config, cpu, {args.threads} threads); {TARGET}")
     except subprocess.CalledProcessError as err:
         raise SystemExit(f"the staging child failed:\n{err.stderr}")
     result = json.loads(done.stdout.strip().splitlines()[-1])
     peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024      # Linux: kB
     print(f"staged {result['epochs']} epochs")
     print(f"predict: {result['seconds']:.1f} s, {peak_mb:.0f} MB peak RSS per {args.hours:g}-h night "
-          f"(paper config, cpu, {args.threads} threads); target <= 10 s, <= 2 GB")
+          f"(paper config, cpu, {args.threads} threads); {TARGET}")
+    if args.check:      # the peak above then includes the reference run's
+        print(f"largest probability difference from the reference paths: {result['max_difference']:.2e}")
     if args.folder:
         rate = folder_nights_per_hour(args.folder, args.hours, args.workers, args.timeout)
         print(f"predict.py FOLDER --workers {args.workers}: {rate:.0f} nights per hour ({args.folder} nights of "

@@ -1,4 +1,6 @@
 """model.py: shapes, the SDPA path against the math path, padding, losses, corruption, parameter counts, the probe."""
+import threading
+
 import pytest
 import torch
 
@@ -96,17 +98,66 @@ def test_shorter_inputs_use_the_first_rows_of_the_positional_table():
 
 @pytest.mark.parametrize("residual_attention", [True, False])
 @pytest.mark.parametrize("padded", [False, True])
-@pytest.mark.parametrize("inference", [False, True])    # True: v zero-padded for the fused kernel (staging)
-def test_sdpa_path_equals_math_path(residual_attention, padded, inference):
+@pytest.mark.parametrize("fused", [False, True])        # True: v zero-padded for the fused kernel (as on a GPU)
+def test_sdpa_path_equals_math_path(residual_attention, padded, fused, monkeypatch):
+    monkeypatch.setattr(model, "FUSED_ON_CPU", fused)
     math_encoder = eval_encoder(attention="math", residual_attention=residual_attention)
     sdpa_encoder = Encoder(tiny_config(attention="sdpa", residual_attention=residual_attention)).eval()
     sdpa_encoder.load_state_dict(math_encoder.state_dict())
     signals, padding_mask = night_batch()
     padding_mask = padding_mask if padded else None
+    widths = []
+    real_sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda q, k, v, **kw: widths.append((q.shape[-1], v.shape[-1])) or real_sdpa(q, k, v, **kw))
     with torch.no_grad():
         expected = math_encoder.embed(signals, padding_mask)
-    with torch.inference_mode(inference):               # outside inference mode the CPU keeps the unpadded fallback
-        actual = sdpa_encoder.embed(signals, padding_mask).clone()
+        assert not widths                                                # the math path never calls SDPA
+        actual = sdpa_encoder.embed(signals, padding_mask)
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+    d = D // 4
+    assert widths == ([(d, d), (2 * d, 2 * d), (3 * d, 3 * d)] if fused and residual_attention else
+                      [(d, d), (2 * d, d), (3 * d, d)] if residual_attention else [(d, d)] * 3)
+
+
+@pytest.mark.parametrize("attention", ["math", "sdpa"])
+@pytest.mark.parametrize("residual_attention", [True, False])
+@pytest.mark.parametrize("query_block", [16, 256])      # 16: blocks of 16, 16 and 8 queries
+def test_inference_on_cpu_keeps_scores_in_place_and_equals_the_math_path(attention, residual_attention,
+                                                                        query_block, monkeypatch):
+    """Staging on CPU (inference mode) takes inplace_attention whatever the path: the same function as the math
+    path, a night with a padded tail and an all-padded night included, in blocks of queries of any size."""
+    monkeypatch.setattr(model, "QUERY_BLOCK", query_block)
+    encoder = eval_encoder(attention=attention, residual_attention=residual_attention)
+    reference = eval_encoder(attention="math", residual_attention=residual_attention)
+    signals, padding_mask = night_batch()
+    padding_mask[0, :] = True
+    calls = []
+    real = model.SelfAttention.inplace_attention
+    monkeypatch.setattr(model.SelfAttention, "inplace_attention",
+                        lambda self, q, *rest: calls.append(q.shape) or real(self, q, *rest))
+    with torch.no_grad():
+        expected = reference.embed(signals, padding_mask)
+    assert not calls                                                     # outside inference mode: not taken
+    with torch.inference_mode():
+        actual = encoder.embed(signals, padding_mask).clone()
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+    assert torch.isfinite(actual).all() and actual[0].abs().max() > 0
+    assert len(calls) == 3 and calls[0][:2] == (B * C, 4)                # B·C sequences fit SCORES_BYTES: one pass
+
+
+def test_scores_budget_sets_the_sequences_per_pass(monkeypatch):
+    encoder = eval_encoder()
+    signals, padding_mask = night_batch()
+    monkeypatch.setattr(model, "SCORES_BYTES", 2 * 4 * 4 * N * N)       # two sequences' scores per pass
+    passes = []
+    real = Encoder.transform
+    monkeypatch.setattr(Encoder, "transform", lambda self, x, kp: passes.append(x.shape[0]) or real(self, x, kp))
+    with torch.no_grad():
+        expected = encoder.embed(signals, padding_mask)
+    with torch.inference_mode():
+        actual = encoder.embed(signals, padding_mask).clone()
+    assert passes == [B * C] + [2] * (B * C // 2)
     torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
 
 
@@ -280,6 +331,30 @@ def test_probe_ignores_padded_tail():
     torch.testing.assert_close(after[:, :5], before[:, :5])
     torch.testing.assert_close(after[0], before[0])
     assert not torch.allclose(unpacked[1, :5], before[1, :5], atol=1e-4)   # without the mask the tail would leak in
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_probe_on_cpu_runs_each_gru_direction_in_its_own_thread_and_equals_nn_gru(padded, monkeypatch):
+    """Inference mode on CPU: the two directions of each layer side by side (cpu_bidirectional_gru), the same
+    function as nn.GRU over packed sequences: a padded tail ignored, the backward direction starting at its end."""
+    torch.manual_seed(0)
+    probe = ProbeHead(tiny_probe_config()).eval()
+    embeddings = torch.randn(B, C, N, D)
+    _, padding_mask = night_batch()
+    padding_mask = padding_mask if padded else None
+    threads = []
+    real = model.gru_direction
+    monkeypatch.setattr(model, "gru_direction",
+                        lambda *args: threads.append(threading.get_ident()) or real(*args))
+    with torch.no_grad():
+        expected = probe(embeddings, padding_mask)
+    assert not threads
+    torch_threads = torch.get_num_threads()
+    with torch.inference_mode():
+        actual = probe(embeddings, padding_mask)
+    torch.testing.assert_close(actual, expected, atol=1e-6, rtol=1e-5)
+    assert len(threads) == B * 2 * 2 and threading.get_ident() not in threads   # nights × layers × directions
+    assert torch.get_num_threads() == torch_threads                              # restored after
 
 
 def test_probe_valid_lengths_trailing_padding_only():

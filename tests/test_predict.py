@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import predict
+import model
 import runs
 import stage
 from prepare import edf as edf_format
@@ -126,26 +127,28 @@ def test_truncated_edf_is_one_line_error_and_all_failed_exits_1(tmp_path, tiny_p
     assert not list(tmp_path.glob("*.hypnogram.csv"))
 
 
-def test_staging_takes_the_fused_kernel_and_it_is_the_same_function(tiny_probe_run, monkeypatch):
-    """Staging runs in inference mode, so on CPU attention pads v for the fused kernel; other calls (training,
-    validation, the probe's embedding cache) keep the fallback."""
+def test_staging_on_cpu_takes_the_inference_paths_and_they_are_the_same_function(tiny_probe_run, monkeypatch):
+    """Staging runs in inference mode, so on CPU attention keeps its scores in place and the probe's GRU runs its
+    directions side by side; other calls (training, validation, the probe's embedding cache) keep the reference
+    paths, which staging takes too when inference mode is hidden from it."""
     run = runs.read_run(tiny_probe_run)
     encoder, probe = run.encoder(), run.probe()
     signals = torch.randn(7, 23 * 3750)
-    widths = []
-    real_sdpa = torch.nn.functional.scaled_dot_product_attention
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
-                        lambda q, k, v, **kw: widths.append((q.shape[-1], v.shape[-1])) or real_sdpa(q, k, v, **kw))
-    fused = stage.stage_night(encoder, probe, signals, WINDOW_EPOCHS * 3750, 5 * 3750)
-    assert widths and all(q == v for q, v in widths)                  # v padded to the q/k head dim
-    widths.clear()
-    for mode in (torch.enable_grad, torch.no_grad):                   # training, and validation / caching: no padding
+    calls = []
+    for owner, name in ((model.SelfAttention, "inplace_attention"), (model, "cpu_bidirectional_gru")):
+        real = getattr(owner, name)
+        monkeypatch.setattr(owner, name, lambda *args, real=real, name=name: calls.append(name) or real(*args))
+    fast = stage.stage_night(encoder, probe, signals, WINDOW_EPOCHS * 3750, 5 * 3750)
+    assert {"inplace_attention", "cpu_bidirectional_gru"} <= set(calls)
+    calls.clear()
+    for mode in (torch.enable_grad, torch.no_grad):                   # training, and validation / caching
         with mode():
-            encoder.embed(signals[None, :, :WINDOW_EPOCHS * 3750])
-    assert widths and all(v == encoder.cfg.d_model // encoder.cfg.n_heads for _, v in widths)
-    monkeypatch.setattr(torch, "is_inference_mode_enabled", lambda: False)   # the unfused path for staging
-    unfused = stage.stage_night(encoder, probe, signals, WINDOW_EPOCHS * 3750, 5 * 3750)
-    assert torch.allclose(fused, unfused, atol=1e-5)
+            probe(encoder.embed(signals[None, :, :WINDOW_EPOCHS * 3750]))
+    assert not calls
+    monkeypatch.setattr(torch, "is_inference_mode_enabled", lambda: False)   # the reference paths for staging
+    reference = stage.stage_night(encoder, probe, signals, WINDOW_EPOCHS * 3750, 5 * 3750)
+    assert not calls
+    assert torch.allclose(fast, reference, atol=1e-5)
 
 
 def test_edf_annotation_export_reads_back_as_the_hypnogram(tmp_path, tiny_probe_run, psg_writer):
