@@ -75,6 +75,18 @@ FUSED_ON_CPU = False                     # sdpa on CPU: the fused *backward* at 
 FF_ROWS = 600                            # without autograd, the feed-forward layer takes this many patches at a time
 
 
+def inference_paths(x: Tensor) -> bool:
+    """Staging on CPU runs in inference mode: there attention keeps its scores in place (SelfAttention.inplace_attention)
+    and the probe's GRU runs its two directions side by side (cpu_bidirectional_gru). Elsewhere the reference paths."""
+    return x.device.type == "cpu" and torch.is_inference_mode_enabled()
+
+
+def scores_shape(sequences: int, n_patches: int) -> tuple[int, int, int, int]:
+    """inplace_attention's buffer for `sequences` = S·H (sequence, head) rows: [blocks + 1, S·H, QUERY_BLOCK, N], the
+    kept scores in blocks of QUERY_BLOCK queries and, last, one block's softmax weights."""
+    return -(-n_patches // QUERY_BLOCK) + 1, sequences, QUERY_BLOCK, n_patches
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention over one channel's patches, with residual attention (He et al. 2020, RealFormer):
     layer ℓ's pre-softmax scores are s·q_ℓ·k_ℓᵀ + layer ℓ-1's, i.e. Σ_{j≤ℓ} s·q_j·k_jᵀ. The "math" path materialises
@@ -101,8 +113,7 @@ class SelfAttention(nn.Module):
         # head h owns features h·d … h·d+d-1 (upstream's split)
         q, k, v = (proj(x).view(S, N, self.n_heads, self.head_dim).transpose(1, 2)
                    for proj in (self.query, self.key, self.value))                     # [S, H, N, d] each
-        # on CPU in inference mode both paths keep the scores, in place (inplace_attention): least arithmetic
-        if q.device.type == "cpu" and torch.is_inference_mode_enabled():
+        if inference_paths(q):                    # both paths keep the scores, in place: least arithmetic
             attend = self.inplace_attention
         else:
             attend = self.math_attention if self.path == "math" else self.sdpa_attention
@@ -124,31 +135,29 @@ class SelfAttention(nn.Module):
             weights = weights.masked_fill(key_padding[:, None, None, :], 0.0)
         return weights @ v, scores
 
-    def inplace_attention(self, q, k, v, key_padding, prev_scores):
+    def inplace_attention(self, q, k, v, key_padding, carry):
         """The math path without autograd, for staging on CPU: the accumulated scores are kept as blocks of QUERY_BLOCK
-        queries ([blocks, S·H, b, N]) and updated in place (s·q_ℓ·k_ℓᵀ added), so each layer multiplies at head dim d
-        only and the softmax weights exist for one block at a time. Memory: S·H·N² floats (Encoder.contextualise)."""
+        queries and updated in place (s·q_ℓ·k_ℓᵀ added), so each layer multiplies at head dim d only and the softmax
+        weights exist for one block at a time, in a slot of the same buffer. Memory: S·H·N² floats (scores_shape).
+        carry: (that buffer, whether it holds earlier layers' sums), or None to allocate it here."""
         S, H, N, d = q.shape
         q, k, v = (t.reshape(S * H, N, d) for t in (q, k, v))                            # [S·H, N, d]
-        starts = range(0, N, QUERY_BLOCK)
-        # one allocation (returned to the system when freed), blocks contiguous but for a shorter last one
-        scores = q.new_empty(len(starts), S * H, QUERY_BLOCK, N) if prev_scores is None else prev_scores
+        buffer, accumulated = carry or (q.new_empty(scores_shape(S * H, N)), False)      # [blocks + 1, S·H, b, N]
         out = torch.empty_like(v)                                                        # [S·H, N, d]
         ignored = zeroed = None
         if key_padding is not None and key_padding.any():                                # as math_attention
             zeroed = key_padding.repeat_interleave(H, dim=0)[:, None, :]                 # [S·H, 1, N]
             ignored = zeroed & ~zeroed.all(-1, keepdim=True)
-        for j, i in enumerate(starts):
-            block = scores[j, :, :N - i]                                                 # [S·H, b, N]
-            block.baddbmm_(q[:, i:i + QUERY_BLOCK], k.transpose(1, 2), beta=0.0 if prev_scores is None else 1.0,
-                           alpha=self.scale)
+        for j, i in enumerate(range(0, N, QUERY_BLOCK)):
+            block, weights = buffer[j, :, :N - i], buffer[-1, :, :N - i]                 # [S·H, b, N] each
+            block.baddbmm_(q[:, i:i + QUERY_BLOCK], k.transpose(1, 2), beta=float(accumulated), alpha=self.scale)
             if ignored is not None:
                 block.masked_fill_(ignored, float("-inf"))
-            weights = block.softmax(dim=-1)                                              # [S·H, b, N]
+            torch.softmax(block, dim=-1, out=weights)
             if zeroed is not None:
                 weights.masked_fill_(zeroed, 0.0)
             torch.bmm(weights, v, out=out[:, i:i + QUERY_BLOCK])
-        return out.view(S, H, N, d), scores
+        return out.view(S, H, N, d), (buffer, True)
 
     def sdpa_attention(self, q, k, v, key_padding, prev_qk):
         """Fused attention; residual attention through query/key concatenation (class docstring)."""
@@ -301,18 +310,22 @@ class Encoder(nn.Module):
         B, C, N, D = tokens.shape
         x = tokens.reshape(B * C, N, D)                   # [B·C, N, D]: every channel its own sequence, row b·C + c
         key_padding = None if key_padding is None else key_padding.repeat_interleave(C, dim=0)   # [B·C, N]
-        if sequences_per_pass is None and x.device.type == "cpu" and torch.is_inference_mode_enabled():
-            sequences_per_pass = max(1, SCORES_BYTES // (4 * self.cfg.n_heads * N * N))
+        H = self.cfg.n_heads
+        if sequences_per_pass is None and inference_paths(x):
+            sequences_per_pass = max(1, SCORES_BYTES // (4 * H * N * N))
         if sequences_per_pass and not self.training and not torch.is_grad_enabled():
+            # on the inference path one scores buffer serves every pass: a fresh one would be faulted in again each time
+            scores = x.new_empty(scores_shape(min(sequences_per_pass, B * C) * H, N)) if inference_paths(x) else None
             for i in range(0, B * C, sequences_per_pass):
-                rows = slice(i, i + sequences_per_pass)
-                x[rows] = self.transform(x[rows], None if key_padding is None else key_padding[rows])
+                rows = x[i:i + sequences_per_pass]                                       # [n, N, D], a view of x
+                carry = None if scores is None else (scores[:, :len(rows) * H], False)
+                rows.copy_(self.transform(rows, None if key_padding is None else key_padding[i:i + len(rows)], carry))
             return x.view(B, C, N, D)                                                    # [B, C, N, D]
         return self.transform(x, key_padding).view(B, C, N, D)                           # [B, C, N, D]
 
-    def transform(self, x: Tensor, key_padding: Tensor | None) -> Tensor:
-        """The transformer layers: x [S, N, D], key_padding [S, N] or None -> [S, N, D]."""
-        prev = None
+    def transform(self, x: Tensor, key_padding: Tensor | None, prev=None) -> Tensor:
+        """The transformer layers: x [S, N, D], key_padding [S, N] or None -> [S, N, D]. prev: what the first layer's
+        attention starts from (None, or inplace_attention's empty scores buffer)."""
         for layer in self.layers:
             x, prev = layer(x, key_padding, prev)                                        # [S, N, D]
         return x
@@ -374,7 +387,7 @@ class ProbeHead(nn.Module):
         x = x.mul_(self.channel_weight.repeat_interleave(D)).add_(self.channel_bias.repeat_interleave(D))   # in place
         if self.cfg.kind == "linear":
             logits = self.linear(x)                                                      # [B, N, classes]
-        elif x.device.type == "cpu" and torch.is_inference_mode_enabled():
+        elif inference_paths(x):
             lengths = [N] * B if padding_mask is None else valid_lengths(padding_mask, N).tolist()
             logits = self.mlp(cpu_bidirectional_gru(self.gru, x, lengths))              # [B, N, classes]
         elif padding_mask is None:

@@ -152,13 +152,41 @@ def test_scores_budget_sets_the_sequences_per_pass(monkeypatch):
     monkeypatch.setattr(model, "SCORES_BYTES", 2 * 4 * 4 * N * N)       # two sequences' scores per pass
     passes = []
     real = Encoder.transform
-    monkeypatch.setattr(Encoder, "transform", lambda self, x, kp: passes.append(x.shape[0]) or real(self, x, kp))
+    monkeypatch.setattr(Encoder, "transform", lambda self, x, kp, prev=None: passes.append(x.shape[0]) or real(self, x, kp, prev))
     with torch.no_grad():
         expected = encoder.embed(signals, padding_mask)
     with torch.inference_mode():
         actual = encoder.embed(signals, padding_mask).clone()
     assert passes == [B * C] + [2] * (B * C // 2)
     torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("per_pass", [2, 4])                # 4: passes of 4 and 2 sequences
+def test_inference_passes_share_one_scores_buffer(per_pass, monkeypatch):
+    """Every pass's first layer starts from the same buffer (a fresh one per pass is faulted in again), of
+    scores_shape: the kept scores in blocks of QUERY_BLOCK queries and one block's softmax weights; a shorter last
+    pass takes the front of it."""
+    monkeypatch.setattr(model, "QUERY_BLOCK", 16)
+    encoder = eval_encoder()
+    signals, padding_mask = night_batch()
+    monkeypatch.setattr(model, "SCORES_BYTES", per_pass * 4 * 4 * N * N)
+    first_layer_buffers = []
+    real = model.SelfAttention.inplace_attention
+
+    def recording(self, q, k, v, key_padding, carry):
+        if carry is not None and not carry[1]:
+            first_layer_buffers.append(carry[0])   # held, so that a fresh buffer could not reuse the address
+        return real(self, q, k, v, key_padding, carry)
+    monkeypatch.setattr(model.SelfAttention, "inplace_attention", recording)
+    with torch.no_grad():
+        expected = encoder.embed(signals, padding_mask)
+    with torch.inference_mode():
+        actual = encoder.embed(signals, padding_mask).clone()
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+    sizes = [min(per_pass, B * C - i) for i in range(0, B * C, per_pass)]
+    assert [buffer.shape for buffer in first_layer_buffers] == [model.scores_shape(n * 4, N) for n in sizes]
+    assert model.scores_shape(per_pass * 4, N) == (-(-N // 16) + 1, per_pass * 4, 16, N)
+    assert {buffer.data_ptr() for buffer in first_layer_buffers} == {first_layer_buffers[0].data_ptr()}
 
 
 def test_residual_attention_changes_the_function():
