@@ -163,6 +163,17 @@ def save_config(run_dir: Path, values) -> None:
     write_atomic(Path(run_dir) / CONFIG, lambda temp: temp.write_text(yaml.safe_dump(values, sort_keys=False)))
 
 
+def write_random_run(run_dir, model_cfg: ModelConfig, probe_cfg: ProbeConfig, data: dict) -> Path:
+    """A probe run folder (config.yaml + ckpt_final.pt) of untrained weights from seed 0 (it seeds torch's global
+    generator): what predict.py and the API read, for tests and benchmarks. data: the run's data config (window_s)."""
+    torch.manual_seed(0)
+    weights = torch.nn.ModuleDict({"encoder": Encoder(model_cfg), "probe": ProbeHead(probe_cfg)})
+    Path(run_dir).mkdir(parents=True)
+    save_checkpoint(Path(run_dir) / FINAL, {"model": weights.state_dict()})
+    save_config(run_dir, {"model": dataclasses.asdict(model_cfg), "probe": dataclasses.asdict(probe_cfg), "data": data})
+    return Path(run_dir)
+
+
 def save_checkpoint(path: Path, state: dict) -> None:
     """Atomically; ckpt.pt keeps its predecessor as ckpt_prev.pt. A full disk is one line, the old files intact."""
     previous = path.with_name(PREVIOUS) if path.name == LATEST else None

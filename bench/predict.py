@@ -57,19 +57,13 @@ def child(hours: float, threads: int, check: bool) -> None:
 def folder_nights_per_hour(n_nights: int, hours: float, workers: int, timeout: float) -> float:
     """Nights per hour of `predict.py FOLDER --workers W` on N synthetic EDFs (reading, filtering, staging, writing)."""
     import tempfile
-    import torch
     import runs
-    from model import Encoder, ModelConfig, ProbeConfig, ProbeHead
+    from model import ModelConfig, ProbeConfig
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         subprocess.run([sys.executable, "-m", "synthetic", "edf", str(tmp / "edfs"), "--nights", str(n_nights),
                         "--hours", str(hours), "--seed", "3"], cwd=ROOT, check=True, capture_output=True)
-        torch.manual_seed(0)
-        weights = torch.nn.ModuleDict({"encoder": Encoder(ModelConfig()), "probe": ProbeHead(ProbeConfig())})
-        (tmp / "run").mkdir()
-        runs.save_checkpoint(tmp / "run" / runs.FINAL, {"model": weights.state_dict()})
-        runs.save_config(tmp / "run", {"model": vars(ModelConfig()), "probe": vars(ProbeConfig()),
-                                       "data": {"window_s": 28800.0}})
+        runs.write_random_run(tmp / "run", ModelConfig(), ProbeConfig(), {"window_s": 28800.0})
         start = time.perf_counter()
         subprocess.run([sys.executable, "predict.py", str(tmp / "edfs"), "--run", str(tmp / "run"), "--out",
                         str(tmp / "out"), "--workers", str(workers), "--device", "cpu"], cwd=ROOT, check=True,

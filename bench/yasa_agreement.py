@@ -30,17 +30,10 @@ YASA_STAGES = {"W": "WAKE", "N1": "N1", "N2": "N2", "N3": "N3", "R": "REM"}   # 
 
 def random_probe_run(folder: Path) -> Path:
     """A tiny probe run with seeded random weights and a 30-minute window."""
-    import torch
     import runs
-    from model import Encoder, ModelConfig, ProbeConfig, ProbeHead
-    model_cfg = ModelConfig(d_model=16, n_layers=1, n_heads=2, d_ff=32, max_patches=300)
-    probe_cfg = ProbeConfig(d_model=16, hidden_size=8, n_layers=1, dropout=0.0)
-    torch.manual_seed(0)
-    weights = torch.nn.ModuleDict({"encoder": Encoder(model_cfg), "probe": ProbeHead(probe_cfg)})
-    folder.mkdir(parents=True)
-    runs.save_checkpoint(folder / runs.FINAL, {"model": weights.state_dict()})
-    runs.save_config(folder, {"model": vars(model_cfg), "probe": vars(probe_cfg), "data": {"window_s": 1800.0}})
-    return folder
+    from model import ModelConfig, ProbeConfig
+    return runs.write_random_run(folder, ModelConfig(d_model=16, n_layers=1, n_heads=2, d_ff=32, max_patches=300),
+                                 ProbeConfig(d_model=16, hidden_size=8, n_layers=1, dropout=0.0), {"window_s": 1800.0})
 
 
 def night_with_lights(folder: Path, hours: float, seed: int) -> tuple[Path, float, float]:

@@ -5,7 +5,6 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # as the scripts (README "Threads"), before torch is imported
 
-import dataclasses
 import datetime as dt
 import signal
 import subprocess
@@ -23,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 
 import runs  # noqa: E402
 import synthetic  # noqa: E402
-from model import Encoder, ModelConfig, ProbeConfig, ProbeHead  # noqa: E402
+from model import ModelConfig, ProbeConfig  # noqa: E402
 from prepare.__main__ import main as prepare_main  # noqa: E402
 
 PSG_START = dt.datetime(2001, 2, 3, 23, 59, 45)       # crosses midnight within the first minute
@@ -67,17 +66,6 @@ def write_psg(path, seconds, seed=0, drop=()):
     return write_edf(path, signals, start=PSG_START)
 
 
-def write_probe_run(run_dir, model_cfg: ModelConfig, probe_cfg: ProbeConfig, data: dict):
-    """A probe run folder (config.yaml + ckpt_final.pt) with seeded random weights, written by runs.py."""
-    torch.manual_seed(0)
-    weights = torch.nn.ModuleDict({"encoder": Encoder(model_cfg), "probe": ProbeHead(probe_cfg)}).state_dict()
-    Path(run_dir).mkdir(parents=True)
-    runs.save_checkpoint(Path(run_dir) / runs.FINAL, {"model": weights})
-    runs.save_config(run_dir, {"model": dataclasses.asdict(model_cfg), "probe": dataclasses.asdict(probe_cfg),
-                               "data": data})
-    return Path(run_dir)
-
-
 @pytest.fixture(scope="session")
 def edf_writer():
     return write_edf
@@ -92,7 +80,7 @@ def psg_writer():
 
 @pytest.fixture(scope="session")
 def probe_run_writer():
-    return write_probe_run
+    return runs.write_random_run
 
 
 @pytest.fixture(scope="session")
@@ -100,7 +88,7 @@ def tiny_probe_run(tmp_path_factory):
     """A tiny random probe run with a 5-minute window (read-only: tests write their outputs elsewhere)."""
     model_cfg = ModelConfig(d_model=16, n_layers=1, n_heads=2, d_ff=32, max_patches=5 * WINDOW_EPOCHS)
     probe_cfg = ProbeConfig(d_model=16, hidden_size=8, n_layers=1, dropout=0.0)
-    return write_probe_run(tmp_path_factory.mktemp("tiny") / "run", model_cfg, probe_cfg,
+    return runs.write_random_run(tmp_path_factory.mktemp("tiny") / "run", model_cfg, probe_cfg,
                            {"window_s": WINDOW_EPOCHS * 30.0})
 
 
