@@ -50,6 +50,7 @@ bench: setup
 	$(PY) bench/prepare.py
 	$(PY) bench/loader.py
 	$(PY) bench/pretrain.py --config tiny --hours 1
+	$(PY) bench/gemm.py
 	$(PY) bench/predict.py
 
 clean:

@@ -19,6 +19,8 @@ Upstream's outputs are [B, C, D, N], [B, N, C, P], [B, classes, N/5]; ours [B, C
 from __future__ import annotations
 
 import math
+import itertools
+import platform
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -69,22 +71,27 @@ class ProbeConfig:                       # the paper's values, not the upstream 
 # ----------------------------------------------------------------------------------------------------------------------
 # Attention
 
-QUERY_BLOCK = 192                        # inplace_attention's queries per step (bench/predict.py; 4800 = 25 · 192)
-SCORES_BYTES = 2 ** 29                   # inplace_attention's scores per pass, at most (unless one sequence needs more)
+QUERY_BLOCK = 480                        # blocked_attention's queries per product (bench/predict.py; 4800 = 10 · 480)
 FUSED_ON_CPU = False                     # sdpa on CPU: the fused *backward* at head dim 384 is slower (bench/pretrain.py)
 FF_ROWS = 600                            # without autograd, the feed-forward layer takes this many patches at a time
+# staging's fp32 products through oneDNN, not MKL (cpu_linear; bench/gemm.py): on x86, where it was measured
+ONEDNN_ON_CPU = (platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
+                 and hasattr(torch.ops.mkldnn, "_linear_pointwise"))     # registered by every x86 build since torch 2.0
 
 
 def inference_paths(x: Tensor) -> bool:
-    """Staging on CPU runs in inference mode: there attention keeps its scores in place (SelfAttention.inplace_attention)
-    and the probe's GRU runs its two directions side by side (cpu_bidirectional_gru). Elsewhere the reference paths."""
+    """Staging on CPU runs in inference mode: there attention takes blocks of queries (SelfAttention.blocked_attention),
+    the probe's GRU runs its two directions side by side (cpu_bidirectional_gru) and the products go through oneDNN
+    (cpu_linear). Elsewhere the reference paths."""
     return x.device.type == "cpu" and torch.is_inference_mode_enabled()
 
 
-def scores_shape(sequences: int, n_patches: int) -> tuple[int, int, int, int]:
-    """inplace_attention's buffer for `sequences` = S·H (sequence, head) rows: [blocks + 1, S·H, QUERY_BLOCK, N], the
-    kept scores in blocks of QUERY_BLOCK queries and, last, one block's softmax weights."""
-    return -(-n_patches // QUERY_BLOCK) + 1, sequences, QUERY_BLOCK, n_patches
+def cpu_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """F.linear(x, weight, bias), through oneDNN on the inference paths (ONEDNN_ON_CPU): still fp32 throughout, but on
+    CPUs where MKL's fp32 GEMM keeps to its AVX2 kernels (AMD's) oneDNN's AVX-512 ones are about twice as fast."""
+    if ONEDNN_ON_CPU and x.dtype == torch.float32 and inference_paths(x):   # strided operands take a slow kernel
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight.contiguous(), bias, "none", [], "")
+    return F.linear(x, weight, bias)
 
 
 class SelfAttention(nn.Module):
@@ -93,7 +100,7 @@ class SelfAttention(nn.Module):
     them [S, H, N, N] and hands them on, as upstream. The "sdpa" path never does: they are one dot product between
     [s·q_1 | … | s·q_ℓ] and [k_1 | … | k_ℓ] (per head), so each layer hands on its concatenated (scaled) queries and
     keys and runs SDPA with scale 1; head dims grow d → 2d → 3d over the layers, values keep d. On CPU in inference
-    mode (staging) both paths keep the scores instead, in place (inplace_attention): no backward, less arithmetic."""
+    mode (staging) both paths take blocked_attention: the sdpa path's arithmetic, a block of queries at a time."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -111,15 +118,15 @@ class SelfAttention(nn.Module):
         """x [S, N, D] (S = B·C), key_padding [S, N] or None, prev: the last layer's carry -> (out [S, N, D], carry)"""
         S, N, D = x.shape
         # head h owns features h·d … h·d+d-1 (upstream's split)
-        q, k, v = (proj(x).view(S, N, self.n_heads, self.head_dim).transpose(1, 2)
+        q, k, v = (cpu_linear(x, proj.weight, proj.bias).view(S, N, self.n_heads, self.head_dim).transpose(1, 2)
                    for proj in (self.query, self.key, self.value))                     # [S, H, N, d] each
-        if inference_paths(q):                    # both paths keep the scores, in place: least arithmetic
-            attend = self.inplace_attention
+        if inference_paths(q):                    # staging on CPU: either path, the least time and memory
+            attend = self.blocked_attention
         else:
             attend = self.math_attention if self.path == "math" else self.sdpa_attention
         out, carry = attend(q, k, v, key_padding, prev)                                  # [S, H, N, d]
         out = out.transpose(1, 2).reshape(S, N, D)                                       # [S, N, H·d] head-major
-        return self.dropout(self.out(out)), (carry if self.residual_attention else None)
+        return self.dropout(cpu_linear(out, self.out.weight, self.out.bias)), (carry if self.residual_attention else None)
 
     def math_attention(self, q, k, v, key_padding, prev_scores):
         """The reference: explicit scores, as upstream. Hands on the accumulated, masked pre-softmax scores."""
@@ -135,29 +142,29 @@ class SelfAttention(nn.Module):
             weights = weights.masked_fill(key_padding[:, None, None, :], 0.0)
         return weights @ v, scores
 
-    def inplace_attention(self, q, k, v, key_padding, carry):
-        """The math path without autograd, for staging on CPU: the accumulated scores are kept as blocks of QUERY_BLOCK
-        queries and updated in place (s·q_ℓ·k_ℓᵀ added), so each layer multiplies at head dim d only and the softmax
-        weights exist for one block at a time, in a slot of the same buffer. Memory: S·H·N² floats (scores_shape).
-        carry: (that buffer, whether it holds earlier layers' sums), or None to allocate it here."""
-        S, H, N, d = q.shape
-        q, k, v = (t.reshape(S * H, N, d) for t in (q, k, v))                            # [S·H, N, d]
-        buffer, accumulated = carry or (q.new_empty(scores_shape(S * H, N)), False)      # [blocks + 1, S·H, b, N]
-        out = torch.empty_like(v)                                                        # [S·H, N, d]
-        ignored = zeroed = None
-        if key_padding is not None and key_padding.any():                                # as math_attention
-            zeroed = key_padding.repeat_interleave(H, dim=0)[:, None, :]                 # [S·H, 1, N]
-            ignored = zeroed & ~zeroed.all(-1, keepdim=True)
-        for j, i in enumerate(range(0, N, QUERY_BLOCK)):
-            block, weights = buffer[j, :, :N - i], buffer[-1, :, :N - i]                 # [S·H, b, N] each
-            block.baddbmm_(q[:, i:i + QUERY_BLOCK], k.transpose(1, 2), beta=float(accumulated), alpha=self.scale)
-            if ignored is not None:
-                block.masked_fill_(ignored, float("-inf"))
-            torch.softmax(block, dim=-1, out=weights)
-            if zeroed is not None:
-                weights.masked_fill_(zeroed, 0.0)
-            torch.bmm(weights, v, out=out[:, i:i + QUERY_BLOCK])
-        return out.view(S, H, N, d), (buffer, True)
+    def blocked_attention(self, q, k, v, key_padding, prev_qk):
+        """sdpa_attention's function without autograd, for staging on CPU: the same concatenated queries and keys are
+        handed on, but each head's scores are made for QUERY_BLOCK queries at a time and at once multiplied by v, so they
+        never exist for the whole night; every product goes through cpu_linear. Padding as math_attention."""
+        q, k = (q * self.scale).contiguous(), k.contiguous()                            # [S, H, N, d]
+        if prev_qk is not None:
+            q = torch.cat([prev_qk[0], q], dim=-1)                                       # [S, H, N, ℓ·d]
+            k = torch.cat([prev_qk[1], k], dim=-1)                                       # [S, H, N, ℓ·d]
+        S, H, N, _ = q.shape
+        v_rows = v.transpose(-2, -1).contiguous()                   # [S, H, d, N]: weights·v as a linear map of weights
+        out = torch.empty_like(v)                                                        # [S, H, N, d]
+        for s in range(S):
+            padded = None if key_padding is None or not key_padding[s].any() else key_padding[s]   # [N]
+            if padded is not None and padded.all():
+                out[s] = 0                                             # an all-padded sequence: output 0, as upstream
+                continue
+            for h, i in itertools.product(range(H), range(0, N, QUERY_BLOCK)):
+                scores = cpu_linear(q[s, h, i:i + QUERY_BLOCK], k[s, h])                 # [b, N]
+                if padded is not None:
+                    scores.masked_fill_(padded, float("-inf"))
+                weights = torch.softmax(scores, dim=-1, out=scores)                      # [b, N]
+                out[s, h, i:i + QUERY_BLOCK] = cpu_linear(weights, v_rows[s, h])         # [b, d]
+        return out, (q, k)
 
     def sdpa_attention(self, q, k, v, key_padding, prev_qk):
         """Fused attention; residual attention through query/key concatenation (class docstring)."""
@@ -234,7 +241,8 @@ class EncoderLayer(nn.Module):
 
     def feed_forward(self, x: Tensor) -> Tensor:
         """x [S, n, D] -> [S, n, D]; exact (erf) GELU as upstream"""
-        return self.ff_out(self.dropout(F.gelu(self.ff_in(x))))                          # via [S, n, d_ff]
+        hidden = F.gelu(cpu_linear(x, self.ff_in.weight, self.ff_in.bias))              # [S, n, d_ff]
+        return cpu_linear(self.dropout(hidden), self.ff_out.weight, self.ff_out.bias)
 
 
 def revin_statistics(signals: Tensor, valid: Tensor | None, eps: float) -> tuple[Tensor, Tensor]:
@@ -305,27 +313,22 @@ class Encoder(nn.Module):
         """tokens [B, C, N, D], key_padding [B, N] bool or None -> embeddings [B, C, N, D]. sequences_per_pass (eval
         mode without autograd only): run the transformer over that many channel sequences at a time, each pass's
         output replacing its tokens (so tokens becomes the result), to bound inference memory; exact, as in eval mode
-        every sequence is computed on its own. On CPU in inference mode it defaults to what keeps inplace_attention's
-        scores within SCORES_BYTES."""
+        every sequence is computed on its own. On CPU in inference mode it defaults to 1."""
         B, C, N, D = tokens.shape
         x = tokens.reshape(B * C, N, D)                   # [B·C, N, D]: every channel its own sequence, row b·C + c
         key_padding = None if key_padding is None else key_padding.repeat_interleave(C, dim=0)   # [B·C, N]
-        H = self.cfg.n_heads
         if sequences_per_pass is None and inference_paths(x):
-            sequences_per_pass = max(1, SCORES_BYTES // (4 * H * N * N))
+            sequences_per_pass = 1
         if sequences_per_pass and not self.training and not torch.is_grad_enabled():
-            # on the inference path one scores buffer serves every pass: a fresh one would be faulted in again each time
-            scores = x.new_empty(scores_shape(min(sequences_per_pass, B * C) * H, N)) if inference_paths(x) else None
             for i in range(0, B * C, sequences_per_pass):
                 rows = x[i:i + sequences_per_pass]                                       # [n, N, D], a view of x
-                carry = None if scores is None else (scores[:, :len(rows) * H], False)
-                rows.copy_(self.transform(rows, None if key_padding is None else key_padding[i:i + len(rows)], carry))
+                rows.copy_(self.transform(rows, None if key_padding is None else key_padding[i:i + len(rows)]))
             return x.view(B, C, N, D)                                                    # [B, C, N, D]
         return self.transform(x, key_padding).view(B, C, N, D)                           # [B, C, N, D]
 
-    def transform(self, x: Tensor, key_padding: Tensor | None, prev=None) -> Tensor:
-        """The transformer layers: x [S, N, D], key_padding [S, N] or None -> [S, N, D]. prev: what the first layer's
-        attention starts from (None, or inplace_attention's empty scores buffer)."""
+    def transform(self, x: Tensor, key_padding: Tensor | None) -> Tensor:
+        """The transformer layers: x [S, N, D], key_padding [S, N] or None -> [S, N, D]."""
+        prev = None
         for layer in self.layers:
             x, prev = layer(x, key_padding, prev)                                        # [S, N, D]
         return x
@@ -403,34 +406,55 @@ class ProbeHead(nn.Module):
 
 
 def cpu_bidirectional_gru(gru: nn.GRU, x: Tensor, lengths: list[int]) -> Tensor:
-    """nn.GRU's output [B, N, 2H] for x [B, N, I] (eval mode, inference mode, CPU): each layer's two directions run side
-    by side in two threads of one torch thread each, through torch's own GRU kernel. A recurrent step is a
-    matrix-vector product bound by memory, so two at once beat one on two threads. Zeros past each length, as packed."""
+    """nn.GRU's output [B, N, 2H] for x [B, N, I] (eval mode, inference mode, CPU), by torch's GRU equations: each
+    layer's input gates for the whole night (cpu_linear), then its two directions' recurrences side by side in two
+    threads of one torch thread each. A recurrent step is a matrix-vector product bound by memory, so two at once beat
+    one on two threads. Zeros past each length, as packed."""
     N, outputs, threads = x.shape[1], [], torch.get_num_threads()
     try:
         with ThreadPoolExecutor(2) as pool:
             for b, length in enumerate(lengths):
                 sequence = x[b, :length]                                                 # [L, I]
                 for layer in range(gru.num_layers):
-                    halves = pool.map(gru_direction, [gru] * 2, [layer] * 2, [sequence] * 2, (False, True))
-                    sequence = torch.cat(list(halves), dim=-1)                           # [L, 2H]
+                    sequence = bidirectional_gru_layer(gru, layer, sequence, pool)       # [L, 2H]
                 outputs.append(sequence if length == N else F.pad(sequence, (0, 0, 0, N - length)))   # [N, 2H]
     finally:
         torch.set_num_threads(threads)   # the workers' setting reaches MKL's, which is process-wide
     return outputs[0][None] if len(outputs) == 1 else torch.stack(outputs)              # [B, N, 2H]
 
 
-def gru_direction(gru: nn.GRU, layer: int, sequence: Tensor, reverse: bool) -> Tensor:
-    """One direction of one layer of an nn.GRU, in a worker thread: sequence [L, I] -> [L, H]."""
+def bidirectional_gru_layer(gru: nn.GRU, layer: int, sequence: Tensor, pool: ThreadPoolExecutor) -> Tensor:
+    """One layer of cpu_bidirectional_gru: sequence [L, I] -> [L, 2H], both directions written into one tensor."""
+    L, H = sequence.shape[0], gru.hidden_size
+    states = sequence.new_zeros(L + 2, 2 * H)   # rows 1…L: the output; row 0 (forward), row L + 1 (backward): h_0 = 0
+    gates, weights = [], []
+    for suffix in ("", "_reverse"):
+        w_ih, b_ih, w_hh, b_hh = (getattr(gru, f"{name}_l{layer}{suffix}")
+                                  for name in ("weight_ih", "bias_ih", "weight_hh", "bias_hh"))
+        gates.append(cpu_linear(sequence, w_ih, b_ih))                                   # [L, 3H]
+        weights.append((w_hh, b_hh))
+    halves = (states[:, :H], states[:, H:])                                              # [L + 2, H] each
+    list(pool.map(gru_recurrence, gates, *zip(*weights), halves, (False, True)))
+    return states[1:L + 1]                                                               # [L, 2H]
+
+
+def gru_recurrence(gates: Tensor, weight_hh: Tensor, bias_hh: Tensor, states: Tensor, reverse: bool):
+    """One direction of one GRU layer, in a worker thread: from its input gates [L, 3H] (W_i·x_t + b_i, rows r | z |
+    n) into states [L + 2, H] (row t + 1 = h_t; rows 0 and L + 1 hold h_0 = 0). torch's equations (nn.GRU):
+    r, z = σ(gates_rz + W_hrz·h + b_hrz), n = tanh(gates_n + r ⊙ (W_hn·h + b_hn)), h' = n + z ⊙ (h − n), the
+    previous h being row t (forward) or row t + 2 (reverse, from the last step to the first)."""
     torch.set_num_threads(1)
-    suffix = "_reverse" if reverse else ""
-    weights = [getattr(gru, f"{kind}_l{layer}{suffix}") for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+    L, H = gates.shape[0], gates.shape[1] // 3
+    rows = states[:, None].unbind(0)                                                     # [1, H] views
+    gates_rz, gates_n = gates[:, None, :2 * H].unbind(0), gates[:, None, 2 * H:].unbind(0)
     with torch.inference_mode():                                                         # per thread, like grad mode
-        if reverse:
-            sequence = sequence.flip(0)
-        h0 = sequence.new_zeros(1, 1, gru.hidden_size)
-        hidden = torch.gru(sequence[None], h0, weights, True, 1, 0.0, False, False, True)[0][0]   # [L, H]
-    return hidden.flip(0) if reverse else hidden
+        new = gates.new_empty(1, H)
+        for t in range(L - 1, -1, -1) if reverse else range(L):
+            previous = rows[t + 2] if reverse else rows[t]
+            hidden = cpu_linear(previous, weight_hh, bias_hh)                            # [1, 3H]
+            rz = hidden[:, :2 * H].add_(gates_rz[t]).sigmoid_()                          # [1, 2H]
+            torch.addcmul(gates_n[t], rz[:, :H], hidden[:, 2 * H:], out=new).tanh_()     # n
+            torch.lerp(new, previous, rz[:, H:], out=rows[t + 1])                        # n + z ⊙ (h − n)
 
 
 def valid_lengths(padding_mask: Tensor, n_patches: int) -> Tensor:

@@ -5,14 +5,14 @@ Random weights at the paper config (Encoder(ModelConfig()), ProbeHead(ProbeConfi
 noise, staged by stage.stage_night with the paper's 8-h window (so an 8-h night is one window). The staging runs in
 a child process so that its peak RSS is its own (it includes importing torch and building the model, as a real
 `predict.py` run would); only the stage_night call is timed. Staging runs in inference mode, so on CPU the encoder
-runs one channel sequence at a time with its attention scores kept in place (model.SelfAttention.inplace_attention)
-and the probe's GRU runs each layer's two directions side by side (model.cpu_bidirectional_gru). EDF reading and
-filtering are `bench/prepare.py`'s.
+runs one channel sequence at a time, its attention a block of queries at a time (model.SelfAttention.blocked_attention),
+the probe's GRU runs each layer's two directions side by side (model.cpu_bidirectional_gru), and the products go
+through oneDNN (model.cpu_linear; bench/gemm.py). EDF reading and filtering are `bench/prepare.py`'s.
 
     python bench/predict.py [--hours 8] [--threads 2] [--timeout 300] [--check] [--folder N] [--workers W]
 
 --check also stages the same night through the reference paths (the ones training and validation take: SDPA
-attention without kept scores, nn.GRU over the packed sequence) and prints the largest difference in any probability.
+attention, MKL's products, nn.GRU over the packed sequence) and prints the largest difference in any probability.
 
 --folder N also stages a folder of N synthetic EDFs of --hours each (`python -m synthetic edf`) with the paper-config
 random-weight run through `predict.py FOLDER --workers W` (default 1: one reader process reads and filters the next

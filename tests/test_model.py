@@ -123,18 +123,19 @@ def test_sdpa_path_equals_math_path(residual_attention, padded, fused, monkeypat
 @pytest.mark.parametrize("attention", ["math", "sdpa"])
 @pytest.mark.parametrize("residual_attention", [True, False])
 @pytest.mark.parametrize("query_block", [16, 256])      # 16: blocks of 16, 16 and 8 queries
-def test_inference_on_cpu_keeps_scores_in_place_and_equals_the_math_path(attention, residual_attention,
-                                                                        query_block, monkeypatch):
-    """Staging on CPU (inference mode) takes inplace_attention whatever the path: the same function as the math
-    path, a night with a padded tail and an all-padded night included, in blocks of queries of any size."""
+def test_inference_on_cpu_takes_blocked_attention_and_equals_the_math_path(attention, residual_attention,
+                                                                          query_block, monkeypatch):
+    """Staging on CPU (inference mode) takes blocked_attention whatever the path: the same function as the math
+    path, a night with a padded tail and an all-padded night included, in blocks of queries of any size, one channel
+    sequence per pass, its queries widening d → 2d → 3d with residual attention (the sdpa path's carry)."""
     monkeypatch.setattr(model, "QUERY_BLOCK", query_block)
     encoder = eval_encoder(attention=attention, residual_attention=residual_attention)
     reference = eval_encoder(attention="math", residual_attention=residual_attention)
     signals, padding_mask = night_batch()
     padding_mask[0, :] = True
     calls = []
-    real = model.SelfAttention.inplace_attention
-    monkeypatch.setattr(model.SelfAttention, "inplace_attention",
+    real = model.SelfAttention.blocked_attention
+    monkeypatch.setattr(model.SelfAttention, "blocked_attention",
                         lambda self, q, *rest: calls.append(q.shape) or real(self, q, *rest))
     with torch.no_grad():
         expected = reference.embed(signals, padding_mask)
@@ -143,50 +144,68 @@ def test_inference_on_cpu_keeps_scores_in_place_and_equals_the_math_path(attenti
         actual = encoder.embed(signals, padding_mask).clone()
     torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
     assert torch.isfinite(actual).all() and actual[0].abs().max() > 0
-    assert len(calls) == 3 and calls[0][:2] == (B * C, 4)                # B·C sequences fit SCORES_BYTES: one pass
+    d = D // 4
+    assert calls == [(1, 4, N, d)] * 3 * B * C                           # one sequence per pass, 3 layers each
 
 
-def test_scores_budget_sets_the_sequences_per_pass(monkeypatch):
+def test_blocked_attention_hands_on_the_widening_queries_and_keys(monkeypatch):
+    """With residual attention each layer's carry is the concatenated scaled queries and keys, as the sdpa path's."""
+    encoder = eval_encoder()
+    signals, _ = night_batch()
+    carries = []
+    real = model.SelfAttention.blocked_attention
+
+    def recording(self, *args):
+        out, carry = real(self, *args)
+        carries.append(tuple(t.shape for t in carry))
+        return out, carry
+    monkeypatch.setattr(model.SelfAttention, "blocked_attention", recording)
+    with torch.inference_mode():
+        encoder.embed(signals[:1, :, :T])
+    d = D // 4
+    assert carries[:3] == [((1, 4, N, width),) * 2 for width in (d, 2 * d, 3 * d)]
+
+
+@pytest.mark.parametrize("onednn", [True, False])
+def test_cpu_linear_is_f_linear_through_onednn_only_when_staging(onednn, monkeypatch):
+    """cpu_linear takes oneDNN (ONEDNN_ON_CPU) in inference mode on CPU for float32 only; the same values as F.linear."""
+    monkeypatch.setattr(model, "ONEDNN_ON_CPU", onednn)
+    calls = []
+    real = torch.ops.mkldnn._linear_pointwise
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise",      # oneDNN's kernel for strided operands is slow
+                        lambda *args: calls.append((args[0].shape, args[0].is_contiguous() and args[1].is_contiguous()))
+                        or real(*args))
+    g = torch.Generator().manual_seed(0)
+    x, weight, bias = torch.randn(3, 70, 48, generator=g), torch.randn(20, 48, generator=g), torch.randn(20, generator=g)
+    wide_weight = torch.randn(20, 96, generator=g)
+    expected = torch.nn.functional.linear(x, weight, bias)
+    torch.testing.assert_close(model.cpu_linear(x, weight, bias), expected)
+    assert not calls                                                     # outside inference mode
+    with torch.inference_mode():
+        actual = model.cpu_linear(x, weight, bias)
+        without_bias = model.cpu_linear(x[0], weight)
+        in_double = model.cpu_linear(x.double(), weight.double(), bias.double())
+        strided = model.cpu_linear(x.transpose(0, 1), wide_weight[:, ::2], bias)      # non-contiguous operands
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(strided, torch.nn.functional.linear(x.transpose(0, 1), wide_weight[:, ::2], bias),
+                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(without_bias, x[0] @ weight.T, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(in_double, expected.double(), atol=1e-5, rtol=1e-5)
+    assert calls == ([((3, 70, 48), True), ((70, 48), True), ((70, 3, 48), True)] if onednn else [])
+
+
+def test_inference_on_cpu_runs_one_sequence_per_pass(monkeypatch):
     encoder = eval_encoder()
     signals, padding_mask = night_batch()
-    monkeypatch.setattr(model, "SCORES_BYTES", 2 * 4 * 4 * N * N)       # two sequences' scores per pass
     passes = []
     real = Encoder.transform
-    monkeypatch.setattr(Encoder, "transform", lambda self, x, kp, prev=None: passes.append(x.shape[0]) or real(self, x, kp, prev))
+    monkeypatch.setattr(Encoder, "transform", lambda self, x, kp: passes.append(x.shape[0]) or real(self, x, kp))
     with torch.no_grad():
         expected = encoder.embed(signals, padding_mask)
     with torch.inference_mode():
         actual = encoder.embed(signals, padding_mask).clone()
-    assert passes == [B * C] + [2] * (B * C // 2)
+    assert passes == [B * C] + [1] * (B * C)
     torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.parametrize("per_pass", [2, 4])                # 4: passes of 4 and 2 sequences
-def test_inference_passes_share_one_scores_buffer(per_pass, monkeypatch):
-    """Every pass's first layer starts from the same buffer (a fresh one per pass is faulted in again), of
-    scores_shape: the kept scores in blocks of QUERY_BLOCK queries and one block's softmax weights; a shorter last
-    pass takes the front of it."""
-    monkeypatch.setattr(model, "QUERY_BLOCK", 16)
-    encoder = eval_encoder()
-    signals, padding_mask = night_batch()
-    monkeypatch.setattr(model, "SCORES_BYTES", per_pass * 4 * 4 * N * N)
-    first_layer_buffers = []
-    real = model.SelfAttention.inplace_attention
-
-    def recording(self, q, k, v, key_padding, carry):
-        if carry is not None and not carry[1]:
-            first_layer_buffers.append(carry[0])   # held, so that a fresh buffer could not reuse the address
-        return real(self, q, k, v, key_padding, carry)
-    monkeypatch.setattr(model.SelfAttention, "inplace_attention", recording)
-    with torch.no_grad():
-        expected = encoder.embed(signals, padding_mask)
-    with torch.inference_mode():
-        actual = encoder.embed(signals, padding_mask).clone()
-    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
-    sizes = [min(per_pass, B * C - i) for i in range(0, B * C, per_pass)]
-    assert [buffer.shape for buffer in first_layer_buffers] == [model.scores_shape(n * 4, N) for n in sizes]
-    assert model.scores_shape(per_pass * 4, N) == (-(-N // 16) + 1, per_pass * 4, 16, N)
-    assert {buffer.data_ptr() for buffer in first_layer_buffers} == {first_layer_buffers[0].data_ptr()}
 
 
 def test_residual_attention_changes_the_function():
@@ -363,16 +382,17 @@ def test_probe_ignores_padded_tail():
 
 @pytest.mark.parametrize("padded", [False, True])
 def test_probe_on_cpu_runs_each_gru_direction_in_its_own_thread_and_equals_nn_gru(padded, monkeypatch):
-    """Inference mode on CPU: the two directions of each layer side by side (cpu_bidirectional_gru), the same
-    function as nn.GRU over packed sequences: a padded tail ignored, the backward direction starting at its end."""
+    """Inference mode on CPU: the two directions' recurrences of each layer side by side (cpu_bidirectional_gru,
+    gru_recurrence), the same function as nn.GRU over packed sequences: a padded tail ignored, the backward direction
+    starting at its end."""
     torch.manual_seed(0)
     probe = ProbeHead(tiny_probe_config()).eval()
     embeddings = torch.randn(B, C, N, D)
     _, padding_mask = night_batch()
     padding_mask = padding_mask if padded else None
     threads = []
-    real = model.gru_direction
-    monkeypatch.setattr(model, "gru_direction",
+    real = model.gru_recurrence
+    monkeypatch.setattr(model, "gru_recurrence",
                         lambda *args: threads.append(threading.get_ident()) or real(*args))
     with torch.no_grad():
         expected = probe(embeddings, padding_mask)

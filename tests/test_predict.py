@@ -128,18 +128,18 @@ def test_truncated_edf_is_one_line_error_and_all_failed_exits_1(tmp_path, tiny_p
 
 
 def test_staging_on_cpu_takes_the_inference_paths_and_they_are_the_same_function(tiny_probe_run, monkeypatch):
-    """Staging runs in inference mode, so on CPU attention keeps its scores in place and the probe's GRU runs its
+    """Staging runs in inference mode, so on CPU attention takes blocks of queries and the probe's GRU runs its
     directions side by side; other calls (training, validation, the probe's embedding cache) keep the reference
     paths, which staging takes too when inference mode is hidden from it."""
     run = runs.read_run(tiny_probe_run)
     encoder, probe = run.encoder(), run.probe()
     signals = torch.randn(7, 23 * 3750)
     calls = []
-    for owner, name in ((model.SelfAttention, "inplace_attention"), (model, "cpu_bidirectional_gru")):
+    for owner, name in ((model.SelfAttention, "blocked_attention"), (model, "cpu_bidirectional_gru")):
         real = getattr(owner, name)
         monkeypatch.setattr(owner, name, lambda *args, real=real, name=name: calls.append(name) or real(*args))
     fast = stage.stage_night(encoder, probe, signals, WINDOW_EPOCHS * 3750, 5 * 3750)
-    assert {"inplace_attention", "cpu_bidirectional_gru"} <= set(calls)
+    assert {"blocked_attention", "cpu_bidirectional_gru"} <= set(calls)
     calls.clear()
     for mode in (torch.enable_grad, torch.no_grad):                   # training, and validation / caching
         with mode():
