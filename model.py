@@ -142,14 +142,19 @@ class SelfAttention(nn.Module):
             weights = weights.masked_fill(key_padding[:, None, None, :], 0.0)
         return weights @ v, scores
 
+    def widened(self, q, k, prev_qk):
+        """The sdpa and blocked paths' carry: this layer's scaled queries and its keys [S, H, N, d] appended to the
+        earlier layers' -> [S, H, N, ℓ·d] each (class docstring)."""
+        q = q * self.scale
+        if prev_qk is None:
+            return q, k
+        return torch.cat([prev_qk[0], q], dim=-1), torch.cat([prev_qk[1], k], dim=-1)
+
     def blocked_attention(self, q, k, v, key_padding, prev_qk):
         """sdpa_attention's function without autograd, for staging on CPU: the same concatenated queries and keys are
         handed on, but each head's scores are made for QUERY_BLOCK queries at a time and at once multiplied by v, so they
         never exist for the whole night; every product goes through cpu_linear. Padding as math_attention."""
-        q, k = (q * self.scale).contiguous(), k.contiguous()                            # [S, H, N, d]
-        if prev_qk is not None:
-            q = torch.cat([prev_qk[0], q], dim=-1)                                       # [S, H, N, ℓ·d]
-            k = torch.cat([prev_qk[1], k], dim=-1)                                       # [S, H, N, ℓ·d]
+        q, k = (t.contiguous() for t in self.widened(q, k, prev_qk))                    # [S, H, N, ℓ·d] each
         S, H, N, _ = q.shape
         v_rows = v.transpose(-2, -1).contiguous()                   # [S, H, d, N]: weights·v as a linear map of weights
         out = torch.empty_like(v)                                                        # [S, H, N, d]
@@ -168,10 +173,7 @@ class SelfAttention(nn.Module):
 
     def sdpa_attention(self, q, k, v, key_padding, prev_qk):
         """Fused attention; residual attention through query/key concatenation (class docstring)."""
-        q = q * self.scale                                                               # [S, H, N, d]
-        if prev_qk is not None:
-            q = torch.cat([prev_qk[0], q], dim=-1)                                       # [S, H, N, ℓ·d]
-            k = torch.cat([prev_qk[1], k], dim=-1)                                       # [S, H, N, ℓ·d]
+        q, k = self.widened(q, k, prev_qk)                                               # [S, H, N, ℓ·d] each
         attn_mask, all_padded = None, None
         if key_padding is not None:
             # True = attend. Fully padded sequences attend everywhere (SDPA would give NaN) and are zeroed below.

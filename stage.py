@@ -109,7 +109,7 @@ def stage_night(encoder, probe, signals, window_samples: int, stride_samples: in
         patches, key_padding = encoder.patchify(windows, padding)                       # [b, C, N, P], [b, N]
         tokens = encoder.tokens(patches)                                                # [b, C, N, D]
         del windows, patches                                # a night's samples are not held while the encoder runs
-        embedded = encoder.contextualise(tokens, key_padding)   # on CPU a sequence or a few per pass (model.py)
+        embedded = encoder.contextualise(tokens, key_padding)   # on CPU one channel sequence per pass (model.py)
         probs = probe(embedded, padding).softmax(dim=-1).cpu()                          # [b, E_w, classes]
         if embeddings:                            # [b, C, N, D] -> the mean of each epoch's patches [b, E_w, C, D]
             b, _, N, D = embedded.shape
