@@ -2,6 +2,11 @@
 
 Night stores are read by prepare/store.py (`read_night`: each channel a memory-mapped raw file, so
 DataLoader workers share the page cache and a window costs little more than copying its bytes).
+A cohort is 10-20 thousand nights and a night's memmaps are 7 file descriptors and 7 memory maps, so each
+process keeps at most `max_open_nights` nights open (least recently used closed first): under `ulimit -n
+1024` and vm.max_map_count 65530 at any cohort size. Every night's stages and present channels are read
+once (`read_stages`, nothing kept open). Windows hand their signals as float16, the store's own type (exact),
+which halves what DataLoader workers pass through shared memory; the training scripts cast on the device.
 
 Windows: `window_s` (8 h in the paper) cut from each night at `stride_s` (default: the window, so
 no overlap) in whole epochs. A night shorter than the window gives one window, zero-padded at the
@@ -29,6 +34,7 @@ model see such windows; tests/test_data.py and bench/channel_dropout.py measure 
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,7 +43,7 @@ import torch
 
 from prepare.annotations import STAGES
 from prepare.signals import EPOCH_SAMPLES, SLOTS
-from prepare.store import read_manifest, read_night
+from prepare.store import read_manifest, read_night, read_stages
 
 N_CHANNELS = len(SLOTS)
 N_CLASSES = len(STAGES)
@@ -57,10 +63,13 @@ class DataConfig:
     crop_wake_min: float | None = None   # crop each night to at most this many minutes of wake before sleep onset / after final wake
     mask_epochs: str = "none"            # encoder padding: "none" | "unscored" | "paper" | "upstream" (+ that wake trim; §11.6)
     num_workers: int = 2                 # DataLoader worker processes per training process
+    max_open_nights: int = 16            # night stores each loader process keeps memory-mapped (7 files and maps each)
 
     def __post_init__(self):
         if self.mask_epochs not in EPOCH_MASKS:
             raise SystemExit(f"config: data.mask_epochs must be one of {', '.join(EPOCH_MASKS)} (got {self.mask_epochs!r})")
+        if self.max_open_nights < 1:
+            raise SystemExit(f"config: data.max_open_nights must be at least 1 (got {self.max_open_nights})")
 
 
 def sleep_span(stages: np.ndarray, crop_wake_min: float | None) -> tuple[int, int]:
@@ -137,31 +146,40 @@ WAKE_TRIMS = {"paper": unscore_excess_wake, "upstream": unscore_excess_wake_upst
 class NightDataset(torch.utils.data.Dataset):
     """Windows over night stores.
 
-    Item: {"signals": float32 [7, L], "padding_mask": bool [L] (True = padded), "padded_epochs": bool
+    Item: {"signals": float16 [7, L], "padding_mask": bool [L] (True = padded), "padded_epochs": bool
     [L / 3750] (the same mask per epoch), "stages": int64 [L / 3750] (-1 for padded or unscored epochs),
     "present": bool [7] (False = the store marks the channel absent; its signal is zeros), "night": index into
     `self.stores`, "start": first sample of the window in the night}. L = window_s × 125.
+    Each process keeps the memmaps of at most `max_open_nights` nights (an LRU); stages and present channels of every
+    night are read once, here.
     """
 
     def __init__(self, stores, window_s: float = 8 * 3600, stride_s: float | None = None,
-                 crop_wake_min: float | None = None, first_window_only: bool = False, mask_epochs: str = "none"):
+                 crop_wake_min: float | None = None, first_window_only: bool = False, mask_epochs: str = "none",
+                 max_open_nights: int = 16):
         if mask_epochs not in EPOCH_MASKS:
             raise ValueError(f"data.mask_epochs must be one of {', '.join(EPOCH_MASKS)} (got {mask_epochs!r})")
-        self.mask_epochs = mask_epochs
+        if max_open_nights < 1:
+            raise ValueError(f"max_open_nights must be at least 1 (got {max_open_nights})")
+        self.mask_epochs, self.max_open_nights = mask_epochs, max_open_nights
         self.stores = [Path(s) for s in stores]
         self.window_epochs = int(round(window_s / 30))
         self.window_samples = self.window_epochs * EPOCH_SAMPLES
         stride_epochs = int(round((stride_s or window_s) / 30))
         if self.window_epochs <= 0 or stride_epochs <= 0:
             raise ValueError(f"window_s ({window_s}) and stride_s ({stride_s}) must be at least 30 s")
-        self.windows = []   # (night index, start epoch, end epoch of usable data)
+        self.windows = []        # (night index, start epoch, end epoch of usable data)
+        self.night_stages = []   # per night: int8 [n_epochs]
+        self.night_present = []  # per night: bool [7]
         for night, store in enumerate(self.stores):
-            _, stages, _ = read_night(store)
+            stages, attrs = read_stages(store)
+            self.night_stages.append(stages)
+            self.night_present.append(torch.tensor(attrs.get("present", [True] * N_CHANNELS), dtype=torch.bool))
             first, last = sleep_span(stages, crop_wake_min)
             starts = window_starts(first, last, self.window_epochs, stride_epochs)
             for start in starts[:1] if first_window_only else starts:
                 self.windows.append((night, start, last))
-        self._open = {}     # night index -> (channels, stages, present), opened lazily in each worker
+        self._open = OrderedDict()   # night index -> its 7 channels (memmaps), least recently used first; per process
 
     @classmethod
     def from_manifest(cls, root, split=None, datasets=None, split_fractions=None, **kwargs) -> "NightDataset":
@@ -172,28 +190,38 @@ class NightDataset(torch.utils.data.Dataset):
     def from_config(cls, cfg: DataConfig, split: str, **kwargs) -> "NightDataset":
         return cls.from_manifest(cfg.root, split, cfg.datasets, cfg.split_fractions, window_s=cfg.window_s,
                                  stride_s=cfg.stride_s, crop_wake_min=cfg.crop_wake_min,
-                                 first_window_only=cfg.first_window_only, mask_epochs=cfg.mask_epochs, **kwargs)
+                                 first_window_only=cfg.first_window_only, mask_epochs=cfg.mask_epochs,
+                                 max_open_nights=cfg.max_open_nights, **kwargs)
 
     def __len__(self) -> int:
         return len(self.windows)
 
-    def _night(self, night: int):
-        if night not in self._open:
-            channels, stages, attrs = read_night(self.stores[night])
-            present = torch.tensor(attrs.get("present", [True] * N_CHANNELS), dtype=torch.bool)
-            self._open[night] = channels, stages, present
+    def __getstate__(self) -> dict:
+        # a spawned worker opens its own nights (a pickled memmap would be a copy of the whole night)
+        return {**self.__dict__, "_open": OrderedDict()}
+
+    def _channels(self, night: int) -> list:
+        """The night's 7 channels [T] float16 (memmaps). Before opening one night more than max_open_nights, the least
+        recently used is dropped: nothing else holds its memmaps (windows are copies), so its files and maps close."""
+        if night in self._open:
+            self._open.move_to_end(night)
+            return self._open[night]
+        while len(self._open) >= self.max_open_nights:
+            self._open.popitem(last=False)
+        self._open[night] = read_night(self.stores[night])[0]
         return self._open[night]
 
     def present_of(self, index: int) -> torch.Tensor:
         """Which of the 7 channels the window's night holds [7] bool (an absent one is stored as zeros)."""
-        return self._night(self.windows[index][0])[2]
+        return self.night_present[self.windows[index][0]]
 
     def stages_of(self, index: int) -> torch.Tensor:
         """The window's stages [L / 3750] int64 (-1 where padded or unscored), without reading its signals."""
         night, start_epoch, last_epoch = self.windows[index]
         n_epochs = min(self.window_epochs, last_epoch - start_epoch)
         window_stages = torch.full((self.window_epochs,), -1, dtype=torch.int64)
-        window_stages[:n_epochs] = torch.from_numpy(self._night(night)[1][start_epoch: start_epoch + n_epochs].astype(np.int64))
+        night_stages = self.night_stages[night][start_epoch: start_epoch + n_epochs]                  # [n_epochs] int8
+        window_stages[:n_epochs] = torch.from_numpy(night_stages.astype(np.int64))
         return window_stages
 
     def padded_epochs(self, index: int, stages: torch.Tensor | None = None) -> torch.Tensor:
@@ -202,23 +230,22 @@ class NightDataset(torch.utils.data.Dataset):
         night, start_epoch, last_epoch = self.windows[index]
         stages = self.stages_of(index) if stages is None else stages                    # [E]
         padded = torch.arange(self.window_epochs) >= min(self.window_epochs, last_epoch - start_epoch)
-        if self.mask_epochs == "none" or not (self._night(night)[1] >= 0).any():
+        if self.mask_epochs == "none" or not (self.night_stages[night] >= 0).any():
             return padded
         trim = WAKE_TRIMS["none" if self.mask_epochs == "unscored" else self.mask_epochs]
         return padded | (trim(stages) < 0)
 
     def __getitem__(self, index: int) -> dict:
         night, start_epoch, last_epoch = self.windows[index]
-        channels, stages, present = self._night(night)
         n_epochs = min(self.window_epochs, last_epoch - start_epoch)
         start, n = start_epoch * EPOCH_SAMPLES, n_epochs * EPOCH_SAMPLES
-        signals = np.zeros((N_CHANNELS, self.window_samples), np.float32)    # [7, L]
-        for c, channel in enumerate(channels):
+        signals = np.zeros((N_CHANNELS, self.window_samples), np.float16)    # [7, L] the store's type: exact
+        for c, channel in enumerate(self._channels(night)):
             signals[c, :n] = channel[start: start + n]
         window_stages = self.stages_of(index)                                # [E]
         padded_epochs = self.padded_epochs(index, window_stages)             # [E]
         return {"signals": torch.from_numpy(signals), "padding_mask": padded_epochs.repeat_interleave(EPOCH_SAMPLES),
-                "padded_epochs": padded_epochs, "stages": window_stages, "present": present,
+                "padded_epochs": padded_epochs, "stages": window_stages, "present": self.night_present[night],
                 "night": night, "start": start}
 
 
@@ -230,3 +257,9 @@ def drop_channels(present: torch.Tensor, p: float) -> torch.Tensor:
         return present
     kept = present & (torch.rand(present.shape, device=present.device) >= p)            # [B, C]
     return torch.where(kept.any(dim=1, keepdim=True), kept, present)
+
+
+def padding_to(padding_mask: torch.Tensor, device) -> torch.Tensor | None:
+    """A batch's padding mask [B, L] from the loader, on `device`; None when nothing in it is padded: attention then
+    runs without a mask, which FlashAttention needs. Decided on the CPU copy: no device synchronisation."""
+    return padding_mask.to(device, non_blocking=True) if padding_mask.any() else None

@@ -30,6 +30,7 @@ import torch.distributed.nn as dist_nn
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 
@@ -45,6 +46,7 @@ class ModelConfig:
     dropout: float = 0.1                 # dropout on embeddings, attention output and feed-forward
     residual_attention: bool = True      # each layer adds the previous layer's pre-softmax scores to its own
     attention: str = "sdpa"              # "sdpa" (F.scaled_dot_product_attention) | "math" (explicit scores: reference)
+    attention_kernels: str = "no_cudnn"  # SDPA kernels allowed: "no_cudnn" (flash, efficient, math) | "torch" (all) | "efficient" | "math"
     revin_stats: str = "window"          # "window" (upstream: padding enters mean/std) | "valid" (padding excluded)
     revin_eps: float = 1e-5              # added to the RevIN standard deviation
 
@@ -53,6 +55,9 @@ class ModelConfig:
             raise SystemExit(f"config: model.n_heads {self.n_heads} must divide model.d_model {self.d_model}")
         if self.revin_stats not in ("window", "valid"):
             raise SystemExit(f"config: model.revin_stats must be window or valid, got {self.revin_stats!r}")
+        if self.attention_kernels not in ATTENTION_KERNELS:
+            raise SystemExit(f"config: model.attention_kernels must be one of {', '.join(ATTENTION_KERNELS)}, "
+                             f"got {self.attention_kernels!r}")
 
 
 @dataclass
@@ -72,7 +77,14 @@ class ProbeConfig:                       # the paper's values, not the upstream 
 # Attention
 
 QUERY_BLOCK = 480                        # blocked_attention's queries per product (bench/predict.py; 4800 = 10 · 480)
-FUSED_ON_CPU = False                     # sdpa on CPU: the fused *backward* at head dim 384 is slower (bench/pretrain.py)
+# model.attention_kernels -> the SDPA kernels allowed, math always last (the CPU has flash and math only). cuDNN is left
+# out by default: with a mask at sequence lengths ≡ 64 mod 128 (4,800 is) some cuDNN versions give NaN gradients.
+ATTENTION_KERNELS = {
+    "no_cudnn": [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH],
+    "torch": [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH],
+    "efficient": [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH],
+    "math": [SDPBackend.MATH],
+}
 FF_ROWS = 600                            # without autograd, the feed-forward layer takes this many patches at a time
 # staging's fp32 products through oneDNN, not MKL (cpu_linear; bench/gemm.py): on x86, where it was measured
 ONEDNN_ON_CPU = (platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
@@ -99,7 +111,8 @@ class SelfAttention(nn.Module):
     layer ℓ's pre-softmax scores are s·q_ℓ·k_ℓᵀ + layer ℓ-1's, i.e. Σ_{j≤ℓ} s·q_j·k_jᵀ. The "math" path materialises
     them [S, H, N, N] and hands them on, as upstream. The "sdpa" path never does: they are one dot product between
     [s·q_1 | … | s·q_ℓ] and [k_1 | … | k_ℓ] (per head), so each layer hands on its concatenated (scaled) queries and
-    keys and runs SDPA with scale 1; head dims grow d → 2d → 3d over the layers, values keep d. On CPU in inference
+    keys and runs SDPA with scale 1, among the kernels model.attention_kernels allows; head dims grow d → 2d → 3d over
+    the layers, values keep d (v_padding widens them only where FlashAttention can then run). On CPU in inference
     mode (staging) both paths take blocked_attention: the sdpa path's arithmetic, a block of queries at a time."""
 
     def __init__(self, cfg: ModelConfig):
@@ -110,6 +123,7 @@ class SelfAttention(nn.Module):
         self.head_dim = cfg.d_model // cfg.n_heads
         self.scale = self.head_dim ** -0.5
         self.path = cfg.attention
+        self.kernels = ATTENTION_KERNELS[cfg.attention_kernels]
         self.residual_attention = cfg.residual_attention
         self.query, self.key, self.value, self.out = (nn.Linear(cfg.d_model, cfg.d_model) for _ in range(4))
         self.dropout = nn.Dropout(cfg.dropout)
@@ -179,14 +193,24 @@ class SelfAttention(nn.Module):
             # True = attend. Fully padded sequences attend everywhere (SDPA would give NaN) and are zeroed below.
             all_padded = key_padding.all(-1)                                             # [S]
             attn_mask = (~key_padding | all_padded[:, None])[:, None, None, :]           # [S, 1, 1, N]
-        # Fused kernels want one head dim for q, k, v: v zero-padded to ℓ·d (dropped after), never [S, H, N, N] scores.
         width = v.shape[-1]
-        pad = q.shape[-1] - width if q.device.type != "cpu" or FUSED_ON_CPU else 0
-        padded_v = F.pad(v, (0, pad)) if pad else v                                      # [S, H, N, ℓ·d]
-        out = F.scaled_dot_product_attention(q, k, padded_v, attn_mask=attn_mask, scale=1.0)[..., :width]  # [S, H, N, d]
+        pad = v_padding(self.kernels, q.device.type, q.dtype, q.shape[-1], width, masked=attn_mask is not None)
+        padded_v = F.pad(v, (0, pad)) if pad else v                                      # [S, H, N, d + pad]
+        with sdpa_kernel(self.kernels):
+            out = F.scaled_dot_product_attention(q, k, padded_v, attn_mask=attn_mask, scale=1.0)[..., :width]  # [S, H, N, d]
         if all_padded is not None:
             out = out.masked_fill(all_padded[:, None, None, None], 0.0)
         return out, (q, k)
+
+
+def v_padding(kernels: list, device_type: str, dtype: torch.dtype, qk_width: int, v_width: int, masked: bool) -> int:
+    """Zero columns to append to v so that FlashAttention can take a layer whose queries and keys are wider than its
+    values (residual attention: ℓ·d against d). Of the kernels only FlashAttention (and cuDNN, left out by default) needs
+    one head dim for q, k and v, and it runs on CUDA in half precision, without a mask, up to head dim 256; elsewhere
+    v keeps its width: the memory-efficient kernel and math take it narrower, at no wasted work."""
+    flash = (SDPBackend.FLASH_ATTENTION in kernels and device_type == "cuda" and not masked
+             and dtype in (torch.float16, torch.bfloat16) and qk_width <= 256)
+    return qk_width - v_width if flash else 0
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -395,16 +419,22 @@ class ProbeHead(nn.Module):
         elif inference_paths(x):
             lengths = [N] * B if padding_mask is None else valid_lengths(padding_mask, N).tolist()
             logits = self.mlp(cpu_bidirectional_gru(self.gru, x, lengths))              # [B, N, classes]
-        elif padding_mask is None:
-            logits = self.mlp(self.gru(x)[0])                                            # [B, N, classes]
         else:
-            # only trailing padding is honoured (as upstream): the backward GRU starts at the last valid patch
-            lengths = valid_lengths(padding_mask, N)
-            packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
-            hidden, _ = pad_packed_sequence(self.gru(packed)[0], batch_first=True, total_length=N)   # [B, N, 2H]
-            logits = self.mlp(hidden)   # zeros past each length still go through the MLP (a mixed epoch), as upstream
+            logits = self.mlp(self.recurrent(x.float(), padding_mask))                  # [B, N, classes]
         k, E = self.cfg.patches_per_epoch, N // self.cfg.patches_per_epoch
         return logits[:, :E * k].reshape(B, E, k, -1).mean(dim=2)                        # [B, E, classes]
+
+
+    def recurrent(self, x: Tensor, padding_mask: Tensor | None) -> Tensor:
+        """The BiGRU over the night, x [B, N, C·D] -> [B, N, 2H], always in fp32: under bf16 autocast cuDNN would run it
+        in fp16 with nothing to scale its small gradients. Only trailing padding is honoured (as upstream): the
+        backward GRU starts at the last valid patch, zeros past each length (they still go through the MLP)."""
+        with torch.autocast(x.device.type, enabled=False):
+            if padding_mask is None:
+                return self.gru(x)[0]
+            lengths = valid_lengths(padding_mask, x.shape[1])
+            packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
+            return pad_packed_sequence(self.gru(packed)[0], batch_first=True, total_length=x.shape[1])[0]
 
 
 def cpu_bidirectional_gru(gru: nn.GRU, x: Tensor, lengths: list[int]) -> Tensor:

@@ -58,8 +58,6 @@ from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-import torch
-
 import config
 import runs
 import stage
@@ -223,8 +221,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "night (default 0: read each night in turn)")
     parser.add_argument("--batch-size", dest="batch_size", type=config.positive(int), default=4,
                         help="windows per forward pass (default 4)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="cpu or cuda (default: cuda if available)")
+    parser.add_argument("--device", default="auto",
+                        help="auto (default: CUDA when present, else the CPU), cpu, cuda or cuda:N")
     for old in ("--stride_s", "--batch_size"):                     # the spellings before flags were kebab-case
         parser.add_argument(old, dest=old[2:], type=float if old.endswith("_s") else int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -196,29 +196,44 @@ def save_training_checkpoint(path: Path, model: torch.nn.Module, optimizer, sche
 
 def load_latest(run_dir: Path, device) -> dict | None:
     """The checkpoint to resume from: ckpt.pt, or ckpt_prev.pt when ckpt.pt is unreadable (a disk that failed
-    mid-write, a copy cut short) or missing after a kill between the two renames; None for a fresh run."""
+    mid-write, a copy cut short) or missing after a kill between the two renames; None for a fresh run. Read onto the
+    CPU whatever the training device: load_state_dict copies weights and optimiser state to the parameters' device, and
+    the RNG states must be CPU byte tensors. Under torchrun every process must resume from the same step (a collective
+    on `device`, the process's training device): a node that sees another run folder would otherwise pair its
+    collectives with the wrong steps and hang."""
     latest, previous = Path(run_dir) / LATEST, Path(run_dir) / PREVIOUS
     try:
-        return load_checkpoint(latest, device) if latest.exists() else (
-            load_checkpoint(previous, device) if previous.exists() else None)
+        ckpt = load_checkpoint(latest, "cpu") if latest.exists() else (
+            load_checkpoint(previous, "cpu") if previous.exists() else None)
     except CorruptCheckpoint as err:
         if not previous.exists():
             raise SystemExit(f"{err}; no {PREVIOUS} to fall back to: start the run afresh") from None
         try:
-            ckpt = load_checkpoint(previous, device)
+            ckpt = load_checkpoint(previous, "cpu")
         except CorruptCheckpoint as second:
             raise SystemExit(f"{err}; and {second}: start the run afresh") from None
         print(f"{err}; resuming from {previous} (step {ckpt['step']})")
-        return ckpt
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        step = -1 if ckpt is None else ckpt["step"]
+        steps = torch.tensor([step, -step], dtype=torch.float64, device=device)
+        dist.all_reduce(steps, op=dist.ReduceOp.MAX)                  # [highest step, -lowest step]
+        if steps[0] != -steps[1]:
+            raise SystemExit(f"{run_dir}: the processes would resume from different steps ({int(-steps[1])} to "
+                             f"{int(steps[0])}; -1: no checkpoint): every node must see the same run folder "
+                             f"(a shared filesystem)")
+    return ckpt
 
 
-def resume(ckpt: dict, optimizer, scheduler, rank: int, world: int, device) -> dict:
+def resume(ckpt: dict, optimizer, scheduler, rank: int, world: int, per_step: int, device) -> dict:
     """Restore optimiser, scheduler and RNG from a training checkpoint (the caller loads the weights, whose key
     prefix it knows); returns the progress counters.
 
     A run continued for longer or shorter than it was planned (`--resume --train.max_steps 8` on a finished 6-step
     run) keeps its weights, optimiser state and step, and takes the schedule of the new plan at its current step: the
-    LR from then on is what a run planned for the new total from the start would have at those steps."""
+    LR from then on is what a run planned for the new total from the start would have at those steps. A run resumed
+    on another number of processes goes on from the same place in the epoch's order (epoch_order deals one shuffle
+    common to all processes), rounded down to a whole optimiser step of the new size; its processes draw from fresh
+    seeds (restore_rng), and its global batch is the new one."""
     optimizer.load_state_dict(ckpt["optimizer"])
     if ckpt["scheduler"]["total_steps"] == scheduler.total_steps:
         scheduler.load_state_dict(ckpt["scheduler"])
@@ -231,13 +246,24 @@ def resume(ckpt: dict, optimizer, scheduler, rank: int, world: int, device) -> d
             print(f"resumed at step {ckpt['step']} with a schedule of {scheduler.total_steps} steps (the checkpoint's "
                   f"planned {ckpt['scheduler']['total_steps']}): LR {scheduler.get_last_lr()[0]:.3g} from here")
     restore_rng(ckpt, rank, world, device)
-    return {key: ckpt.get(key, default) for key, default in new_progress().items()}
+    progress = {key: ckpt.get(key, default) for key, default in new_progress().items()}
+    written_by = len(ckpt["rng_cpu"])
+    if written_by != world:
+        position = progress["step_in_epoch"] * per_step * written_by         # windows of the epoch already used
+        progress["step_in_epoch"] = position // (per_step * world)
+        if rank == 0:
+            print(f"resumed on {world} processes a run written by {written_by}: epoch {progress['epoch']} goes on "
+                  f"from window {progress['step_in_epoch'] * per_step * world} of its order (the checkpoint stopped "
+                  f"at {position}); {world} × {per_step} windows per optimiser step from here, fresh random seeds")
+    return progress
 
 
 def new_progress() -> dict:
     """The counters a training checkpoint carries: best (the best validation score so far, None before any) and stale
-    (validations since it) serve train.keep_best and train.patience."""
-    return {"step": 0, "epoch": 0, "step_in_epoch": 0, "best": None, "stale": 0}
+    (validations since it) serve train.keep_best and train.patience; nonfinite_steps (skipped optimiser steps in all)
+    and nonfinite_run (in a row, up to now) serve optimizer_step's guard."""
+    return {"step": 0, "epoch": 0, "step_in_epoch": 0, "best": None, "stale": 0, "nonfinite_steps": 0,
+            "nonfinite_run": 0}
 
 
 def track_best(run_dir: Path, score: float | None, higher_is_better: bool, patience: int, model, optimizer,
@@ -391,6 +417,22 @@ def autocast(device: torch.device, bf16: bool):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and bf16 else nullcontext()
 
 
+MATMUL_PRECISIONS = ("highest", "high", "medium")
+
+
+def set_matmul_precision(device: torch.device, precision: str) -> str:
+    """train.matmul_precision for the fp32 matrix products on CUDA (outside bf16 autocast, or all of them without it):
+    "highest" true fp32; "high" and "medium" (upstream's scripts) TF32, the only one CUDA's products offer (torch's
+    docstring). The CPU keeps fp32. Returns the precision the products run at, as the embedding cache's key records
+    it."""
+    if precision not in MATMUL_PRECISIONS:
+        raise SystemExit(f"config: train.matmul_precision must be one of {', '.join(MATMUL_PRECISIONS)}, got {precision!r}")
+    if device.type != "cuda":
+        return "highest"
+    torch.set_float32_matmul_precision(precision)
+    return precision
+
+
 def mean_over_processes(values: list[float], device) -> list[float]:
     if not dist.is_initialized():
         return values
@@ -405,6 +447,27 @@ def epoch_order(n_windows: int, epoch: int, seed: int, rank: int, world: int, pe
     order = torch.randperm(n_windows, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
     usable = n_windows // (world * per_step) * (world * per_step)
     return order[:usable][rank::world].tolist()
+
+
+def check_shared_memory(dataset, batch_size: int, num_workers: int, shm: str = "/dev/shm",
+                        prefetch_factor: int = 2) -> None:
+    """One line before training, instead of a worker's bus error mid-run, when `shm` (where DataLoader workers hand
+    their batches over on Linux; 64 MB in a default Docker container) has less room free than the batches in flight:
+    each training process on this machine runs 2 loaders at once (training's stays in flight while validation's
+    fills), each with num_workers × prefetch_factor batches; a batch's size is one item's tensors × batch_size."""
+    if num_workers == 0 or not os.path.isdir(shm) or len(dataset) == 0:
+        return
+    item = dataset[0]
+    batch = batch_size * sum(v.nbytes if torch.is_tensor(v) else 8 for v in item.values())   # ints collate to int64
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    need = processes * 2 * num_workers * prefetch_factor * batch
+    stat = os.statvfs(shm)
+    free = stat.f_bavail * stat.f_frsize
+    if free < need:
+        raise SystemExit(f"{shm} has {free / 2**20:.1f} MiB free, the batches in flight need {need / 2**20:.1f} MiB "
+                         f"({processes} process(es) × 2 loaders × {num_workers} workers × {prefetch_factor} batches of "
+                         f"{batch / 2**20:.1f} MiB): give the container more shared memory (docker run --shm-size 8g) "
+                         f"or lower data.num_workers (0 reads in the main process)")
 
 
 def micro_batches(dataset, progress: dict, total_steps: int, batch_size: int, per_step: int, seed: int, rank: int,
@@ -423,11 +486,27 @@ def micro_batches(dataset, progress: dict, total_steps: int, batch_size: int, pe
         progress["step_in_epoch"] = 0
 
 
-def optimizer_step(parameters, optimizer, scheduler, grad_clip: float, progress: dict) -> torch.Tensor:
-    """Clip (0 = off), step, schedule, zero the gradients and count the step; returns the gradient norm."""
+def optimizer_step(parameters, optimizer, scheduler, grad_clip: float, progress: dict,
+                   max_nonfinite: int) -> torch.Tensor:
+    """Clip (0 = off), step, schedule, zero the gradients and count the step; returns the gradient norm. A step whose
+    gradient norm is not finite (a bf16 overflow, a NaN from a kernel) leaves the weights and the optimiser's moments
+    as they were, but still counts and schedules, so that data order and LR stay those of an unbroken run; after
+    max_nonfinite such steps in a row the run stops with one line (the same in every process: the norm is of the
+    all-reduced gradients)."""
     grad_norm = torch.nn.utils.clip_grad_norm_(parameters, grad_clip or math.inf)
-    optimizer.step()
-    scheduler.step()
+    if torch.isfinite(grad_norm):
+        optimizer.step()
+        progress["nonfinite_run"] = 0
+    else:
+        progress["nonfinite_steps"] += 1
+        progress["nonfinite_run"] += 1
+        if progress["nonfinite_run"] >= max_nonfinite:
+            raise SystemExit(f"step {progress['step'] + 1}: the gradients were not finite for {max_nonfinite} "
+                             f"optimiser steps in a row (each skipped); the run stops. Resume from its last checkpoint "
+                             f"(--resume) with a lower train.max_lr, train.bf16 false or model.attention_kernels math")
+    with warnings.catch_warnings():             # "scheduler.step() before optimizer.step()": a skipped step, on purpose
+        warnings.simplefilter("ignore", UserWarning)
+        scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     progress["step"] += 1
     progress["step_in_epoch"] += 1
@@ -448,11 +527,13 @@ def rng_states(device) -> dict:
 
 
 def restore_rng(ckpt: dict, rank: int, world: int, device) -> None:
+    """This process's RNG states from a checkpoint; both setters take CPU byte tensors only, wherever the checkpoint
+    was mapped."""
     if len(ckpt["rng_cpu"]) != world:   # resumed on another number of processes: keep fresh seeds
         return
-    torch.set_rng_state(ckpt["rng_cpu"][rank])
+    torch.set_rng_state(ckpt["rng_cpu"][rank].to("cpu", torch.uint8))
     if device.type == "cuda" and "rng_cuda" in ckpt:
-        torch.cuda.set_rng_state(ckpt["rng_cuda"][rank], device)
+        torch.cuda.set_rng_state(ckpt["rng_cuda"][rank].to("cpu", torch.uint8), device)
 
 
 def die_with_parent(parent: int) -> None:

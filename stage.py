@@ -426,13 +426,16 @@ class Model:
     device: str = "cpu"
 
 
-def load_model(run, device="cpu", latest: bool = False) -> Model:
+def load_model(run, device: str = "auto", latest: bool = False) -> Model:
     """A Model from a run folder, a runs.Run or a Model (returned as it is): load it once to stage many nights.
-    latest=True accepts a run without a final checkpoint, i.e. its ckpt.pt (runs.read_run)."""
+    device: "auto" (CUDA when present, else the CPU), "cpu", "cuda" or "cuda:N". latest=True accepts a run without a
+    final checkpoint, i.e. its ckpt.pt (runs.read_run)."""
     if isinstance(run, Model):
         return run
     if not isinstance(run, runs.Run):
         run = runs.read_run(run, latest=latest)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     return Model(run.encoder().to(device), run.probe().to(device), float(run.config["data"]["window_s"]),
                  Path(run.path), str(device))
 
@@ -592,7 +595,7 @@ def read_edf_night(path, channels=None, dataset: str | None = None, allow_missin
 
 def stage_edf(path, run, channels=None, lights_off=None, lights_on=None, dataset: str | None = None,
               allow_missing: bool = False, *, require_all: bool = False, strict: bool = False,
-              zero_phase: bool = False, stride_s: float | None = None, batch_size: int = 4, device: str | None = None,
+              zero_phase: bool = False, stride_s: float | None = None, batch_size: int = 4, device: str = "auto",
               embeddings: bool = False, latest: bool = False) -> NightResult:
     """Stage one EDF with a probe run (a folder, runs.Run or load_model's Model), through the signal path of
     `python -m prepare edf`. Channels: `channels` (YAML file or dict), else the alias table of `dataset` or the one
@@ -601,7 +604,7 @@ def stage_edf(path, run, channels=None, lights_off=None, lights_on=None, dataset
     the start, clock times "HH:MM[:SS]" or datetimes; each not given comes from the EDF+ annotations' "Lights
     off/on", else it is the start or end of the recording. Raises StagingError (one line) for a night that cannot
     be staged."""
-    model = load_model(run, device or "cpu", latest)
+    model = load_model(run, device, latest)
     night = read_edf_night(path, channels, dataset, allow_missing, require_all=require_all, strict=strict,
                            zero_phase=zero_phase)
     return stage_prepared(night, model, lights_off, lights_on, stride_s=stride_s, batch_size=batch_size,
@@ -619,14 +622,14 @@ def stage_prepared(night: PreparedNight, model: Model, lights_off=None, lights_o
 
 def stage_signals(signals: dict, run, start_time=None, lights_off=None, lights_on=None, allow_missing: bool = False,
                   *, require_all: bool = False, zero_phase: bool = False, stride_s: float | None = None,
-                  batch_size: int = 4, device: str | None = None, embeddings: bool = False,
+                  batch_size: int = 4, device: str = "auto", embeddings: bool = False,
                   latest: bool = False) -> NightResult:
     """Stage a night held in memory: `signals` maps slots (SLOTS: ECG, EOG, EMG, EEG, SPO2, THOR, ABDO) to
     (samples, fs in Hz, unit), unit as an EDF would declare it (V, mV or uV for ECG/EOG/EMG/EEG; % for SPO2). The
     same units, checks, filters and resampling as stage_edf (prepare.night.prepare_arrays); start_time (datetime or
     ISO text) gives clock times. Other arguments as stage_edf."""
     opts = staging_options(None, allow_missing, require_all, False, zero_phase)
-    model = load_model(run, device or "cpu", latest)
+    model = load_model(run, device, latest)
     if missing := [slot for slot in opts.required if signals.get(slot) is None]:
         raise StagingError(f"signals: no {', '.join(missing)} (given: {', '.join(signals) or 'nothing'})"
                            + ("" if require_all else "; stage without them with allow_missing=True"))

@@ -34,9 +34,9 @@ from tqdm import tqdm
 
 import config
 import runs
-from data import DataConfig, NightDataset, drop_channels
+from data import DataConfig, NightDataset, drop_channels, padding_to
 from model import ModelConfig, PretrainConfig, Pretrainer
-from prepare.store import DamagedStore
+from prepare.store import DamagedStore, OpenLimit
 
 
 @dataclass
@@ -53,6 +53,8 @@ class TrainConfig:
     channel_dropout: float = 0.0         # zero each present channel of a window with this probability (0 = off, as the paper)
     keep_best: bool = False              # also keep ckpt_best.pt (lowest val_loss), which then is the run's model
     bf16: bool = True                    # bf16 autocast on CUDA (ignored on CPU)
+    matmul_precision: str = "highest"    # fp32 products on CUDA: highest | high (TF32) | medium (upstream; TF32 too)
+    max_nonfinite_steps: int = 20        # steps in a row with non-finite gradients (each skipped) that stop the run
     compile: bool = False                # torch.compile the model
     recipe: str = "custom"               # the recipe's name (paper, upstream, tiny), reported by evaluate.py
     seed: int = 0                        # seeds the window order, dropout and corruption
@@ -89,7 +91,8 @@ def validate(model, dataset, cfg: Config, rank: int, world: int, device, autocas
                                          generator=torch.Generator())   # validating must not move the global RNG
     for batch in loader:
         with autocast:
-            loss = model(batch["signals"].to(device), batch["padding_mask"].to(device), batch["present"].to(device))
+            loss = model(batch["signals"].to(device).float(), padding_to(batch["padding_mask"], device),
+                         batch["present"].to(device))
         total += torch.tensor([loss.item() * len(batch["signals"]), len(batch["signals"])], device=device)
     if dist.is_initialized():
         dist.all_reduce(total)
@@ -103,13 +106,15 @@ def main(argv=None) -> None:
     master = rank == 0
     tc = cfg.train
     torch.manual_seed(tc.seed * 1000 + rank)            # dropout and corruption differ between processes
+    runs.set_matmul_precision(device, tc.matmul_precision)
     runs.check_window(cfg.data.window_s, cfg.model)
 
     try:
         train_set = NightDataset.from_config(cfg.data, cfg.data.train_split)
         val_set = NightDataset.from_config(cfg.data, cfg.data.val_split)
-    except DamagedStore as err:
+    except (DamagedStore, OpenLimit) as err:
         raise SystemExit(str(err)) from None
+    runs.check_shared_memory(train_set, tc.batch_size, cfg.data.num_workers)
     per_step, total_steps = runs.total_steps(len(train_set), world, tc, f"training windows in {cfg.data.root}")
 
     model = Pretrainer(cfg.model, cfg.pretrain).to(device)
@@ -118,7 +123,7 @@ def main(argv=None) -> None:
     ckpt = runs.load_latest(args.run, device) if args.resume else None
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
-        progress = runs.resume(ckpt, optimizer, scheduler, rank, world, device)
+        progress = runs.resume(ckpt, optimizer, scheduler, rank, world, per_step, device)
     raw_model = model
     if world > 1:
         # BatchNorm statistics are synchronised in the forward (model.token_batch_norm), so no buffer broadcasts
@@ -137,8 +142,8 @@ def main(argv=None) -> None:
 
     for micro, batch in runs.micro_batches(train_set, progress, total_steps, tc.batch_size, per_step, tc.seed, rank, world,
                                            cfg.data.num_workers, device):
-        signals = batch["signals"].to(device, non_blocking=True)                      # [B, 7, T]
-        padding_mask = batch["padding_mask"].to(device, non_blocking=True)            # [B, T]
+        signals = batch["signals"].to(device, non_blocking=True).float()              # [B, 7, T]
+        padding_mask = padding_to(batch["padding_mask"], device)                      # [B, T], None: none padded
         present = drop_channels(batch["present"], tc.channel_dropout).to(device)      # [B, 7]
         signals = signals * present[:, :, None]                                       # dropped = absent = zeros
         last_micro = (micro + 1) % tc.grad_accum == 0
@@ -153,16 +158,20 @@ def main(argv=None) -> None:
         if not last_micro:
             continue
 
-        grad_norm = runs.optimizer_step(raw_model.parameters(), optimizer, scheduler, tc.grad_clip, progress)
+        grad_norm = runs.optimizer_step(raw_model.parameters(), optimizer, scheduler, tc.grad_clip, progress,
+                                        tc.max_nonfinite_steps)
         step = progress["step"]
         steps_since_log += 1
         bar.update()
+        if progress["nonfinite_run"] and master:
+            bar.write(f"step {step}: gradients not finite, step skipped ({progress['nonfinite_steps']} so far)")
 
         if step % tc.log_every == 0 or step == total_steps:
             loss_mean, = runs.mean_over_processes([loss_sum / steps_since_log], device)
             elapsed = time.time() - started
             record = {"step": step, "epoch": progress["epoch"], "loss": loss_mean, "lr": scheduler.get_last_lr()[0],
-                      "grad_norm": grad_norm.item(), "windows_per_s": window_count * world / elapsed}
+                      "grad_norm": grad_norm.item(), "nonfinite_steps": progress["nonfinite_steps"],
+                      "windows_per_s": window_count * world / elapsed}
             if master:
                 bar.set_postfix(loss=f"{loss_mean:.4f}")
                 runs.append_metrics(args.run, record)

@@ -38,10 +38,10 @@ from tqdm import tqdm
 import config
 import metrics
 import runs
-from data import WAKE_TRIMS, DataConfig, NightDataset, drop_channels
+from data import WAKE_TRIMS, DataConfig, NightDataset, drop_channels, padding_to
 from model import ModelConfig, ProbeConfig, ProbeHead
 from prepare.annotations import STAGES
-from prepare.store import DamagedStore, read_manifest
+from prepare.store import DamagedStore, OpenLimit, read_manifest
 
 N_CLASSES = len(STAGES)
 
@@ -69,7 +69,9 @@ class TrainConfig:
     best_metric: str = "val_loss"        # what "best" means: "val_loss" (upstream) | "val_kappa"
     patience: int = 0                    # stop after this many validations without a better best_metric (0 = off;
                                          # train.epochs is then the maximum); implies keeping ckpt_best.pt
-    bf16: bool = True                    # bf16 autocast on CUDA (ignored on CPU)
+    bf16: bool = True                    # bf16 autocast on CUDA (ignored on CPU); the GRU always runs in fp32
+    matmul_precision: str = "highest"    # fp32 products on CUDA: highest | high (TF32) | medium (upstream; TF32 too)
+    max_nonfinite_steps: int = 20        # steps in a row with non-finite gradients (each skipped) that stop the run
     recipe: str = "custom"               # the recipe's name (paper, upstream, tiny), reported by evaluate.py
     seed: int = 0                        # seeds the window order, dropout and CutMix
     log_every: int = 10                  # optimiser steps between metrics.jsonl lines
@@ -145,8 +147,8 @@ def focal_loss(logits: torch.Tensor, stages: torch.Tensor, gamma: float, weights
 
 
 class ProbeWindows(torch.utils.data.Dataset):
-    """NightDataset windows for the probe: item = {embeddings [C, N, D] float32 (when cached) or signals [C, L],
-    padding_mask [L], padded_epochs [E], stages [E], n_valid_epochs}."""
+    """NightDataset windows for the probe: item = {embeddings [C, N, D] float32 (when cached) or signals [C, L]
+    float16, padding_mask [L], padded_epochs [E], stages [E], n_valid_epochs}."""
 
     def __init__(self, nights: NightDataset, cache=None):
         self.nights, self.cache = nights, cache
@@ -168,9 +170,10 @@ class ProbeWindows(torch.utils.data.Dataset):
         return item
 
 
-def cache_key(encoder: torch.nn.Module, nights: NightDataset) -> str:
-    """Embeddings depend on the encoder's weights and on exactly which windows were cut."""
-    digest = hashlib.sha256()
+def cache_key(encoder: torch.nn.Module, nights: NightDataset, precision: str) -> str:
+    """Embeddings depend on the encoder's weights, on exactly which windows were cut and on the precision they were
+    computed in ("bf16", or "fp32-" and the matmul precision; main sets it)."""
+    digest = hashlib.sha256(precision.encode())
     for name, tensor in encoder.state_dict().items():
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
@@ -182,11 +185,11 @@ def cache_key(encoder: torch.nn.Module, nights: NightDataset) -> str:
 
 @torch.no_grad()
 def embedding_cache(encoder, nights: NightDataset, encoder_dir: Path, cfg: Config, rank: int, world: int, device,
-                    autocast):
+                    autocast, precision: str):
     """Embeddings of every window as a float16 zarr array [n_windows, C, N, D] under ENCODER/embeddings/KEY.zarr,
     computed once (each process its share) and reused by every later probe run on the same windows."""
     import zarr
-    path = runs.embedding_cache_dir(encoder_dir, cache_key(encoder, nights))
+    path = runs.embedding_cache_dir(encoder_dir, cache_key(encoder, nights, precision))
     done = path / "complete"
     if not done.exists():
         n_patches = nights.window_samples // cfg.model.patch_len
@@ -203,7 +206,7 @@ def embedding_cache(encoder, nights: NightDataset, encoder_dir: Path, cfg: Confi
         position = 0
         for batch in tqdm(loader, desc="caching embeddings", disable=rank != 0):
             with autocast:
-                embeddings = encoder.embed(batch["signals"].to(device), batch["padding_mask"].to(device))
+                embeddings = encoder.embed(batch["signals"].to(device).float(), padding_to(batch["padding_mask"], device))
             for row in embeddings.float().cpu().numpy():
                 array[mine[position]] = row.astype(np.float16)
                 position += 1
@@ -239,10 +242,13 @@ def absent_embeddings(encoder, padding_mask: torch.Tensor, autocast, memo: dict)
 
 def drop_channel_embeddings(embeddings, present, padding_mask, encoder, p: float, autocast, memo: dict):
     """Channel dropout on embeddings [B, C, N, D]: each present channel (present [B, C]) becomes absent with
-    probability p, as a channel missing from a user's EDF is (zeros in, predict.py)."""
+    probability p, as a channel missing from a user's EDF is (zeros in, predict.py). padding_mask [B, L] or None."""
     dropped = present & ~drop_channels(present, p)                                       # [B, C]
     if not dropped.any():
         return embeddings
+    if padding_mask is None:
+        B, _, N, _ = embeddings.shape
+        padding_mask = torch.zeros(B, N * encoder.cfg.patch_len, dtype=torch.bool, device=embeddings.device)
     return torch.where(dropped[:, :, None, None], absent_embeddings(encoder, padding_mask, autocast, memo), embeddings)
 
 
@@ -264,19 +270,22 @@ def labelled_nights(cfg: Config, split: str) -> NightDataset:
     manifest = manifest[manifest["n_scored"] > 0]
     return NightDataset([Path(cfg.data.root) / p for p in manifest["path"]], window_s=cfg.data.window_s,
                         stride_s=cfg.data.stride_s, crop_wake_min=cfg.data.crop_wake_min,
-                        first_window_only=cfg.data.first_window_only, mask_epochs=cfg.data.mask_epochs)
+                        first_window_only=cfg.data.first_window_only, mask_epochs=cfg.data.mask_epochs,
+                        max_open_nights=cfg.data.max_open_nights)
 
 
 def probe_inputs(batch: dict, encoder, cfg: Config, device, autocast, trim: str):
-    """(embeddings [B, C, N, D], padding_mask [B, L], stages [B, E], n_valid_epochs [B]) on the device."""
+    """(embeddings [B, C, N, D], padding_mask [B, L] or None (nothing padded), stages [B, E], n_valid_epochs [B]) on
+    the device."""
     n_valid = batch["n_valid_epochs"].to(device)
     epoch_samples = cfg.model.patch_len * cfg.probe.patches_per_epoch
-    padding_mask = batch["padded_epochs"].to(device).repeat_interleave(epoch_samples, dim=1)   # [B, L]
+    padded_epochs = padding_to(batch["padded_epochs"], device)                                 # [B, E] or None
+    padding_mask = None if padded_epochs is None else padded_epochs.repeat_interleave(epoch_samples, dim=1)   # [B, L]
     if "embeddings" in batch:
         embeddings = batch["embeddings"].to(device, non_blocking=True)
     else:
         with torch.no_grad(), autocast:
-            embeddings = encoder.embed(batch["signals"].to(device, non_blocking=True), padding_mask).float()
+            embeddings = encoder.embed(batch["signals"].to(device, non_blocking=True).float(), padding_mask).float()
     stages = batch["stages"].to(device)
     if trim != "none":
         stages = torch.stack([WAKE_TRIMS[trim](s) for s in stages])
@@ -319,6 +328,8 @@ def main(argv=None) -> None:
     tc = cfg.train
     torch.manual_seed(tc.seed * 1000 + rank)
     autocast = runs.autocast(device, tc.bf16)
+    matmul = runs.set_matmul_precision(device, tc.matmul_precision)
+    precision = "bf16" if device.type == "cuda" and tc.bf16 else f"fp32-{matmul}"     # of the cached embeddings
 
     if tc.best_metric not in ("val_loss", "val_kappa"):
         raise SystemExit(f"config: train.best_metric must be val_loss or val_kappa, got {tc.best_metric!r}")
@@ -335,14 +346,17 @@ def main(argv=None) -> None:
     runs.check_window(cfg.data.window_s, cfg.model)
     try:
         train_nights, val_nights = labelled_nights(cfg, cfg.data.train_split), labelled_nights(cfg, cfg.data.val_split)
-    except DamagedStore as err:
+    except (DamagedStore, OpenLimit) as err:
         raise SystemExit(str(err)) from None
+    runs.check_shared_memory(train_nights, tc.batch_size, cfg.data.num_workers)         # windows of signals
     train_cache = val_cache = None
     if tc.cache_embeddings:
-        train_cache = embedding_cache(encoder, train_nights, args.encoder, cfg, rank, world, device, autocast)
-        val_cache = embedding_cache(encoder, val_nights, args.encoder, cfg, rank, world, device, autocast) \
+        train_cache = embedding_cache(encoder, train_nights, args.encoder, cfg, rank, world, device, autocast, precision)
+        val_cache = embedding_cache(encoder, val_nights, args.encoder, cfg, rank, world, device, autocast, precision) \
             if len(val_nights) else None
     train_set, val_set = ProbeWindows(train_nights, train_cache), ProbeWindows(val_nights, val_cache)
+    if train_cache is not None:
+        runs.check_shared_memory(train_set, tc.batch_size, cfg.data.num_workers)        # windows of embeddings
     threads = torch.get_num_threads()
     if device.type == "cpu" and tc.cpu_threads and train_cache is not None:
         # the GRU's many small steps: one thread is as fast as two alone, and never spins against another job
@@ -357,7 +371,7 @@ def main(argv=None) -> None:
     ckpt = runs.load_latest(args.run, device) if args.resume else None
     if ckpt is not None:
         probe.load_state_dict({k.removeprefix("probe."): v for k, v in ckpt["model"].items() if k.startswith("probe.")})
-        progress = runs.resume(ckpt, optimizer, scheduler, rank, world, device)
+        progress = runs.resume(ckpt, optimizer, scheduler, rank, world, per_step, device)
     model = DistributedDataParallel(probe, device_ids=[device.index] if device.type == "cuda" else None) \
         if world > 1 else probe
     # the checkpoint holds encoder + probe, so that the probe run alone is a complete model (load_encoder/load_probe)
@@ -391,15 +405,19 @@ def main(argv=None) -> None:
         if not last_micro:
             continue
 
-        grad_norm = runs.optimizer_step(probe.parameters(), optimizer, scheduler, tc.grad_clip, progress)
+        grad_norm = runs.optimizer_step(probe.parameters(), optimizer, scheduler, tc.grad_clip, progress,
+                                        tc.max_nonfinite_steps)
         step = progress["step"]
         steps_since_log += 1
         bar.update()
+        if progress["nonfinite_run"] and master:
+            bar.write(f"step {step}: gradients not finite, step skipped ({progress['nonfinite_steps']} so far)")
 
         if step % tc.log_every == 0 or step == total_steps:
             loss_mean, = runs.mean_over_processes([loss_sum / steps_since_log], device)
             record = {"step": step, "epoch": progress["epoch"], "loss": loss_mean, "lr": scheduler.get_last_lr()[0],
-                      "grad_norm": grad_norm.item(), "s_per_step": (time.time() - started) / steps_since_log}
+                      "grad_norm": grad_norm.item(), "nonfinite_steps": progress["nonfinite_steps"],
+                      "s_per_step": (time.time() - started) / steps_since_log}
             if master:
                 bar.set_postfix(loss=f"{loss_mean:.4f}")
                 runs.append_metrics(args.run, record)

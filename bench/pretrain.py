@@ -23,23 +23,14 @@ the timed steps (weights, gradients and activations; not the allocator's cache).
 kwargs at the same widths (max_seq_len = T) and timed the same way (loss: upstream's `masked_mse_loss`), in a separate
 child process; the last line then compares the two. Nothing of upstream is copied here; it is imported at run time.
 
-Analytic FLOPs (per night, forward; C channels, N patches, P patch length, D model width, F FFN width, L layers,
-H heads of d = D/H; a multiply-add counts 2):
-    patch embedding   2·C·N·P·D
-    per layer ℓ = 1..L
-      Q, K, V, out    4 · 2·C·N·D²
-      scores q·kᵀ     2·C·N²·D·ℓ   residual attention on the "sdpa" path concatenates the queries and keys of layers
-                                   1..ℓ, so layer ℓ's product runs over head dims ℓ·d (ℓ = 1 without residual
-                                   attention, and on the "math" path, which adds the previous scores instead)
-      attention · V   2·C·N²·D
-      FFN             2 · 2·C·N·D·F
-    pretrain head     2·C·N·D·P
-    training step     3 × forward (backward = 2 × forward; flash-style recomputation in backward is not counted)
-(paper config, 8 h: ≈ 2.17 TFLOP forward per night, of which the scores are 0.99.) On CUDA the bench prints the
-achieved TFLOP/s = 3·forward·B / median step and MFU = that / --peak-tflops (default 989: H100 SXM dense bf16; an
-fp32 run is still compared with that bf16 peak). It also reports, for every layer, which SDPA kernels accept that
-layer's q/k/v shapes and dtype (forward and backward, tried one at a time under sdpa_kernel) and which one PyTorch
-picks by itself, and it lists the SDPA ops that a profiled step actually ran, layer by layer (on CPU too).
+FLOPs are bench/flops.py's: the model's (the function, comparable with any implementation of it) and the executed ones
+(what this path computes). On CUDA the bench prints the achieved TFLOP/s = 3·forward·B / median step and MFU = that /
+--peak-tflops by both (default peak 989: H100 SXM dense bf16; an fp32 run is still compared with that bf16 peak).
+--padded pads the last eighth of every night, so that attention takes a mask, as in most training batches of real
+nights, which changes the kernels. It also reports, for every layer, which SDPA kernels accept that layer's q/k/v
+shapes and dtype (forward and backward, tried one at a time under sdpa_kernel) and which one PyTorch picks by itself,
+and it lists the SDPA ops that a profiled step actually ran, layer by layer (on CPU too). One process: under torchrun
+the step also synchronises BatchNorm (model.synced_batch_norm); bench/gpu_check.py times the training script itself.
 """
 import argparse
 import importlib.util
@@ -56,18 +47,13 @@ from dataclasses import fields
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+
+import machine  # noqa: E402  (bench/machine.py)
+from flops import SDPA_OPS, forward_flops  # noqa: E402  (bench/flops.py)
 
 SAMPLE_RATE = 125
 TINY = dict(d_model=64, n_layers=2, n_heads=4, d_ff=128)   # used when configs/pretrain_tiny.yaml does not exist yet
-SDPA_OPS = {   # profiler names of the kernels behind F.scaled_dot_product_attention (forward)
-    "aten::_scaled_dot_product_flash_attention": "flash",
-    "aten::_scaled_dot_product_flash_attention_for_cpu": "flash (cpu)",
-    "aten::_scaled_dot_product_efficient_attention": "efficient",
-    "aten::_scaled_dot_product_cudnn_attention": "cudnn",
-    "aten::_scaled_dot_product_fused_attention_overrideable": "fused (overrideable)",
-    "aten::_scaled_dot_product_attention_math": "math",
-}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -124,20 +110,6 @@ def resolve(args):
                                  N=N, steps=steps, warmup=warmup)
 
 
-def forward_flops(cfg, N: int) -> dict:
-    """Analytic forward FLOPs per night, by component (module docstring)."""
-    C, P, D, F, L = cfg.n_channels, cfg.patch_len, cfg.d_model, cfg.d_ff, cfg.n_layers
-    growing = cfg.residual_attention and cfg.attention == "sdpa"
-    return {
-        "patch embedding": 2 * C * N * P * D,
-        "Q,K,V,out": L * 8 * C * N * D * D,
-        "scores": sum(2 * C * N * N * D * (layer if growing else 1) for layer in range(1, L + 1)),
-        "attention·V": L * 2 * C * N * N * D,
-        "FFN": L * 4 * C * N * D * F,
-        "head": 2 * C * N * D * P,
-    }
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Child: one measurement in a fresh process
 
@@ -151,10 +123,10 @@ def rss_mb() -> float:
     return float("nan")
 
 
-def build_ours(run):
+def build_ours(run, padding_mask):
     from model import Pretrainer
     model = Pretrainer(run.model, run.objective)
-    return model, lambda x: model(x)
+    return model, lambda x: model(x, padding_mask)
 
 
 def build_upstream(run, upstream_dir: str):
@@ -244,7 +216,11 @@ def child(args) -> dict:
     if cuda and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device")
     at_start = rss_mb()
-    model, step_loss = build_ours(run) if args._child == "ours" else build_upstream(run, args.upstream)
+    padding_mask = None
+    if args.padded:                                          # the last eighth of every night padded: a masked batch
+        padding_mask = torch.zeros(args.batch, run.T, dtype=torch.bool, device=device)
+        padding_mask[:, run.T - run.T // 8:] = True
+    model, step_loss = build_ours(run, padding_mask) if args._child == "ours" else build_upstream(run, args.upstream)
     model.to(device).train()
     forward = torch.compile(step_loss) if args.compile else step_loss
     x = torch.randn(args.batch, run.model.n_channels, run.T, device=device)
@@ -350,6 +326,8 @@ def main():
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 1 on cpu, 3 on cuda)")
     parser.add_argument("--attention", choices=["sdpa", "math"], default=None, help="our attention path (default: config)")
     parser.add_argument("--bf16", action="store_true", help="autocast to bfloat16 (both implementations)")
+    parser.add_argument("--padded", action="store_true",
+                        help="pad the last eighth of every night (ours only): attention then takes a mask")
     parser.add_argument("--compile", action="store_true", help="torch.compile the step's forward (both implementations)")
     parser.add_argument("--upstream", metavar="DIR", help="a PFTSleep checkout (holds pftsleep/): time it too")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="accelerator peak for MFU (H100 SXM dense bf16)")
@@ -369,10 +347,17 @@ def main():
     print(f"shape: {run.hours:g} h window, T = {run.T:,} samples, N = {run.N:,} patches, batch {args.batch}; "
           f"{args.device} {precision}, {args.threads} thread{'s' * (args.threads != 1)}{', compiled' if args.compile else ''}; "
           f"{run.steps} timed steps after {run.warmup} warm-up")
+    if args.padded and args.upstream:
+        raise SystemExit("--padded times ours only (upstream's step takes no padding mask here)")
+    import torch
     flops = forward_flops(run.model, run.N)
-    forward = sum(flops.values())
-    print(f"analytic FLOPs per night: forward {forward / 1e12:.3f} T (" +
-          ", ".join(f"{k} {v / 1e9:.1f} G" for k, v in flops.items()) + f"), fwd+bwd {3 * forward / 1e12:.3f} T")
+    executed_flops = forward_flops(run.model, run.N, executed=True, device=args.device,
+                                   dtype=torch.bfloat16 if args.bf16 else torch.float32, masked=args.padded)
+    forward, executed = sum(flops.values()), sum(executed_flops.values())
+    for name, counts in (("model", flops), ("executed", executed_flops)):
+        print(f"analytic FLOPs per night, {name}: forward {sum(counts.values()) / 1e12:.3f} T (" +
+              ", ".join(f"{k} {v / 1e9:.1f} G" for k, v in counts.items()) +
+              f"), fwd+bwd {3 * sum(counts.values()) / 1e12:.3f} T")
 
     ours = measure("ours", args.threads)
     upstream = measure("upstream", args.threads) if args.upstream else None
@@ -395,16 +380,17 @@ def main():
             print(upstream["profile"])
 
     per_night = statistics.median(ours["step_s"]) / args.batch
-    what = (f"{run.label}, {run.hours:g} h, {args.device} {'bf16' if args.bf16 else 'fp32'}"
+    what = (f"{run.label}, {run.hours:g} h{', padded' if args.padded else ''}, {args.device} {'bf16' if args.bf16 else 'fp32'}"
             + (f", {args.threads} thread{'s' * (args.threads != 1)}" if args.device == "cpu" else "") + (", compiled" if args.compile else ""))
     memory_kind = "allocated" if args.device == "cuda" else "RSS"
     figure = f"pretrain: {per_night * 1000:.0f} ms/night fwd+bwd, peak {memory_kind} {memory_mb(ours):.0f} MB"
     if args.device == "cuda":
-        achieved = 3 * forward / per_night
-        figure += f", {achieved / 1e12:.0f} TFLOP/s, MFU {100 * achieved / (args.peak_tflops * 1e12):.1f} %"
+        mfu = [100 * 3 * f / per_night / (args.peak_tflops * 1e12) for f in (forward, executed)]
+        figure += (f", {3 * forward / per_night / 1e12:.0f} TFLOP/s, MFU {mfu[0]:.1f} % by model FLOPs, {mfu[1]:.1f} % "
+                   f"by executed")
     else:
-        figure += f", {3 * forward / per_night / 1e9:.0f} GFLOP/s"
-    print(f"{figure} ({what})")
+        figure += f", {3 * forward / per_night / 1e9:.0f} GFLOP/s by model FLOPs ({3 * executed / per_night / 1e9:.0f} executed)"
+    print(f"{figure} ({what}; {machine.describe(args.device)})")
     if upstream:
         up_night = statistics.median(upstream["step_s"]) / args.batch
         print(f"upstream: {up_night * 1000:.0f} ms/night fwd+bwd, peak {memory_kind} {memory_mb(upstream):.0f} MB; "

@@ -10,10 +10,13 @@ A store is written under a hidden temporary name and renamed when complete (runs
 a store that exists is complete and a killed job leaves nothing that a re-run would mistake for a
 night. `read_night` memory-maps the raw chunks (bench/loader.py measures it against zarr's own
 reader); a store written any other way (other chunking, compression) is read through zarr instead.
+`read_stages` reads only the stages and attrs (data.py's index of a whole cohort). A store that cannot
+be opened because a limit is reached (open files, memory maps) is OpenLimit, never DamagedStore.
 """
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
 import json
 import shutil
@@ -44,6 +47,14 @@ def clear_temporaries(final: Path) -> None:
 
 class DamagedStore(ValueError):
     """A night store whose files disagree with its metadata (truncated, deleted or overwritten by hand)."""
+
+
+class OpenLimit(RuntimeError):
+    """A sound night store that cannot be opened because a process or system limit is reached (open files, memory
+    maps). An Exception, not SystemExit, so that it comes back from a DataLoader worker."""
+
+
+LIMIT_ERRNOS = (errno.EMFILE, errno.ENFILE, errno.ENOMEM)   # open files (process, system); mmap: maps or memory
 
 
 def write_night(final: Path, signals: np.ndarray, stages: np.ndarray, attrs: dict) -> None:
@@ -86,30 +97,85 @@ def _is_raw(array_dir: Path) -> tuple[bool, list[int]]:
 
 
 def read_night(store: str | Path) -> tuple[list, np.ndarray, dict]:
-    """(channels, stages, attrs): `channels` is 7 array-likes [T] float16 (memmaps where possible). DamagedStore
-    (one line naming the store) when its files are unreadable or disagree with its metadata."""
-    store = Path(store)
+    """(channels, stages, attrs): `channels` is 7 array-likes [T] float16 (memmaps where possible: each holds a file
+    descriptor and a memory map until it is freed). DamagedStore (one line naming the store) when its files are
+    unreadable or disagree with its metadata; OpenLimit when a limit of the process or system is what failed."""
+    return _reading(Path(store), _read_night)
+
+
+def read_stages(store: str | Path) -> tuple[np.ndarray, dict]:
+    """(stages, attrs) with the signal chunks' sizes checked but nothing left open: cheap enough for every night of a
+    cohort. The same errors as read_night."""
+    return _reading(Path(store), _read_stages)
+
+
+def _reading(store: Path, read):
     try:
-        return _read_night(store)
+        return read(store)
     except DamagedStore:
         raise
     except (OSError, ValueError, KeyError, TypeError) as err:      # metadata cut short, a chunk zarr cannot decode
+        if isinstance(err, OSError) and err.errno in LIMIT_ERRNOS:  # the store is sound: a limit is what failed
+            raise OpenLimit(limit_message(store, err.errno)) from None
         raise DamagedStore(f"{store}: damaged night store ({type(err).__name__}: {err}); prepare it again "
                            f"(--overwrite)") from None
 
 
+def limit_message(store: Path, code: int) -> str:
+    """One line: the limit `code` (EMFILE, ENFILE, ENOMEM from mmap) hit while opening `store`, and its fix."""
+    lower = "or lower data.max_open_nights (night stores each loader process keeps open)"
+    if code == errno.EMFILE:
+        try:
+            import resource
+            soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        except (ImportError, OSError):      # not Unix
+            soft = "?"
+        return (f"cannot open {store}: too many open files in this process (ulimit -n {soft}): raise the limit "
+                f"(ulimit -n 65536) {lower}")
+    if code == errno.ENFILE:
+        return (f"cannot open {store}: too many open files on this machine (fs.file-max {_sysctl('fs/file-max')}): "
+                f"raise the limit (sysctl -w fs.file-max=2097152) {lower}")
+    return (f"cannot memory-map {store}: out of memory maps (vm.max_map_count {_sysctl('vm/max_map_count')}) or "
+            f"address space: raise the limit (sysctl -w vm.max_map_count=262144) {lower}")
+
+
+def _sysctl(name: str) -> str:
+    try:
+        return Path("/proc/sys", name).read_text().strip()
+    except OSError:                         # not Linux, or no file descriptor left to read it with
+        return "?"
+
+
 def _read_night(store: Path) -> tuple[list, np.ndarray, dict]:
     attrs = read_attrs(store)
-    raw, (_, n_samples) = _is_raw(store / "signals")
-    if raw:
-        # zarr skips chunks equal to the fill value: an absent channel may have no file at all.
-        chunks = [store / "signals" / "c" / str(c) / "0" for c in range(len(SLOTS))]
-        for chunk in chunks:
-            _check_size(store, chunk, 2 * n_samples)
+    chunks, n_samples = _signal_chunks(store)
+    if chunks is None:
+        channels = list(zarr.open_array(store / "signals", mode="r")[:])
+    else:
         channels = [np.memmap(chunk, dtype="<f2", mode="r", shape=(n_samples,)) if chunk.exists()
                     else np.zeros(n_samples, np.float16) for chunk in chunks]
-    else:
-        channels = list(zarr.open_array(store / "signals", mode="r")[:])
+    return channels, _stages(store), attrs
+
+
+def _signal_chunks(store: Path) -> tuple[list | None, int]:
+    """(the 7 raw chunk files, their size checked; None when the store is chunked or compressed otherwise, T)."""
+    raw, (_, n_samples) = _is_raw(store / "signals")
+    if not raw:
+        return None, n_samples
+    # zarr skips chunks equal to the fill value: an absent channel may have no file at all.
+    chunks = [store / "signals" / "c" / str(c) / "0" for c in range(len(SLOTS))]
+    for chunk in chunks:
+        _check_size(store, chunk, 2 * n_samples)
+    return chunks, n_samples
+
+
+def _read_stages(store: Path) -> tuple[np.ndarray, dict]:
+    attrs = read_attrs(store)
+    _signal_chunks(store)             # a damaged signal chunk is named when the dataset is built, not mid-training
+    return _stages(store), attrs
+
+
+def _stages(store: Path) -> np.ndarray:
     stages_chunk = store / "stages" / "c" / "0"
     stages_raw, (n_epochs,) = _is_raw(store / "stages")
     if stages_raw and stages_chunk.exists():
@@ -117,7 +183,7 @@ def _read_night(store: Path) -> tuple[list, np.ndarray, dict]:
         stages = np.fromfile(stages_chunk, dtype=np.int8)
     else:
         stages = zarr.open_array(store / "stages", mode="r")[:]
-    return channels, stages, attrs
+    return stages
 
 
 def _check_size(store: Path, chunk: Path, expected: int) -> None:

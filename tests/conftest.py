@@ -137,6 +137,21 @@ def check_kill_and_resume(script: str, main, args, folder: Path, total_steps: in
     assert logged == expected
 
 
+def expect_one_line_exit(call) -> str:
+    """call() must exit with one line (SystemExit with a message, no traceback); returns the line."""
+    with pytest.raises(SystemExit) as exit_info:
+        call()
+    message = str(exit_info.value.code)
+    assert "\n" not in message and "Traceback" not in message, message
+    return message
+
+
+@pytest.fixture(scope="session")
+def one_line_exit():
+    """one_line_exit(call) -> the one line call() exits with (expect_one_line_exit)."""
+    return expect_one_line_exit
+
+
 @pytest.fixture(scope="session")
 def killed_run():
     """killed_run(args, what, count): runs `python *args` until runs.kill_point(what, count) SIGKILLs it."""

@@ -30,19 +30,11 @@ def pretrain_args(nights, run, *extra):
     return [*SMALL, "--data.root", str(nights), "--run-dir", str(run), *map(str, extra)]
 
 
-def one_line_exit(call) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        call()
-    message = str(exit_info.value.code)
-    assert "\n" not in message and "Traceback" not in message, message
-    return message
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # runs: resume, checkpoints, extension
 
 
-def test_resume_survives_a_torn_metrics_line_and_extends_a_finished_run(shhs_nights, tmp_path):
+def test_resume_survives_a_torn_metrics_line_and_extends_a_finished_run(shhs_nights, tmp_path, one_line_exit):
     """A finished 2-step run, its metrics.jsonl torn mid-line by a kill, continued to 4 steps: the LR from step 3 on
     is the 4-step plan's (README: "Continuing a run for longer")."""
     extended, planned = tmp_path / "extended", tmp_path / "planned"
@@ -59,7 +51,7 @@ def test_resume_survives_a_torn_metrics_line_and_extends_a_finished_run(shhs_nig
     assert "line 2" in one_line_exit(lambda: runs.read_metrics(extended))   # damage inside the file is named
 
 
-def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one(shhs_nights, tmp_path, capsys):
+def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one(shhs_nights, tmp_path, capsys, one_line_exit):
     run = tmp_path / "run"
     train_pretrain.main(pretrain_args(shhs_nights, run, "--train.max_steps", 3, "--train.ckpt_every", 1))
     assert runs.load_checkpoint(run / runs.PREVIOUS, "cpu")["step"] == 2
@@ -74,7 +66,7 @@ def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one(shhs_nights,
     assert str(run / runs.LATEST) in message and "not a readable checkpoint" in message
 
 
-def test_a_full_disk_during_a_checkpoint_leaves_the_old_one_and_no_temporary(tmp_path, monkeypatch):
+def test_a_full_disk_during_a_checkpoint_leaves_the_old_one_and_no_temporary(tmp_path, monkeypatch, one_line_exit):
     path = tmp_path / runs.LATEST
     runs.save_checkpoint(path, {"step": 1})
 
@@ -89,7 +81,7 @@ def test_a_full_disk_during_a_checkpoint_leaves_the_old_one_and_no_temporary(tmp
     assert runs.load_checkpoint(path, "cpu") == {"step": 1}
 
 
-def test_evaluate_refuses_a_run_without_a_final_checkpoint_unless_latest(tiny_probe_run, tmp_path):
+def test_evaluate_refuses_a_run_without_a_final_checkpoint_unless_latest(tiny_probe_run, tmp_path, one_line_exit):
     killed = tmp_path / "killed"
     shutil.copytree(tiny_probe_run, killed)
     (killed / runs.FINAL).rename(killed / runs.LATEST)
@@ -114,14 +106,14 @@ def test_evaluate_refuses_a_run_without_a_final_checkpoint_unless_latest(tiny_pr
     (["--data.mask_epochs", "masked"], "data.mask_epochs must be one of none, unscored, paper, upstream"),
     (["--data.mask_epochs", "off"], "YAML reads yes/no/on/off as booleans"),
 ])
-def test_config_mistakes_are_one_line_and_write_nothing(shhs_nights, tmp_path, extra, expected):
+def test_config_mistakes_are_one_line_and_write_nothing(shhs_nights, tmp_path, extra, expected, one_line_exit):
     run = tmp_path / "run"
     message = one_line_exit(lambda: train_pretrain.main([*pretrain_args(shhs_nights, run), *extra]))
     assert expected in message
     assert not run.exists()
 
 
-def test_config_files_and_roots_that_are_wrong_are_one_line(shhs_nights, tmp_path):
+def test_config_files_and_roots_that_are_wrong_are_one_line(shhs_nights, tmp_path, one_line_exit):
     run = tmp_path / "run"
     broken = tmp_path / "broken.yaml"
     broken.write_text("model:\n  d_model: [16\n")
@@ -166,7 +158,7 @@ def test_a_damaged_store_is_reported_and_skipped_and_new_nights_land(two_nights,
     assert len(manifest) == 1 and manifest["path"][0] != f"shhs/{damaged.name}"
 
 
-def test_a_truncated_signal_chunk_names_the_store_in_data_and_training(two_nights, tmp_path):
+def test_a_truncated_signal_chunk_names_the_store_in_data_and_training(two_nights, tmp_path, one_line_exit):
     out = tmp_path / "out"
     prepare_main(["shhs", str(two_nights), str(out)])
     manifest = store.read_manifest(out)

@@ -16,8 +16,8 @@ def test_bench_pretrain_toy(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = proc.stdout.strip().splitlines()
     assert "N = 30 patches" in proc.stdout                       # 0.05 h = 180 s = 22,500 samples = 30 patches
-    assert re.fullmatch(r"pretrain: \d+ ms/night fwd\+bwd, peak RSS \d+ MB, \d+ GFLOP/s \(toy, 0.05 h, cpu fp32, "
-                        r"1 thread\)", lines[-1]), lines[-1]
+    assert re.fullmatch(r"pretrain: \d+ ms/night fwd\+bwd, peak RSS \d+ MB, \d+ GFLOP/s by model FLOPs \(\d+ executed\) "
+                        r"\(toy, 0.05 h, cpu fp32, 1 thread; CPU .+, (AVX-512|AVX2|\w+), \d+ cores\)", lines[-1]), lines[-1]
     # three layers, SDPA path: the profiled step saw one SDPA kernel per layer
     sdpa = next(line for line in lines if "SDPA kernels run" in line)
     assert len(sdpa.split(":", 1)[1].split(",")) == 3, sdpa

@@ -28,8 +28,8 @@ def make_store(tmp_path, name, n_epochs, extra_samples=0, absent=(), stages=None
 def test_short_night_is_padded_and_masked(tmp_path):
     path, signals, stages = make_store(tmp_path, "short", 10, extra_samples=100)
     item = NightDataset([path], window_s=20 * 30)[0]
-    assert item["signals"].shape == (7, 20 * EPOCH) and item["signals"].dtype == torch.float32
-    assert torch.equal(item["signals"][:, : 10 * EPOCH], torch.from_numpy(signals[:, : 10 * EPOCH].astype(np.float32)))
+    assert item["signals"].shape == (7, 20 * EPOCH) and item["signals"].dtype == torch.float16   # the store's: exact
+    assert torch.equal(item["signals"][:, : 10 * EPOCH], torch.from_numpy(signals[:, : 10 * EPOCH]))
     assert not item["signals"][:, 10 * EPOCH:].any()                 # the partial trailing epoch is not used
     assert item["padding_mask"].sum() == 10 * EPOCH and not item["padding_mask"][: 10 * EPOCH].any()
     assert item["stages"].tolist() == stages.tolist() + [-1] * 10
@@ -44,7 +44,7 @@ def test_long_night_windows_cover_everything(tmp_path):
         start = item["start"] // EPOCH
         assert not item["padding_mask"].any()
         assert item["stages"].tolist() == stages[start: start + 10].tolist()
-        assert torch.equal(item["signals"], torch.from_numpy(signals[:, item["start"]: item["start"] + 10 * EPOCH].astype(np.float32)))
+        assert torch.equal(item["signals"], torch.from_numpy(signals[:, item["start"]: item["start"] + 10 * EPOCH]))
         covered[start: start + 10] = True
     assert covered.all()
     assert [w[1] for w in NightDataset([path], window_s=10 * 30, stride_s=5 * 30).windows] == [0, 5, 10, 15]
@@ -84,7 +84,7 @@ def test_other_chunking_falls_back_to_zarr(tmp_path):
     del group["signals"]
     group.create_array("signals", shape=signals.shape, chunks=(1, EPOCH), dtype="float16")[:] = signals
     item = NightDataset([path], window_s=4 * 30)[0]
-    assert torch.equal(item["signals"], torch.from_numpy(signals.astype(np.float32)))
+    assert item["signals"].dtype == torch.float16 and torch.equal(item["signals"], torch.from_numpy(signals))
 
 
 def test_manifest_selection(tmp_path):
@@ -158,7 +158,7 @@ def test_mask_epochs_marks_unscored_and_trimmed_epochs_as_padding(tmp_path, rule
 
 
 def signals_of(path):
-    return np.stack([np.asarray(c[:EPOCH], np.float32) for c in store.read_night(path)[0]])
+    return np.stack([np.asarray(c[:EPOCH]) for c in store.read_night(path)[0]])                  # [7, EPOCH] float16
 
 
 def test_mask_epochs_leaves_a_night_without_stages_alone(tmp_path):

@@ -126,13 +126,14 @@ def test_masked_epochs_take_no_part_in_the_pretraining_loss(shhs_nights):
     item = next(windows[i] for i in range(len(windows))
                 if windows[i]["padded_epochs"][:-1].any() and not windows[i]["padded_epochs"][-1])
     model = Pretrainer(ModelConfig(d_model=16, n_heads=2, n_layers=1, d_ff=32, max_patches=300, revin_stats="valid"))
-    scrambled = item["signals"].clone()
+    signals = item["signals"].float()                                                    # [7, L], as training casts
+    scrambled = signals.clone()
     scrambled[:, item["padding_mask"]] = torch.randn(7, int(item["padding_mask"].sum())) * 500   # [7, masked samples]
 
     def loss(signals, padding_mask):
         torch.manual_seed(0)                                                             # the same corruption draws
         return model(signals[None], padding_mask[None]).item()
-    masked_change = abs(loss(scrambled, item["padding_mask"]) - loss(item["signals"], item["padding_mask"]))
+    masked_change = abs(loss(scrambled, item["padding_mask"]) - loss(signals, item["padding_mask"]))
     unmasked = torch.zeros_like(item["padding_mask"])
-    unmasked_change = abs(loss(scrambled, unmasked) - loss(item["signals"], unmasked))
+    unmasked_change = abs(loss(scrambled, unmasked) - loss(signals, unmasked))
     assert masked_change < 1e-5 and unmasked_change > 1e-4, (masked_change, unmasked_change)

@@ -101,7 +101,7 @@ def test_probe_run_and_cache_equal_live_encoder(shhs_nights, encoder_run, tmp_pa
     for index in (0, len(nights_set) - 1):
         item = nights_set[index]
         with torch.no_grad():
-            live = encoder.embed(item["signals"][None], item["padding_mask"][None])
+            live = encoder.embed(item["signals"][None].float(), item["padding_mask"][None])
             cached = torch.from_numpy(cache[index].astype(np.float32))[None]
             assert torch.allclose(cached, live, atol=2e-2 * live.abs().max().item())   # float16 storage
             live_logits = probe(live, item["padding_mask"][None])
@@ -133,9 +133,9 @@ def test_masked_epochs_get_their_own_cache_of_masked_embeddings(shhs_nights, enc
     index = next(i for i in range(len(masked_set)) if masked_inside(masked_set[i]["padded_epochs"]))
     item, encoder = masked_set[index], load_encoder(tmp_path / "upstream")
     with torch.no_grad():
-        live = encoder.embed(item["signals"][None], item["padding_mask"][None])[0]              # [C, N, D]
-        unmasked = encoder.embed(item["signals"][None])[0]
-    key = train_probe.cache_key(encoder, masked_set)
+        live = encoder.embed(item["signals"][None].float(), item["padding_mask"][None])[0]      # [C, N, D]
+        unmasked = encoder.embed(item["signals"][None].float())[0]
+    key = train_probe.cache_key(encoder, masked_set, "fp32-highest")
     cached = torch.from_numpy(zarr.open_array(encoder_dir / "embeddings" / f"{key}.zarr")[index].astype(np.float32))
     assert torch.allclose(cached, live, atol=2e-2 * live.abs().max().item())
     assert not torch.allclose(unmasked, live, atol=2e-2 * live.abs().max().item())   # the mask reached the encoder
@@ -204,6 +204,8 @@ def test_channel_dropout_replaces_whole_channels_of_the_probe_input(shhs_nights,
     (plain, padding_mask), (embeddings, _) = seen[0.0][0], seen[0.5][0]
     dropped = (embeddings != plain).flatten(2).any(dim=-1)             # [B, C]
     assert dropped.any() and not dropped.all(dim=1).any()
+    if padding_mask is None:                                # nothing padded: the loop hands the probe no mask
+        padding_mask = torch.zeros(plain.shape[0], plain.shape[2] * 750, dtype=torch.bool)
     absent = train_probe.absent_embeddings(load_encoder(encoder_run), padding_mask, train_probe.nullcontext(), {})
     assert torch.equal(embeddings[dropped], absent[dropped])
     assert runs.read_run(tmp_path / "p0.5").config["train"]["channel_dropout"] == 0.5
