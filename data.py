@@ -8,7 +8,7 @@ process keeps at most `max_open_nights` nights open (least recently used closed 
 once (`read_stages`, nothing kept open). Windows hand their signals as float16, the store's own type (exact),
 which halves what DataLoader workers pass through shared memory; the training scripts cast on the device.
 
-Windows: `window_s` (8 h in the paper) cut from each night at `stride_s` (default: the window, so
+Windows: `window_s` (8 h: the abstract's) cut from each night at `stride_s` (default: the window, so
 no overlap) in whole epochs. A night shorter than the window gives one window, zero-padded at the
 end and marked in `padding_mask`; a longer night gives windows that cover it all, the last one
 aligned to the night's last full epoch (so it overlaps its neighbour instead of being mostly padding).
@@ -48,6 +48,9 @@ from prepare.store import read_manifest, read_night, read_stages
 N_CHANNELS = len(SLOTS)
 N_CLASSES = len(STAGES)
 EPOCH_MASKS = ("none", "unscored", "paper", "upstream")   # data.mask_epochs: "unscored" masks with no wake trim
+LABEL_LAGS = ("none", "upstream")                          # data.label_lag
+# upstream's hypnogram reader reads the CSV header as a first epoch "1" for these datasets (docs/upstream.md §11)
+LAGGED_DATASETS = ("mros", "wsc", "apples")
 
 
 @dataclass
@@ -56,20 +59,26 @@ class DataConfig:
     datasets: list | None = None         # nights to use: dataset names, or 'name:visit' (e.g. [shhs, wsc, 'mros:1']); null = all
     train_split: str = "train"           # manifest split used for training
     val_split: str = "val"               # manifest split used for validation
-    window_s: float = 28800.0            # window length in seconds (8 h in the paper)
+    window_s: float = 28800.0            # window length in seconds (8 h: the abstract's)
     stride_s: float | None = None        # hop between the windows of a long night (null = window_s)
     first_window_only: bool = False      # one window per night, its first (upstream: hours 0-8 only); else cover it all
     split_fractions: list | None = None  # [train, val, test] shares re-drawn by subject hash (null = manifest's 80/10/10)
+    mesa_holdout: int | None = None      # MESA split as upstream's: N shuffled nights test, rest 90/10 train/val (upstream: 100)
+    resplit_seed: int | None = None      # re-draw non-test nights 70/30 train/val by subject, this seed (upstream probe: 126)
     crop_wake_min: float | None = None   # crop each night to at most this many minutes of wake before sleep onset / after final wake
     mask_epochs: str = "none"            # encoder padding: "none" | "unscored" | "paper" | "upstream" (+ that wake trim; §11.6)
     num_workers: int = 2                 # DataLoader worker processes per training process
     max_open_nights: int = 16            # night stores each loader process keeps memory-mapped (7 files and maps each)
+    complete_only: bool = False          # leave out nights lacking a channel or with NaN filled (upstream: dp:141-175)
+    label_lag: str = "none"              # "none" | "upstream": MrOS, WSC, APPLES stages one epoch late, epoch 0 N1 (sl:250)
 
     def __post_init__(self):
         if self.mask_epochs not in EPOCH_MASKS:
             raise SystemExit(f"config: data.mask_epochs must be one of {', '.join(EPOCH_MASKS)} (got {self.mask_epochs!r})")
         if self.max_open_nights < 1:
             raise SystemExit(f"config: data.max_open_nights must be at least 1 (got {self.max_open_nights})")
+        if self.label_lag not in LABEL_LAGS:
+            raise SystemExit(f"config: data.label_lag must be none or upstream (got {self.label_lag!r})")
 
 
 def sleep_span(stages: np.ndarray, crop_wake_min: float | None) -> tuple[int, int]:
@@ -140,6 +149,23 @@ def unscore_excess_wake_upstream(stages: torch.Tensor) -> torch.Tensor:
     return stages
 
 
+def upstream_label_lag(stages: np.ndarray) -> np.ndarray:
+    """data.label_lag upstream, what upstream's reader made of MrOS, WSC and APPLES hypnograms (sl:250 reads the CSV's
+    header as a first row "1"): epoch 0 is N1 and epoch k the true epoch k − 1, the last true epoch falling off the
+    night's end. (WSC's epoch k was the last 10-s label of the true epoch k − 1; with 30-s stages we take that epoch's
+    stage.) stages [E] int8 -> [E]."""
+    lagged = np.empty_like(stages)
+    lagged[0], lagged[1:] = 1, stages[:-1]
+    return lagged
+
+
+def complete(attrs: dict) -> bool:
+    """data.complete_only: the night has all 7 channels and no NaN was filled in any (upstream drops a night lacking
+    a channel of its alias lists, dp:141-148, and a window with any NaN, dp:166-175: with one window per night, the
+    night; we count NaN over the whole night, upstream over its window)."""
+    return all(attrs.get("present", [True] * N_CHANNELS)) and not any((attrs.get("nan_samples") or {}).values())
+
+
 WAKE_TRIMS = {"paper": unscore_excess_wake, "upstream": unscore_excess_wake_upstream, "none": lambda stages: stages}
 
 
@@ -151,18 +177,24 @@ class NightDataset(torch.utils.data.Dataset):
     "present": bool [7] (False = the store marks the channel absent; its signal is zeros), "night": index into
     `self.stores`, "start": first sample of the window in the night}. L = window_s × 125.
     Each process keeps the memmaps of at most `max_open_nights` nights (an LRU); stages and present channels of every
-    night are read once, here.
+    night are read once, here. complete_only leaves out nights lacking a channel or with NaN filled (`left_out`);
+    label_lag "upstream" lags MrOS, WSC and APPLES stages as upstream's reader did (upstream_label_lag).
     """
 
     def __init__(self, stores, window_s: float = 8 * 3600, stride_s: float | None = None,
                  crop_wake_min: float | None = None, first_window_only: bool = False, mask_epochs: str = "none",
-                 max_open_nights: int = 16):
+                 max_open_nights: int = 16, complete_only: bool = False, label_lag: str = "none"):
         if mask_epochs not in EPOCH_MASKS:
             raise ValueError(f"data.mask_epochs must be one of {', '.join(EPOCH_MASKS)} (got {mask_epochs!r})")
         if max_open_nights < 1:
             raise ValueError(f"max_open_nights must be at least 1 (got {max_open_nights})")
         self.mask_epochs, self.max_open_nights = mask_epochs, max_open_nights
-        self.stores = [Path(s) for s in stores]
+        if label_lag not in LABEL_LAGS:
+            raise ValueError(f"data.label_lag must be none or upstream (got {label_lag!r})")
+        read = [(Path(store), *read_stages(store)) for store in stores]          # (store, stages, attrs) per night
+        self.left_out = [store for store, _, attrs in read if complete_only and not complete(attrs)]   # in order
+        read = [night for night in read if not complete_only or complete(night[2])]
+        self.stores = [store for store, _, _ in read]
         self.window_epochs = int(round(window_s / 30))
         self.window_samples = self.window_epochs * EPOCH_SAMPLES
         stride_epochs = int(round((stride_s or window_s) / 30))
@@ -171,8 +203,9 @@ class NightDataset(torch.utils.data.Dataset):
         self.windows = []        # (night index, start epoch, end epoch of usable data)
         self.night_stages = []   # per night: int8 [n_epochs]
         self.night_present = []  # per night: bool [7]
-        for night, store in enumerate(self.stores):
-            stages, attrs = read_stages(store)
+        for night, (store, stages, attrs) in enumerate(read):
+            if label_lag == "upstream" and attrs.get("dataset") in LAGGED_DATASETS:
+                stages = upstream_label_lag(stages)
             self.night_stages.append(stages)
             self.night_present.append(torch.tensor(attrs.get("present", [True] * N_CHANNELS), dtype=torch.bool))
             first, last = sleep_span(stages, crop_wake_min)
@@ -182,16 +215,24 @@ class NightDataset(torch.utils.data.Dataset):
         self._open = OrderedDict()   # night index -> its 7 channels (memmaps), least recently used first; per process
 
     @classmethod
-    def from_manifest(cls, root, split=None, datasets=None, split_fractions=None, **kwargs) -> "NightDataset":
-        manifest = read_manifest(root, split, datasets, split_fractions)
+    def from_manifest(cls, root, split=None, datasets=None, split_fractions=None, *, mesa_holdout=None,
+                      resplit_seed=None, labelled_only: bool = False, **kwargs) -> "NightDataset":
+        """The nights of a split (read_manifest's selection); labelled_only: only nights with scored epochs (the
+        probe's)."""
+        manifest = read_manifest(root, split, datasets, split_fractions, mesa_holdout=mesa_holdout,
+                                 resplit_seed=resplit_seed)
+        if labelled_only:
+            manifest = manifest[manifest["n_scored"] > 0]
         return cls([Path(root) / p for p in manifest["path"]], **kwargs)
 
     @classmethod
     def from_config(cls, cfg: DataConfig, split: str, **kwargs) -> "NightDataset":
-        return cls.from_manifest(cfg.root, split, cfg.datasets, cfg.split_fractions, window_s=cfg.window_s,
+        return cls.from_manifest(cfg.root, split, cfg.datasets, cfg.split_fractions, mesa_holdout=cfg.mesa_holdout,
+                                 resplit_seed=cfg.resplit_seed, window_s=cfg.window_s,
                                  stride_s=cfg.stride_s, crop_wake_min=cfg.crop_wake_min,
                                  first_window_only=cfg.first_window_only, mask_epochs=cfg.mask_epochs,
-                                 max_open_nights=cfg.max_open_nights, **kwargs)
+                                 max_open_nights=cfg.max_open_nights, complete_only=cfg.complete_only,
+                                 label_lag=cfg.label_lag, **kwargs)
 
     def __len__(self) -> int:
         return len(self.windows)

@@ -7,7 +7,8 @@
 --protocol decides which epochs of a night are staged and scored (`stage.stage_night` stages them either way):
   night      (default) every night whole: windows of --window-s (default: the run's data.window_s) every --stride-s
              (default: half a window), the stage probabilities of an epoch averaged over the windows that saw it
-  upstream   what upstream's pipeline could score (docs/upstream.md §11 item 7): only the first --window-s seconds of
+  upstream   the hours upstream's window covers (docs/upstream.md §11 item 7; our reading, as upstream publishes no
+             scoring code, and without its other label handling: §11 items 8, 17, 18): only the first --window-s seconds of
              each night (8 h in the paper), cropped before staging and staged with exactly one window from epoch 0
              (stride = window; a shorter night is zero-padded and masked, so it is staged as under `night`). Epochs
              after the window are not scored at all: not in κ, not in predictions.csv, not in n_epochs. --stride-s
@@ -89,8 +90,9 @@ PAPER_RESULTS = Path(__file__).resolve().parent / "configs" / "paper_results.yam
 PROTOCOLS = {   # name -> what results.md says about it
     "night": "every night staged whole: windows of {window_s:g} s every {stride_s:g} s, probabilities averaged where "
              "windows overlap",
-    "upstream": "only the first {window_s:g} s of each night, staged with one window from its start (what upstream's "
-                "pipeline could score); later epochs are not scored",
+    "upstream": "only the first {window_s:g} s of each night, staged with one window from its start (the hours "
+                "upstream's 8-h window covers; our reading: upstream publishes no scoring code); later epochs are not "
+                "scored",
 }
 # the per-night sleep statistics compared between technologist and prediction (stage.sleep_statistics' keys; the
 # minutes per stage flattened to W_min … R_min)
@@ -111,10 +113,12 @@ def load_run(run_dir: Path, latest: bool = False):
                          f"sections, and ckpt_final.pt): {str(e).splitlines()[0]}")
 
 
-def select_nights(root: Path, split: str, datasets: list | None, split_fractions=None) -> pd.DataFrame:
+def select_nights(root: Path, split: str, datasets: list | None, split_fractions=None, *, mesa_holdout=None,
+                  resplit_seed=None) -> pd.DataFrame:
     if not (root / "manifest.csv").exists():
         raise SystemExit(f"evaluate.py: {root}/manifest.csv not found (--data.root must be a prepare output folder)")
-    nights = read_manifest(root, None if split == "all" else split, datasets, split_fractions)
+    nights = read_manifest(root, None if split == "all" else split, datasets, split_fractions,
+                           mesa_holdout=mesa_holdout, resplit_seed=resplit_seed)
     if nights.empty:
         raise SystemExit(f"evaluate.py: no night in {root}/manifest.csv matches split={split} "
                          f"datasets={','.join(datasets) if datasets else 'all'}")
@@ -476,8 +480,10 @@ def main(argv=None) -> dict:
     if unknown := [slot for slot in absent if slot not in SLOTS]:
         raise SystemExit(f"evaluate.py: --absent {','.join(unknown)}: not a slot (slots: {', '.join(SLOTS)})")
 
-    # the split the run was trained with (data.split_fractions, e.g. the upstream recipe's 0.49/0.21/0.30)
-    selected = select_nights(root, args.split, datasets, data.get("split_fractions"))
+    # the split the run was trained with (data.split_fractions, e.g. the upstream recipe's 0.49/0.21/0.30;
+    # data.mesa_holdout, data.resplit_seed)
+    selected = select_nights(root, args.split, datasets, data.get("split_fractions"),
+                             mesa_holdout=data.get("mesa_holdout"), resplit_seed=data.get("resplit_seed"))
     first_epochs = int(round(window_s / 30)) if args.protocol == "upstream" else None
     scored_epochs = selected["n_epochs"].clip(upper=first_epochs)                   # epochs each night has to score
     if abs(label_lag) >= scored_epochs.min():

@@ -61,7 +61,7 @@ class ModelConfig:
 
 
 @dataclass
-class ProbeConfig:                       # the paper's values, not the upstream class defaults
+class ProbeConfig:                       # upstream's paper values (tc:164-183), not its class defaults
     kind: str = "gru"                    # "gru": the paper's | "linear": one Linear(C·D→classes) per patch
     n_channels: int = 7
     d_model: int = 512
@@ -526,7 +526,7 @@ def mask_patches(patches: Tensor, mask_ratio: float, key_padding: Tensor | None 
 
 def reconstruction_loss(reconstruction: Tensor, target: Tensor, key_padding: Tensor | None = None,
                         loss_mask: Tensor | None = None) -> Tensor:
-    """Mean squared error over the values of all non-padded patches (the paper); with loss_mask [B, C, N] bool, only
+    """Mean squared error over the values of all non-padded patches (upstream, tt:205); with loss_mask [B, C, N] bool, only
     over those patches too. reconstruction, target [B, C, N, P], key_padding [B, N] bool or None -> scalar."""
     B, C, N, P = target.shape
     target = target.detach()   # as upstream: no gradient through the target (else RevIN's affine could shrink it)
@@ -543,7 +543,7 @@ def reconstruction_loss(reconstruction: Tensor, target: Tensor, key_padding: Ten
 
 @dataclass
 class PretrainConfig:
-    corruption: str = "jitter_zero"      # "jitter_zero" (the paper: element-wise zero + jitter) | "patch_mask" (MAE-style)
+    corruption: str = "jitter_zero"      # "jitter_zero" (upstream: element-wise zero + jitter) | "patch_mask" (MAE-style)
     p_zero: float = 0.05                 # jitter_zero: probability that a value is zeroed
     p_jitter: float = 0.05               # jitter_zero: probability that a value gets Gaussian jitter
     jitter_scale: float = 0.1            # jitter_zero: jitter std as a fraction of the batch's max |value|

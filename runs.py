@@ -358,6 +358,14 @@ def total_steps(n_windows: int, world: int, tc, what: str) -> tuple[int, int]:
     return per_step, tc.max_steps if tc.max_steps is not None else tc.epochs * steps_per_epoch
 
 
+def validation_point(step_in_epoch: int, steps_per_epoch: int, evals_per_epoch: int) -> bool:
+    """train.evals_per_epoch n: whether the epoch's optimiser step `step_in_epoch` (progress counts from 1) is one of
+    its n evenly spaced validation points, round(k · steps_per_epoch / n) (halves up, at least 1) for k = 1 … n; the
+    last is the epoch's end. Progress counters only: a resumed run validates where an uninterrupted one does."""
+    n = evals_per_epoch
+    return any(step_in_epoch == max(1, (2 * k * steps_per_epoch + n) // (2 * n)) for k in range(1, n + 1))
+
+
 def one_cycle(parameters, tc, total_steps: int, n_windows: int):
     """AdamW with the one-cycle schedule (from max_lr / 25 up to max_lr, then annealed), stepped once per optimiser
     step. train.schedule "full": the cycle spans the run's optimiser steps (the paper's text). "upstream": the cycle is

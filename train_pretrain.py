@@ -41,16 +41,16 @@ from prepare.store import DamagedStore, OpenLimit
 
 @dataclass
 class TrainConfig:
-    batch_size: int = 3                  # nights per process per micro-step (the paper: 3)
-    grad_accum: int = 8                  # micro-steps per optimiser step (the paper: 8)
-    epochs: int = 100                    # passes over the training windows (the paper: 100)
+    batch_size: int = 3                  # nights per process per micro-step (upstream: 3, tt:36)
+    grad_accum: int = 8                  # micro-steps per optimiser step (upstream: 8, tt:37)
+    epochs: int = 100                    # passes over the training windows (upstream: 100, tt:38)
     max_steps: int | None = None         # optimiser steps in all (null = epochs; 0 = save the untrained model)
-    max_lr: float = 0.01                 # one-cycle peak learning rate (the paper: 0.01; starts at max_lr / 25)
+    max_lr: float = 0.01                 # one-cycle peak learning rate (upstream: 0.01, tt:209; starts at max_lr / 25)
     schedule: str = "full"               # "full": one cycle over the run | "upstream": sized as upstream, 1/16 traversed
     pct_start: float = 0.3               # fraction of the steps spent warming up to max_lr
-    weight_decay: float = 1e-4           # AdamW weight decay (the paper: 1e-4)
-    grad_clip: float = 0.0               # clip the gradient norm to this (0 = off, as in the paper)
-    channel_dropout: float = 0.0         # zero each present channel of a window with this probability (0 = off, as the paper)
+    weight_decay: float = 1e-4           # AdamW weight decay (upstream: 1e-4, tt:220)
+    grad_clip: float = 0.0               # clip the total gradient norm to this (0 = off; upstream: 1, tt:33,232)
+    channel_dropout: float = 0.0         # zero each present channel of a window with this probability (0 = off, as upstream)
     keep_best: bool = False              # also keep ckpt_best.pt (lowest val_loss), which then is the run's model
     bf16: bool = True                    # bf16 autocast on CUDA (ignored on CPU)
     matmul_precision: str = "highest"    # fp32 products on CUDA: highest | high (TF32) | medium (upstream; TF32 too)
@@ -60,6 +60,9 @@ class TrainConfig:
     seed: int = 0                        # seeds the window order, dropout and corruption
     log_every: int = 10                  # optimiser steps between metrics.jsonl lines
     eval_every: int = 500                # optimiser steps between validation passes (and at the end; 0: the end only)
+    evals_per_epoch: int = 0             # validations per epoch, evenly spaced (0: eval_every; upstream 1, tt:30,230)
+                                         # upstream counts micro-batches (at each epoch's last); ours optimiser steps,
+                                         # round(k · steps per epoch / n): at most one step from upstream's points
     ckpt_every: int = 500                # optimiser steps between checkpoints (and at the end)
 
 
@@ -115,6 +118,8 @@ def main(argv=None) -> None:
     except (DamagedStore, OpenLimit) as err:
         raise SystemExit(str(err)) from None
     runs.check_shared_memory(train_set, tc.batch_size, cfg.data.num_workers)
+    if master and (left_out := train_set.left_out + val_set.left_out):
+        print(f"data.complete_only: {len(left_out)} nights left out (a channel missing or NaN filled), e.g. {left_out[0]}")
     per_step, total_steps = runs.total_steps(len(train_set), world, tc, f"training windows in {cfg.data.root}")
 
     model = Pretrainer(cfg.model, cfg.pretrain).to(device)
@@ -138,6 +143,7 @@ def main(argv=None) -> None:
         print(f"pretraining {sum(p.numel() for p in raw_model.parameters()):,} parameters on {world} × {device.type}; "
               f"{len(train_set)} training windows, {len(val_set)} validation windows, {total_steps} optimiser steps")
     bar = tqdm(total=total_steps, initial=progress["step"], desc="pretrain", disable=not master)
+    steps_per_epoch = len(train_set) // (world * per_step)
     started, window_count, loss_sum, steps_since_log = time.time(), 0, 0.0, 0
 
     for micro, batch in runs.micro_batches(train_set, progress, total_steps, tc.batch_size, per_step, tc.seed, rank, world,
@@ -176,7 +182,11 @@ def main(argv=None) -> None:
                 bar.set_postfix(loss=f"{loss_mean:.4f}")
                 runs.append_metrics(args.run, record)
             started, window_count, loss_sum, steps_since_log = time.time(), 0, 0.0, 0
-        if (tc.eval_every and step % tc.eval_every == 0) or step == total_steps:
+        if tc.evals_per_epoch:
+            due = runs.validation_point(progress["step_in_epoch"], steps_per_epoch, tc.evals_per_epoch)
+        else:
+            due = tc.eval_every and step % tc.eval_every == 0
+        if due or step == total_steps:
             val_loss = validate(raw_model, val_set, cfg, rank, world, device, autocast)
             if master and val_loss is not None:
                 runs.append_metrics(args.run, {"step": step, "val_loss": val_loss})

@@ -41,27 +41,33 @@ import runs
 from data import WAKE_TRIMS, DataConfig, NightDataset, drop_channels, padding_to
 from model import ModelConfig, ProbeConfig, ProbeHead
 from prepare.annotations import STAGES
-from prepare.store import DamagedStore, OpenLimit, read_manifest
+from prepare.store import DamagedStore, OpenLimit
 
 N_CLASSES = len(STAGES)
 
 
 @dataclass
 class TrainConfig:
-    batch_size: int = 4                  # windows per process per micro-step (the paper: 4)
-    grad_accum: int = 8                  # micro-steps per optimiser step (the paper: 8)
-    epochs: int = 30                     # passes over the training windows (the paper: 30)
+    batch_size: int = 4                  # windows per process per micro-step (upstream: 4, tc:46)
+    grad_accum: int = 8                  # micro-steps per optimiser step (upstream: 8, tc:47)
+    epochs: int = 30                     # passes over the training windows (upstream: 30, tc:48)
     max_steps: int | None = None         # optimiser steps in all (null = epochs; 0 = save the untrained model)
-    max_lr: float = 0.01                 # one-cycle peak learning rate (the paper: 0.01)
+    max_lr: float = 0.01                 # one-cycle peak learning rate (upstream: 0.01, tc:23)
     schedule: str = "full"               # "full": one cycle over the run | "upstream": sized as upstream, 1/16 traversed
     pct_start: float = 0.3               # fraction of the steps spent warming up to max_lr
-    weight_decay: float = 1e-3           # AdamW weight decay (the paper: 1e-3)
-    grad_clip: float = 0.0               # clip the gradient norm to this (0 = off)
-    focal_gamma: float = 2.0             # focal loss exponent (0 = cross-entropy; the paper: 2)
+    weight_decay: float = 1e-3           # AdamW weight decay (upstream: 1e-3, tc:21)
+    grad_clip: float = 0.0               # clip the total gradient norm to this (0 = off; upstream: 1, tc:58,278)
+    focal_gamma: float = 2.0             # focal loss exponent (0 = cross-entropy; upstream: 2, tc:54)
     focal_form: str = "standard"         # "standard": (1 - p_t)^γ·CE | "upstream": Σ_c (1 - p_c)^γ·CE, as upstream's code
     class_weights: bool = False          # weight the loss by inverse class frequency of the training split
     loss_trim_wake: str = "paper"        # excess wake left out of the loss: "paper" | "upstream" | "none" (trim rules)
+    trim_validation: bool = False        # validation scored without loss_trim_wake's wake too (upstream: true, tc:228, sl:707)
     cutmix_p: float = 0.5                # probability per batch of shuffling 30-s epochs across its nights
+    cutmix_on: str = "embeddings"        # "embeddings": ours, cached embeddings | "signals": upstream's raw signals (aug:231)
+                                         # "embeddings": epochs inside the nights mixed. "signals": 30-s segments of every
+                                         # position, padding too, mask kept, mixed before the encoder; the training
+                                         # windows are then embedded live (a cache cannot hold mixed signals), so
+                                         # cache_embeddings serves validation only (one printed line says so)
     channel_dropout: float = 0.0         # replace each present channel of a window by an absent one with this probability
     cache_embeddings: bool = True        # compute the frozen encoder's embeddings once (float16 zarr) and reuse them
     cpu_threads: int = 1                 # torch threads on CPU once the embeddings are cached (0: torch's default; README "Threads")
@@ -76,6 +82,9 @@ class TrainConfig:
     seed: int = 0                        # seeds the window order, dropout and CutMix
     log_every: int = 10                  # optimiser steps between metrics.jsonl lines
     eval_every: int = 200                # optimiser steps between validation passes (and at the end; 0 = every epoch)
+    evals_per_epoch: int = 0             # validations per epoch, evenly spaced (0: eval_every; upstream 2, tc:20,275)
+                                         # upstream counts micro-batches (every int(batches · 0.5)); ours optimiser
+                                         # steps, round(k · steps per epoch / n): at most one step from upstream's points
     ckpt_every: int = 200                # optimiser steps between checkpoints (and at the end)
 
 
@@ -121,6 +130,23 @@ def cutmix_epochs(embeddings: torch.Tensor, stages: torch.Tensor, n_valid_epochs
     mixed = embeddings.clone()
     mixed[:, :, : E * patches_per_epoch] = mixed_blocks.reshape(B, C, E * patches_per_epoch, D)
     return mixed, mixed_stages
+
+
+def cutmix_signals(signals: torch.Tensor, stages: torch.Tensor, p: float,
+                   epoch_samples: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """train.cutmix_on "signals", upstream's CutMix (aug:231-275, cross-class): with probability p, the raw signals are
+    cut into 30-s segments and one random permutation over EVERY (night, epoch) position of the batch, padded,
+    unscored and trimmed ones included, moves the segments with their labels. The padding mask is not moved (the
+    caller keeps it, as upstream): a real epoch landing in a padded slot is hidden from attention, padding landing in a
+    real slot is attended to (its label -1 is ignored). signals [B, C, E·epoch_samples], stages [B, E] -> both mixed."""
+    if p <= 0 or torch.rand(1).item() >= p:
+        return signals, stages
+    B, C, _ = signals.shape
+    E = stages.shape[1]
+    segments = signals.reshape(B, C, E, epoch_samples).transpose(1, 2).reshape(B * E, C, epoch_samples)
+    order = torch.randperm(B * E, device=stages.device)
+    mixed = segments[order].reshape(B, E, C, epoch_samples).transpose(1, 2).reshape(B, C, E * epoch_samples)
+    return mixed, stages.reshape(-1)[order].reshape(B, E)
 
 
 def focal_loss(logits: torch.Tensor, stages: torch.Tensor, gamma: float, weights: torch.Tensor | None,
@@ -266,35 +292,33 @@ def class_weights(nights: NightDataset) -> torch.Tensor:
 
 
 def labelled_nights(cfg: Config, split: str) -> NightDataset:
-    manifest = read_manifest(cfg.data.root, split, cfg.data.datasets, cfg.data.split_fractions)
-    manifest = manifest[manifest["n_scored"] > 0]
-    return NightDataset([Path(cfg.data.root) / p for p in manifest["path"]], window_s=cfg.data.window_s,
-                        stride_s=cfg.data.stride_s, crop_wake_min=cfg.data.crop_wake_min,
-                        first_window_only=cfg.data.first_window_only, mask_epochs=cfg.data.mask_epochs,
-                        max_open_nights=cfg.data.max_open_nights)
+    return NightDataset.from_config(cfg.data, split, labelled_only=True)
 
 
-def probe_inputs(batch: dict, encoder, cfg: Config, device, autocast, trim: str):
+def probe_inputs(batch: dict, encoder, cfg: Config, device, autocast, trim: str, cutmix_p: float = 0.0):
     """(embeddings [B, C, N, D], padding_mask [B, L] or None (nothing padded), stages [B, E], n_valid_epochs [B]) on
-    the device."""
+    the device. cutmix_p (train.cutmix_on "signals"; windows without cached embeddings): CutMix of the raw signals
+    after the wake trim has set the labels and before the encoder, as upstream's callback after its dataset."""
     n_valid = batch["n_valid_epochs"].to(device)
     epoch_samples = cfg.model.patch_len * cfg.probe.patches_per_epoch
     padded_epochs = padding_to(batch["padded_epochs"], device)                                 # [B, E] or None
     padding_mask = None if padded_epochs is None else padded_epochs.repeat_interleave(epoch_samples, dim=1)   # [B, L]
-    if "embeddings" in batch:
-        embeddings = batch["embeddings"].to(device, non_blocking=True)
-    else:
-        with torch.no_grad(), autocast:
-            embeddings = encoder.embed(batch["signals"].to(device, non_blocking=True).float(), padding_mask).float()
     stages = batch["stages"].to(device)
     if trim != "none":
         stages = torch.stack([WAKE_TRIMS[trim](s) for s in stages])
+    if "embeddings" in batch:
+        embeddings = batch["embeddings"].to(device, non_blocking=True)
+    else:
+        signals, stages = cutmix_signals(batch["signals"].to(device, non_blocking=True), stages, cutmix_p, epoch_samples)
+        with torch.no_grad(), autocast:
+            embeddings = encoder.embed(signals.float(), padding_mask).float()
     return embeddings, padding_mask, stages, n_valid
 
 
 @torch.no_grad()
 def validate(probe, encoder, dataset, cfg: Config, rank, world, device, autocast, weights) -> dict | None:
-    """Loss and accuracy over the validation windows, and the confusion counts for κ."""
+    """Loss and accuracy over the validation windows, and the confusion counts for κ; with train.trim_validation, over
+    the epochs train.loss_trim_wake leaves in (as upstream's validation windows)."""
     if dataset is None or len(dataset) == 0:
         return None
     probe.eval()
@@ -303,8 +327,9 @@ def validate(probe, encoder, dataset, cfg: Config, rank, world, device, autocast
     loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.train.batch_size, num_workers=cfg.data.num_workers,
                                          sampler=list(range(rank, len(dataset), world)),
                                          generator=torch.Generator())   # validating must not move the global RNG
+    trim = cfg.train.loss_trim_wake if cfg.train.trim_validation else "none"
     for batch in loader:
-        embeddings, padding_mask, stages, _ = probe_inputs(batch, encoder, cfg, device, autocast, trim="none")
+        embeddings, padding_mask, stages, _ = probe_inputs(batch, encoder, cfg, device, autocast, trim)
         with autocast:
             logits = probe(embeddings, padding_mask)
         loss = focal_loss(logits, stages, cfg.train.focal_gamma, weights, cfg.train.focal_form)
@@ -336,6 +361,8 @@ def main(argv=None) -> None:
     if tc.loss_trim_wake not in WAKE_TRIMS or tc.focal_form not in ("standard", "upstream"):
         raise SystemExit(f"config: train.loss_trim_wake must be one of {', '.join(WAKE_TRIMS)} (got "
                          f"{tc.loss_trim_wake!r}) and train.focal_form standard or upstream (got {tc.focal_form!r})")
+    if tc.cutmix_on not in ("embeddings", "signals"):
+        raise SystemExit(f"config: train.cutmix_on must be embeddings or signals, got {tc.cutmix_on!r}")
     try:
         encoder_run = runs.read_run(args.encoder)
     except (OSError, ValueError) as err:       # not a run folder, a killed run, an unreadable checkpoint
@@ -348,10 +375,18 @@ def main(argv=None) -> None:
         train_nights, val_nights = labelled_nights(cfg, cfg.data.train_split), labelled_nights(cfg, cfg.data.val_split)
     except (DamagedStore, OpenLimit) as err:
         raise SystemExit(str(err)) from None
+    if master and (left_out := train_nights.left_out + val_nights.left_out):
+        print(f"data.complete_only: {len(left_out)} nights left out (a channel missing or NaN filled), e.g. {left_out[0]}")
     runs.check_shared_memory(train_nights, tc.batch_size, cfg.data.num_workers)         # windows of signals
     train_cache = val_cache = None
+    mix_signals = tc.cutmix_on == "signals" and tc.cutmix_p > 0            # training windows are then embedded live
     if tc.cache_embeddings:
-        train_cache = embedding_cache(encoder, train_nights, args.encoder, cfg, rank, world, device, autocast, precision)
+        if not mix_signals:
+            train_cache = embedding_cache(encoder, train_nights, args.encoder, cfg, rank, world, device, autocast,
+                                          precision)
+        elif master:
+            print("train.cutmix_on signals: the training windows are embedded live (CutMix mixes their raw signals "
+                  "first); only the validation windows use the embedding cache")
         val_cache = embedding_cache(encoder, val_nights, args.encoder, cfg, rank, world, device, autocast, precision) \
             if len(val_nights) else None
     train_set, val_set = ProbeWindows(train_nights, train_cache), ProbeWindows(val_nights, val_cache)
@@ -389,11 +424,12 @@ def main(argv=None) -> None:
     for micro, batch in runs.micro_batches(train_set, progress, total_steps, tc.batch_size, per_step, tc.seed, rank, world,
                                            cfg.data.num_workers, device):
         embeddings, padding_mask, stages, n_valid = probe_inputs(batch, encoder, cfg, device, autocast,
-                                                                 tc.loss_trim_wake)
+                                                                 tc.loss_trim_wake, tc.cutmix_p if mix_signals else 0.0)
         if tc.channel_dropout > 0:
             embeddings = drop_channel_embeddings(embeddings, batch["present"].to(device), padding_mask, encoder,
                                                  tc.channel_dropout, autocast, absent_memo)
-        embeddings, stages = cutmix_epochs(embeddings, stages, n_valid, tc.cutmix_p, cfg.probe.patches_per_epoch)
+        if tc.cutmix_on == "embeddings":
+            embeddings, stages = cutmix_epochs(embeddings, stages, n_valid, tc.cutmix_p, cfg.probe.patches_per_epoch)
         last_micro = (micro + 1) % tc.grad_accum == 0
         sync = nullcontext() if last_micro or world == 1 else model.no_sync()
         with sync:
@@ -422,8 +458,11 @@ def main(argv=None) -> None:
                 bar.set_postfix(loss=f"{loss_mean:.4f}")
                 runs.append_metrics(args.run, record)
             started, loss_sum, steps_since_log = time.time(), 0.0, 0
-        epoch_end = progress["step_in_epoch"] == steps_per_epoch
-        if (step % tc.eval_every == 0 if tc.eval_every else epoch_end) or step == total_steps:
+        if tc.evals_per_epoch:
+            due = runs.validation_point(progress["step_in_epoch"], steps_per_epoch, tc.evals_per_epoch)
+        else:
+            due = step % tc.eval_every == 0 if tc.eval_every else progress["step_in_epoch"] == steps_per_epoch
+        if due or step == total_steps:
             scores = validate(probe, encoder, val_set, cfg, rank, world, device, autocast, weights)
             if master and scores is not None:
                 runs.append_metrics(args.run, {"step": step, **scores})

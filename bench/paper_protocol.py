@@ -20,6 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from prepare.store import read_manifest  # noqa: E402
+from runs import read_config  # noqa: E402
 DATASETS = ("shhs", "wsc", "mros", "mesa", "apples")
 TINY = ["--model.d_model", "32", "--model.n_layers", "2", "--model.n_heads", "4", "--model.d_ff", "64",
         "--model.max_patches", "600", "--data.window_s", "3600", "--data.num_workers", "0", "--train.batch_size", "2",
@@ -66,7 +67,8 @@ def main():
     kappas = {}
     for recipe in ("paper", "upstream"):
         encoder, probe = out / recipe / "encoder", out / recipe / "probe"
-        data = ["--data.root", nights]
+        # upstream holds out 100 MESA nights; of the few synthetic ones a quarter, so that MESA is also trained on
+        data = ["--data.root", nights] + (["--data.mesa_holdout", max(1, args.nights // 4)] if recipe == "upstream" else [])
         if not (encoder / "ckpt_final.pt").exists():
             torchrun("train_pretrain.py", "--config", f"configs/pretrain_{recipe}.yaml", "--run-dir", encoder, *data,
                      *TINY, *PRETRAIN, "--resume", log=log)
@@ -81,9 +83,11 @@ def main():
             selection = (upstream_selection or selection) if recipe == "upstream" else selection
             eval_dir = out / recipe / "eval" / name.replace(" ", "_").replace("+", "")
             split, datasets_selected = selection[3], selection[1].split(",")
-            fractions = [0.49, 0.21, 0.30] if recipe == "upstream" else None
-            if read_manifest(nights, None if split == "all" else split, datasets_selected, fractions).empty:
-                kappas[recipe, name] = (None, 0, " ".join(selection))     # the hash split left no such night
+            split_data = read_config(probes[with_mesa]).get("data") or {}       # what evaluate.py selects with
+            if read_manifest(nights, None if split == "all" else split, datasets_selected,
+                             split_data.get("split_fractions"), mesa_holdout=split_data.get("mesa_holdout"),
+                             resplit_seed=split_data.get("resplit_seed")).empty:
+                kappas[recipe, name] = (None, 0, " ".join(selection))     # the split left no such night
                 continue
             if not (eval_dir / "results.json").exists():
                 run(sys.executable, "evaluate.py", "--run", probes[with_mesa], *selection, "--bootstrap", "200",

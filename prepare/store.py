@@ -19,7 +19,9 @@ import csv
 import errno
 import hashlib
 import json
+import random
 import shutil
+from math import floor
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +35,14 @@ MANIFEST_COLUMNS = ["night_id", "dataset", "subject", "visit", "path", "n_sample
                     "present", "split"]
 FAILED_COLUMNS = ["dataset", "night_id", "edf", "reason"]
 SPLIT_FRACTIONS = (("train", 0.8), ("val", 0.1), ("test", 0.1))
+# data.mesa_holdout: upstream's MESA split (benmfox/PFTSleep @31f33c1 jobs/model_training/train_transformer.py:79-89,
+# repeated for the probe's MESA variant in train_classifier.py:108-118)
+MESA_SHUFFLE_SEED = 123        # train_transformer.py:81  random.Random(123).shuffle(zarr_files_mesa)
+MESA_TRAIN_SIZE = 0.9          # train_transformer.py:71, :84  GroupShuffleSplit(train_size=TRAIN_VAL_SPLIT)
+MESA_SPLIT_SEED = 126          # train_transformer.py:44, :84  random_state=126
+# data.resplit_seed: the probe's own train/val split of the non-test nights (train_classifier.py:73-106: line 102
+# calls splitter_wsc = GroupShuffleSplit(n_splits=1, train_size=0.7, random_state=126), tc:56, :84-85)
+RESPLIT_TRAIN_SIZE = 0.7       # train_classifier.py:84  WSC_MROS_TRAIN_SIZE = 0.7
 
 
 def store_path(out: Path, dataset: str, night_id: str) -> Path:
@@ -211,6 +221,38 @@ def split_of(dataset: str, subject: str, fractions=SPLIT_FRACTIONS) -> str:
     return fractions[-1][0]
 
 
+def group_shuffle_split(groups, train_size: float, seed: int) -> np.ndarray:
+    """Rows (True) on the train side of sklearn's `next(GroupShuffleSplit(n_splits=1, train_size=train_size,
+    random_state=seed).split(X, groups=groups))`, the rest on its other ("test", for us val) side, computed as
+    sklearn does (sklearn/model_selection/_split.py, checked against scikit-learn 1.9.1 by tests/test_splits.py):
+    GroupShuffleSplit._iter_indices takes the sorted unique groups (np.unique); _validate_shuffle_split with a float
+    train_size and no test_size gives n_train = floor(train_size * n_groups), n_test = n_groups - n_train;
+    BaseShuffleSplit._iter_indices draws permutation = RandomState(seed).permutation(n_groups), test groups =
+    permutation[:n_test], train groups = permutation[n_test:n_test + n_train]. Where n_train is 0 (one group) sklearn
+    raises; here that group goes to the val side."""
+    classes, inverse = np.unique(np.asarray(list(groups), dtype=str), return_inverse=True)
+    n_train = floor(train_size * len(classes))
+    n_test = len(classes) - n_train
+    permutation = np.random.RandomState(seed).permutation(len(classes))
+    return np.isin(inverse, permutation[n_test:n_test + n_train])
+
+
+def upstream_mesa_split(night_ids, subjects, holdout: int) -> list[str]:
+    """Upstream's MESA split (data.mesa_holdout; train_transformer.py:79-89): the nights in night_id order (upstream
+    shuffles an unsorted glob listing, so its order is the filesystem's), shuffled by random.Random(123), the first
+    `holdout` test, the rest by subject 90 % train / 10 % val as GroupShuffleSplit(train_size=0.9, random_state=126)."""
+    order = sorted(range(len(night_ids)), key=lambda i: night_ids[i])
+    random.Random(MESA_SHUFFLE_SEED).shuffle(order)
+    split = [""] * len(order)
+    for i in order[:holdout]:
+        split[i] = "test"
+    rest = order[holdout:]
+    train = group_shuffle_split([subjects[i] for i in rest], MESA_TRAIN_SIZE, MESA_SPLIT_SEED)
+    for i, is_train in zip(rest, train):
+        split[i] = "train" if is_train else "val"
+    return split
+
+
 def manifest_row(out: Path, store: Path) -> dict:
     attrs = read_attrs(store)
     n_samples = int(round(attrs["duration_s"] * attrs["fs"]))
@@ -248,11 +290,21 @@ def write_manifest(out: Path, damaged: list | None = None) -> list[dict]:
     return rows
 
 
-def read_manifest(root: str | Path, split: str | None = None, datasets=None, split_fractions=None) -> pd.DataFrame:
+def read_manifest(root: str | Path, split: str | None = None, datasets=None, split_fractions=None, *,
+                  mesa_holdout: int | None = None, resplit_seed: int | None = None) -> pd.DataFrame:
     """Rows of `<root>/manifest.csv`, optionally one split and a selection of datasets ('shhs') or dataset visits
     ('mros:1'), so that the paper's cohorts (train on SHHS, WSC, MrOS visit 1; test on MESA, APPLES, MrOS visit 2)
-    are configs, not code. split_fractions [train, val, test] re-draws the split column with other shares by the
-    same subject hash (data.split_fractions; null = the manifest's 80/10/10)."""
+    are configs, not code. The split column, in this order (each reader of a selection passes the run's data.*):
+    - split_fractions [train, val, test] re-draws it with other shares by the same subject hash (null = the
+      manifest's 80/10/10);
+    - mesa_holdout N re-draws MESA's by upstream's rule (`upstream_mesa_split`): N shuffled nights test, the rest
+      90/10 train/val by subject;
+    - resplit_seed S re-draws train/val among the non-test nights of each selected dataset (all its visits; every
+      dataset if datasets is null), by subject, 70/30 as GroupShuffleSplit(train_size=0.7, random_state=S) on that
+      dataset's sorted unique subjects (the upstream probe's own split, train_classifier.py:102); test is unchanged.
+      One dataset at a time, so a dataset's partition does not depend on what else is selected (evaluate.py's
+      selection, the probe's "+ mesa" variant). MESA is left to mesa_holdout's rule when that is set (upstream's probe
+      repeats pretraining's MESA split, train_classifier.py:108-118)."""
     path = Path(root) / "manifest.csv"
     if not path.exists():
         raise SystemExit(f"{root}: no manifest.csv: data.root must be a `python -m prepare` output folder")
@@ -260,6 +312,16 @@ def read_manifest(root: str | Path, split: str | None = None, datasets=None, spl
     if split_fractions:
         fractions = tuple(zip(("train", "val", "test"), split_fractions))
         manifest["split"] = [split_of(d, s, fractions) for d, s in zip(manifest["dataset"], manifest["subject"])]
+    if mesa_holdout is not None:
+        mesa = manifest.index[manifest["dataset"] == "mesa"]
+        manifest.loc[mesa, "split"] = upstream_mesa_split(list(manifest.loc[mesa, "night_id"]),
+                                                          list(manifest.loc[mesa, "subject"]), mesa_holdout)
+    if resplit_seed is not None:
+        names = {str(s).partition(":")[0] for s in datasets} if datasets else set(manifest["dataset"])
+        for name in sorted(names - ({"mesa"} if mesa_holdout is not None else set())):
+            rows = manifest.index[(manifest["dataset"] == name) & (manifest["split"] != "test")]
+            train = group_shuffle_split(manifest.loc[rows, "subject"], RESPLIT_TRAIN_SIZE, resplit_seed)
+            manifest.loc[rows, "split"] = np.where(train, "train", "val")
     if split is not None:
         manifest = manifest[manifest["split"] == split]
     if datasets:

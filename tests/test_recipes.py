@@ -26,28 +26,32 @@ def nights(tmp_path_factory):
     return root / "nights"
 
 
-def expected(nights, datasets, fractions, split="train"):
-    manifest = read_manifest(nights, split, datasets, fractions)
+def expected(nights, datasets, fractions, split="train", **switches):
+    manifest = read_manifest(nights, split, datasets, fractions, **switches)
     return sorted(f"{d}/{n}" for d, n in zip(manifest["dataset"], manifest["night_id"]))
 
 
 @pytest.mark.parametrize("recipe", ["paper", "upstream"])
 def test_each_stage_trains_on_exactly_its_recipes_nights(nights, tmp_path, recipe):
     encoder, probe = tmp_path / "encoder", tmp_path / "probe"
+    # upstream holds out 100 MESA nights (data.mesa_holdout); of 8 synthetic ones, 3
+    holdout = ["--data.mesa_holdout", "3"] if recipe == "upstream" else []
     train_pretrain.main(["--config", f"configs/pretrain_{recipe}.yaml", *TINY, "--data.root", str(nights),
-                         "--run-dir", str(encoder)])
+                         "--run-dir", str(encoder), *holdout])
     train_probe.main(["--config", f"configs/probe_{recipe}.yaml", *TINY, "--data.root", str(nights), "--encoder",
-                      str(encoder), "--run-dir", str(probe), "--train.cache_embeddings", "false"])
+                      str(encoder), "--run-dir", str(probe), "--train.cache_embeddings", "false", *holdout])
     pretrained_on, probed_on = runs.read_cohorts(encoder)["train"], runs.read_cohorts(probe)["train"]
     fractions = None if recipe == "paper" else [0.49, 0.21, 0.30]
     if recipe == "paper":        # the paper's text: SHHS, WSC, MrOS visit 1 for both stages; MESA held out
         assert pretrained_on == expected(nights, ["shhs", "wsc", "mros:1"], fractions)
         assert probed_on == pretrained_on
-    else:                        # upstream's code: + MESA (its training share) in pretraining; the probe on SHHS only
-        assert pretrained_on == expected(nights, ["shhs", "wsc", "mros:1", "mesa"], fractions)
+    else:                        # upstream's code: + MESA (its training share) in pretraining; the probe on SHHS only,
+        # split again on its own (data.resplit_seed)
+        assert pretrained_on == expected(nights, ["shhs", "wsc", "mros:1", "mesa"], fractions, mesa_holdout=3)
         assert any(n.startswith("mesa/") for n in pretrained_on)
-        assert not set(pretrained_on) & set(expected(nights, ["mesa"], fractions, split="test"))
-        assert probed_on == expected(nights, ["shhs"], fractions) and probed_on
+        held_out = expected(nights, ["mesa"], fractions, split="test", mesa_holdout=3)
+        assert len(held_out) == 3 and not set(pretrained_on) & set(held_out)
+        assert probed_on == expected(nights, ["shhs"], fractions, resplit_seed=126) and probed_on
     for used in (pretrained_on, probed_on):   # never in training: APPLES, MrOS visit 2, and MESA in the paper's probe
         assert not [n for n in used if n.startswith("apples/") or n.startswith("mros/mros-visit2")]
     assert not [n for n in probed_on if n.startswith("mesa/")]
