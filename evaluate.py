@@ -36,7 +36,7 @@ They are computed pooled (all epochs of all selected nights together), per datas
 2.5th and 97.5th percentiles; seeded): for kappa, accuracy, macro_f1 and each class's F1. AUROC and AUPRC get none
 (each resample would re-sort every epoch).
 
-Sleep statistics (stage.sleep_statistics) per night, the technologist's hypnogram against the predicted one on the
+Sleep statistics (sleep_statistics.sleep_statistics) per night, the technologist's hypnogram against the predicted one on the
 same epochs (the prediction is set unscored where the technologist's stage is, so that a difference is the staging's
 alone): TST, SE, WASO, SOL, REM latency from sleep onset and minutes per stage. `agreement`, pooled and per dataset:
 per statistic the Bland–Altman bias (mean of predicted − technologist over nights) and 95 % limits of agreement
@@ -77,7 +77,8 @@ import yaml
 from tqdm import tqdm
 
 import config
-import runs
+import durable
+import sleep_statistics
 import stage
 from data import DataConfig
 from metrics import K, accuracy, auroc, average_precision, bootstrap_ci, confusion_matrix, f1_per_class, kappa, macro_f1
@@ -94,23 +95,10 @@ PROTOCOLS = {   # name -> what results.md says about it
                 "upstream's 8-h window covers; our reading: upstream publishes no scoring code); later epochs are not "
                 "scored",
 }
-# the per-night sleep statistics compared between technologist and prediction (stage.sleep_statistics' keys; the
+# the per-night sleep statistics compared between technologist and prediction (sleep_statistics.sleep_statistics' keys; the
 # minutes per stage flattened to W_min … R_min)
 AGREEMENT_STATS = ("TST_min", "SE_pct", "WASO_min", "SOL_min", "REM_latency_from_onset_min",
                    *(f"{name}_min" for name in AASM_LETTERS))
-
-
-def load_run(run_dir: Path, latest: bool = False):
-    """(encoder, probe, run config dict) of a probe run; exits with one line if the folder is not one, or holds no
-    final checkpoint and `latest` is not given."""
-    try:
-        run = runs.read_run(run_dir, latest)
-        if "probe" not in run.config or "model" not in run.config:
-            raise KeyError("no probe: section in config.yaml")
-        return run.encoder(), run.probe(), run.config
-    except (OSError, ValueError, KeyError, RuntimeError) as e:     # no folder/checkpoint, or weights that do not fit
-        raise SystemExit(f"evaluate.py: {run_dir} is not a probe run (needs config.yaml with model: and probe: "
-                         f"sections, and ckpt_final.pt): {str(e).splitlines()[0]}")
 
 
 def select_nights(root: Path, split: str, datasets: list | None, split_fractions=None, *, mesa_holdout=None,
@@ -182,7 +170,7 @@ def night_statistics(stages: np.ndarray, probs: np.ndarray) -> tuple[dict, dict]
     def flat(stats):
         return {**{key: stats[key] for key in AGREEMENT_STATS if key in stats},
                 **{f"{name}_min": minutes for name, minutes in stats["stage_min"].items()}}
-    return flat(stage.sleep_statistics(stages)), flat(stage.sleep_statistics(pred))
+    return flat(sleep_statistics.sleep_statistics(stages)), flat(sleep_statistics.sleep_statistics(pred))
 
 
 def agreement(nights: list[dict]) -> dict:
@@ -361,7 +349,7 @@ def plot_confusion(cm: np.ndarray, path: Path, plt) -> None:
            xlabel="predicted", ylabel="true", title="confusion (rows normalised; counts)")
     fig.colorbar(image, ax=ax, fraction=0.046)
     fig.tight_layout()
-    runs.write_atomic(path, lambda temp: fig.savefig(temp, dpi=120, format="png"))
+    durable.write_atomic(path, lambda temp: fig.savefig(temp, dpi=120, format="png"))
     plt.close(fig)
 
 
@@ -391,7 +379,7 @@ def plot_bland_altman(nights: list[dict], pooled_agreement: dict, path: Path, pl
         ax.set_xlabel("mean of the two", fontsize=8)
     fig.suptitle("Bland–Altman: bias (red) and 95 % limits of agreement (dashed), one point per night", fontsize=10)
     fig.tight_layout()
-    runs.write_atomic(path, lambda temp: fig.savefig(temp, dpi=110, format="png"))
+    durable.write_atomic(path, lambda temp: fig.savefig(temp, dpi=110, format="png"))
     plt.close(fig)
 
 
@@ -453,14 +441,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--png-nights", dest="png_nights", type=config.non_negative, default=3,
                         help="hypnogram PNGs for the first this many nights (default: 3)")
-    for old in ("--window_s", "--stride_s", "--batch_size"):     # the spellings before flags were kebab-case
-        parser.add_argument(old, dest=old[2:], type=float if old.endswith("_s") else int, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    encoder, probe, run_config = load_run(args.run, args.latest)
+    try:
+        model = stage.load_model(args.run, "cpu", args.latest)
+    except stage.StagingError as err:
+        raise SystemExit(f"evaluate.py: {err}") from None
+    encoder, probe, run_config = model.encoder, model.probe, model.config
     data = {**vars(DataConfig()), **(run_config.get("data") or {})}          # an imported run may have no data:
     root = args.data_root or Path(data["root"])
     window_s = args.window_s or data["window_s"]
@@ -500,16 +490,16 @@ def main(argv=None) -> dict:
 
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
-    runs.write_atomic(out / "results.json", lambda temp: temp.write_text(json.dumps(results, indent=1) + "\n"))
+    durable.write_atomic(out / "results.json", lambda temp: temp.write_text(json.dumps(results, indent=1) + "\n"))
     for name, table in (("per_night.csv", per_night_table(nights)), ("predictions.csv", predictions_table(nights)),
                         ("sleep_statistics.csv", statistics_table(nights))):
-        runs.write_atomic(out / name, lambda temp: table.to_csv(temp, index=False, float_format="%.6g"))
+        durable.write_atomic(out / name, lambda temp: table.to_csv(temp, index=False, float_format="%.6g"))
     paper = yaml.safe_load(PAPER_RESULTS.read_text()) if PAPER_RESULTS.exists() else {}
     settings = {"run": args.run, "data.root": root, "split": args.split, "datasets": args.datasets or "all",
                 "protocol": args.protocol, "window_s": window_s, "stride_s": stride_s, "label_lag": label_lag,
                 "absent": ",".join(absent) or "none", "bootstrap": args.bootstrap, "seed": args.seed}
     report = results_markdown(results, nights, paper, settings, (run_config.get("train") or {}).get("recipe"))
-    runs.write_atomic(out / "results.md", lambda temp: temp.write_text(report))
+    durable.write_atomic(out / "results.md", lambda temp: temp.write_text(report))
     figures = write_figures(out, results, nights, args.png_nights)
 
     print(report)

@@ -371,15 +371,6 @@ def compare_encoders(from_encoder: dict, from_classifier: dict, cfg: ModelConfig
                       "using the classifier's")
 
 
-def write_run(run_dir: Path, config: dict, weights: dict, overwrite: bool):
-    """config.yaml + ckpt_final.pt, each written to a temporary file and renamed, so a reader never sees half a file."""
-    if (run_dir / runs.FINAL).exists() and not overwrite:
-        raise ImportFailure(f"import_upstream.py: {run_dir} already holds a run (use --overwrite to replace it)")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    runs.save_checkpoint(run_dir / runs.FINAL, {"model": weights})
-    runs.save_config(run_dir, config)
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="import_upstream.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -393,7 +384,10 @@ def main(argv=None):
         if path is not None and not path.is_file():
             fail(path, "no such file")
     config, weights = import_checkpoints(args.encoder, args.probe)
-    write_run(args.run, config, weights, args.overwrite)
+    try:
+        runs.write_run(args.run, config, weights, args.overwrite)
+    except FileExistsError as err:
+        raise ImportFailure(f"import_upstream.py: {err}") from None
     n_params = sum(v.numel() for k, v in weights.items() if "running_" not in k and "num_batches" not in k)
     print(f"wrote {args.run}: encoder {config['model']['n_channels']} channels × {config['model']['max_patches']} "
           f"patches of {config['model']['patch_len']}, d_model {config['model']['d_model']}, "

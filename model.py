@@ -1,9 +1,9 @@
 """The PFTSleep model: a patch transformer over full-night, 7-channel PSG, and the probe that reads sleep stages off it.
 
-Reproduces Fox et al., "A foundational transformer leveraging full night, multichannel sleep study data accurately
-classifies sleep stages", SLEEP 2025. With the default configs this computes the same function as the public
-implementation (benmfox/PFTSleep: `PatchTFTSimple` + `RNNProbingHeadExperimental`; docs/upstream.md §6), so the
-published checkpoints load through a key map. Everything else (SDPA attention, padding-aware RevIN) is a switch.
+Fox et al., SLEEP 2025. With the default configs this computes the same function as the public implementation
+(benmfox/PFTSleep: `PatchTFTSimple` + `RNNProbingHeadExperimental`; docs/upstream.md §6), so the published
+checkpoints load through a key map. Everything else (SDPA attention, padding-aware RevIN) is a switch. Torch only:
+fast CPU kernels for staging are cpu_kernels.py's, passed in explicitly (`kernels=`).
 
 Shape flow (paper config; B nights, C = 7 channels, T = 8 h · 3600 · 125 = 3,600,000 samples):
 
@@ -13,20 +13,15 @@ Shape flow (paper config; B nights, C = 7 channels, T = 8 h · 3600 · 125 = 3,6
     pretraining:  PretrainHead   [B, C, N, D] ──per-channel Linear(D→P)──► reconstruction [B, C, N, P] (vs. the patches)
     sleep stages: ProbeHead      [B, C, N, D] ──[B, N, C·D]──BiGRU──MLP──► [B, N, 5] ──mean of 5 patches──► [B, N/5, 5]
 
-Other lengths: N = T // P patches use the first N rows of the positional table (upstream runs 8-h windows only).
-Upstream's outputs are [B, C, D, N], [B, N, C, P], [B, classes, N/5]; ours [B, C, N, D], [B, C, N, P], [B, N/5, classes].
+Other lengths use the first N rows of the positional table. Upstream's outputs are [B, C, D, N], [B, N, C, P],
+[B, classes, N/5]; ours [B, C, N, D], [B, C, N, P], [B, N/5, classes].
 """
 from __future__ import annotations
 
 import math
-import itertools
-import platform
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
-import torch.distributed.nn as dist_nn
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
@@ -53,11 +48,10 @@ class ModelConfig:
     def __post_init__(self):            # a config mistake: one line, before anything is built or written
         if self.d_model % self.n_heads:
             raise SystemExit(f"config: model.n_heads {self.n_heads} must divide model.d_model {self.d_model}")
-        if self.revin_stats not in ("window", "valid"):
-            raise SystemExit(f"config: model.revin_stats must be window or valid, got {self.revin_stats!r}")
-        if self.attention_kernels not in ATTENTION_KERNELS:
-            raise SystemExit(f"config: model.attention_kernels must be one of {', '.join(ATTENTION_KERNELS)}, "
-                             f"got {self.attention_kernels!r}")
+        for name, allowed in (("attention", ("sdpa", "math")), ("attention_kernels", tuple(ATTENTION_KERNELS)),
+                              ("revin_stats", ("window", "valid"))):
+            if getattr(self, name) not in allowed:
+                raise SystemExit(f"config: model.{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
 
 
 @dataclass
@@ -76,7 +70,6 @@ class ProbeConfig:                       # upstream's paper values (tc:164-183),
 # ----------------------------------------------------------------------------------------------------------------------
 # Attention
 
-QUERY_BLOCK = 480                        # blocked_attention's queries per product (bench/predict.py; 4800 = 10 · 480)
 # model.attention_kernels -> the SDPA kernels allowed, math always last (the CPU has flash and math only). cuDNN is left
 # out by default: with a mask at sequence lengths ≡ 64 mod 128 (4,800 is) some cuDNN versions give NaN gradients.
 ATTENTION_KERNELS = {
@@ -85,62 +78,40 @@ ATTENTION_KERNELS = {
     "efficient": [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH],
     "math": [SDPBackend.MATH],
 }
-FF_ROWS = 600                            # without autograd, the feed-forward layer takes this many patches at a time
-# staging's fp32 products through oneDNN, not MKL (cpu_linear; bench/gemm.py): on x86, where it was measured
-ONEDNN_ON_CPU = (platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
-                 and hasattr(torch.ops.mkldnn, "_linear_pointwise"))     # registered by every x86 build since torch 2.0
-
-
-def inference_paths(x: Tensor) -> bool:
-    """Staging on CPU runs in inference mode: there attention takes blocks of queries (SelfAttention.blocked_attention),
-    the probe's GRU runs its two directions side by side (cpu_bidirectional_gru) and the products go through oneDNN
-    (cpu_linear). Elsewhere the reference paths."""
-    return x.device.type == "cpu" and torch.is_inference_mode_enabled()
-
-
-def cpu_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """F.linear(x, weight, bias), through oneDNN on the inference paths (ONEDNN_ON_CPU): still fp32 throughout, but on
-    CPUs where MKL's fp32 GEMM keeps to its AVX2 kernels (AMD's) oneDNN's AVX-512 ones are about twice as fast."""
-    if ONEDNN_ON_CPU and x.dtype == torch.float32 and inference_paths(x):   # strided operands take a slow kernel
-        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight.contiguous(), bias, "none", [], "")
-    return F.linear(x, weight, bias)
 
 
 class SelfAttention(nn.Module):
     """Multi-head self-attention over one channel's patches, with residual attention (He et al. 2020, RealFormer):
-    layer ℓ's pre-softmax scores are s·q_ℓ·k_ℓᵀ + layer ℓ-1's, i.e. Σ_{j≤ℓ} s·q_j·k_jᵀ. The "math" path materialises
-    them [S, H, N, N] and hands them on, as upstream. The "sdpa" path never does: they are one dot product between
-    [s·q_1 | … | s·q_ℓ] and [k_1 | … | k_ℓ] (per head), so each layer hands on its concatenated (scaled) queries and
-    keys and runs SDPA with scale 1, among the kernels model.attention_kernels allows; head dims grow d → 2d → 3d over
-    the layers, values keep d (v_padding widens them only where FlashAttention can then run). On CPU in inference
-    mode (staging) both paths take blocked_attention: the sdpa path's arithmetic, a block of queries at a time."""
+    layer ℓ's pre-softmax scores are Σ_{j≤ℓ} s·q_j·k_jᵀ. The "math" path materialises them [S, H, N, N] and hands them
+    on, as upstream. The "sdpa" path never does: they are one dot product between [s·q_1 | … | s·q_ℓ] and
+    [k_1 | … | k_ℓ] (per head), handed on, and SDPA runs with scale 1 on head dims d → 2d → 3d over the layers, values
+    keeping d. `kernels` (cpu_kernels) replaces the products and the attention by its own, the same function."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        assert cfg.d_model % cfg.n_heads == 0, "d_model must be divisible by n_heads"
-        assert cfg.attention in ("sdpa", "math"), cfg.attention
         self.n_heads = cfg.n_heads
         self.head_dim = cfg.d_model // cfg.n_heads
         self.scale = self.head_dim ** -0.5
         self.path = cfg.attention
-        self.kernels = ATTENTION_KERNELS[cfg.attention_kernels]
+        self.backends = ATTENTION_KERNELS[cfg.attention_kernels]
         self.residual_attention = cfg.residual_attention
         self.query, self.key, self.value, self.out = (nn.Linear(cfg.d_model, cfg.d_model) for _ in range(4))
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: Tensor, key_padding: Tensor | None, prev=None):
+    def forward(self, x: Tensor, key_padding: Tensor | None, prev=None, kernels=None):
         """x [S, N, D] (S = B·C), key_padding [S, N] or None, prev: the last layer's carry -> (out [S, N, D], carry)"""
         S, N, D = x.shape
+        linear = kernels.linear if kernels else F.linear
         # head h owns features h·d … h·d+d-1 (upstream's split)
-        q, k, v = (cpu_linear(x, proj.weight, proj.bias).view(S, N, self.n_heads, self.head_dim).transpose(1, 2)
+        q, k, v = (linear(x, proj.weight, proj.bias).view(S, N, self.n_heads, self.head_dim).transpose(1, 2)
                    for proj in (self.query, self.key, self.value))                     # [S, H, N, d] each
-        if inference_paths(q):                    # staging on CPU: either path, the least time and memory
-            attend = self.blocked_attention
+        if kernels:
+            out, carry = kernels.attention(self, q, k, v, key_padding, prev)             # [S, H, N, d]
         else:
             attend = self.math_attention if self.path == "math" else self.sdpa_attention
-        out, carry = attend(q, k, v, key_padding, prev)                                  # [S, H, N, d]
+            out, carry = attend(q, k, v, key_padding, prev)                              # [S, H, N, d]
         out = out.transpose(1, 2).reshape(S, N, D)                                       # [S, N, H·d] head-major
-        return self.dropout(cpu_linear(out, self.out.weight, self.out.bias)), (carry if self.residual_attention else None)
+        return self.dropout(linear(out, self.out.weight, self.out.bias)), (carry if self.residual_attention else None)
 
     def math_attention(self, q, k, v, key_padding, prev_scores):
         """The reference: explicit scores, as upstream. Hands on the accumulated, masked pre-softmax scores."""
@@ -157,33 +128,11 @@ class SelfAttention(nn.Module):
         return weights @ v, scores
 
     def widened(self, q, k, prev_qk):
-        """The sdpa and blocked paths' carry: this layer's scaled queries and its keys [S, H, N, d] appended to the
-        earlier layers' -> [S, H, N, ℓ·d] each (class docstring)."""
+        """The sdpa path's carry: this layer's scaled queries and keys [S, H, N, d] after the earlier ones' [.., ℓ·d]"""
         q = q * self.scale
         if prev_qk is None:
             return q, k
         return torch.cat([prev_qk[0], q], dim=-1), torch.cat([prev_qk[1], k], dim=-1)
-
-    def blocked_attention(self, q, k, v, key_padding, prev_qk):
-        """sdpa_attention's function without autograd, for staging on CPU: the same concatenated queries and keys are
-        handed on, but each head's scores are made for QUERY_BLOCK queries at a time and at once multiplied by v, so they
-        never exist for the whole night; every product goes through cpu_linear. Padding as math_attention."""
-        q, k = (t.contiguous() for t in self.widened(q, k, prev_qk))                    # [S, H, N, ℓ·d] each
-        S, H, N, _ = q.shape
-        v_rows = v.transpose(-2, -1).contiguous()                   # [S, H, d, N]: weights·v as a linear map of weights
-        out = torch.empty_like(v)                                                        # [S, H, N, d]
-        for s in range(S):
-            padded = None if key_padding is None or not key_padding[s].any() else key_padding[s]   # [N]
-            if padded is not None and padded.all():
-                out[s] = 0                                             # an all-padded sequence: output 0, as upstream
-                continue
-            for h, i in itertools.product(range(H), range(0, N, QUERY_BLOCK)):
-                scores = cpu_linear(q[s, h, i:i + QUERY_BLOCK], k[s, h])                 # [b, N]
-                if padded is not None:
-                    scores.masked_fill_(padded, float("-inf"))
-                weights = torch.softmax(scores, dim=-1, out=scores)                      # [b, N]
-                out[s, h, i:i + QUERY_BLOCK] = cpu_linear(weights, v_rows[s, h])         # [b, d]
-        return out, (q, k)
 
     def sdpa_attention(self, q, k, v, key_padding, prev_qk):
         """Fused attention; residual attention through query/key concatenation (class docstring)."""
@@ -194,9 +143,9 @@ class SelfAttention(nn.Module):
             all_padded = key_padding.all(-1)                                             # [S]
             attn_mask = (~key_padding | all_padded[:, None])[:, None, None, :]           # [S, 1, 1, N]
         width = v.shape[-1]
-        pad = v_padding(self.kernels, q.device.type, q.dtype, q.shape[-1], width, masked=attn_mask is not None)
+        pad = v_padding(self.backends, q.device.type, q.dtype, q.shape[-1], width, masked=attn_mask is not None)
         padded_v = F.pad(v, (0, pad)) if pad else v                                      # [S, H, N, d + pad]
-        with sdpa_kernel(self.kernels):
+        with sdpa_kernel(self.backends):
             out = F.scaled_dot_product_attention(q, k, padded_v, attn_mask=attn_mask, scale=1.0)[..., :width]  # [S, H, N, d]
         if all_padded is not None:
             out = out.masked_fill(all_padded[:, None, None, None], 0.0)
@@ -204,10 +153,9 @@ class SelfAttention(nn.Module):
 
 
 def v_padding(kernels: list, device_type: str, dtype: torch.dtype, qk_width: int, v_width: int, masked: bool) -> int:
-    """Zero columns to append to v so that FlashAttention can take a layer whose queries and keys are wider than its
-    values (residual attention: ℓ·d against d). Of the kernels only FlashAttention (and cuDNN, left out by default) needs
-    one head dim for q, k and v, and it runs on CUDA in half precision, without a mask, up to head dim 256; elsewhere
-    v keeps its width: the memory-efficient kernel and math take it narrower, at no wasted work."""
+    """Zero columns to append to v (d wide) so that FlashAttention can take a layer of wider q and k (ℓ·d): it needs
+    one head dim for all three and runs on CUDA in half precision, without a mask, up to 256. Elsewhere v keeps its
+    width: the memory-efficient kernel and math take it narrower, at no wasted work."""
     flash = (SDPBackend.FLASH_ATTENTION in kernels and device_type == "cuda" and not masked
              and dtype in (torch.float16, torch.bfloat16) and qk_width <= 256)
     return qk_width - v_width if flash else 0
@@ -217,33 +165,9 @@ def v_padding(kernels: list, device_type: str, dtype: torch.dtype, qk_width: int
 # Encoder
 
 
-def token_batch_norm(norm: nn.BatchNorm1d, x: Tensor) -> Tensor:
-    """BatchNorm1d over all S·N tokens of x [S, N, D] (padding included, as upstream); synchronised under DDP."""
-    tokens = x.reshape(-1, x.shape[-1])                                                  # [S·N, D]
-    if norm.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        return synced_batch_norm(norm, tokens).view_as(x)
-    return norm(tokens).view_as(x)
-
-
-def synced_batch_norm(norm: nn.BatchNorm1d, tokens: Tensor) -> Tensor:
-    """Training-mode BatchNorm over every process's sums (gloo too), gradients flowing back through all_reduce."""
-    D = tokens.shape[-1]
-    t = tokens.float()                                                                   # [M, D]
-    stats = torch.cat([t.sum(0), (t * t).sum(0), t.new_full((1,), t.shape[0])])         # [2D + 1]
-    stats = dist_nn.all_reduce(stats)                                                    # summed over processes
-    count, mean = stats[-1], stats[:D] / stats[-1]                                       # [], [D]
-    var = (stats[D:2 * D] / count - mean * mean).clamp_min(0)                            # population variance [D]
-    with torch.no_grad():   # running statistics as nn.BatchNorm1d keeps them (unbiased variance)
-        norm.running_mean.lerp_(mean, norm.momentum)
-        norm.running_var.lerp_(var * count / (count - 1).clamp_min(1), norm.momentum)
-        norm.num_batches_tracked += 1
-    normalised = (t - mean) * torch.rsqrt(var + norm.eps) * norm.weight + norm.bias      # [M, D]
-    return normalised.to(tokens.dtype)
-
-
 class EncoderLayer(nn.Module):
-    """Post-norm transformer layer with BatchNorm. Dropout as upstream: the attention branch is dropped twice (after
-    the output projection and again on the residual add); the FFN after its GELU and on the residual add."""
+    """Post-norm layer, BatchNorm over all S·N tokens (padding included; training.SyncedBatchNorm under DDP). Dropout
+    as upstream: attention after its projection and on the residual add, the FFN after its GELU and on the add."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -254,21 +178,18 @@ class EncoderLayer(nn.Module):
         self.norm_ff = nn.BatchNorm1d(cfg.d_model)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: Tensor, key_padding: Tensor | None, prev=None):
+    def forward(self, x: Tensor, key_padding: Tensor | None, prev=None, kernels=None):
         """x [S, N, D] -> (x [S, N, D], what the next layer's attention needs for residual attention)"""
-        attended, prev = self.attn(x, key_padding, prev)                                 # [S, N, D]
-        x = token_batch_norm(self.norm_attn, x + self.dropout(attended))                 # [S, N, D]
-        if torch.is_grad_enabled():
-            fed = self.feed_forward(x)                                                   # [S, N, D]
-        else:   # row by row is exact; FF_ROWS at a time keep the [S, rows, d_ff] hidden layer small
-            fed = torch.cat([self.feed_forward(rows) for rows in x.split(FF_ROWS, dim=1)], dim=1)
-        x = token_batch_norm(self.norm_ff, x + self.dropout(fed))                        # [S, N, D]
-        return x, prev
+        S, N, D = x.shape
+        attended, prev = self.attn(x, key_padding, prev, kernels)                        # [S, N, D]
+        x = self.norm_attn((x + self.dropout(attended)).view(S * N, D)).view(S, N, D)
+        fed = kernels.feed_forward(self, x) if kernels else self.feed_forward(x)         # [S, N, D]
+        return self.norm_ff((x + self.dropout(fed)).view(S * N, D)).view(S, N, D), prev
 
-    def feed_forward(self, x: Tensor) -> Tensor:
+    def feed_forward(self, x: Tensor, linear=F.linear) -> Tensor:
         """x [S, n, D] -> [S, n, D]; exact (erf) GELU as upstream"""
-        hidden = F.gelu(cpu_linear(x, self.ff_in.weight, self.ff_in.bias))              # [S, n, d_ff]
-        return cpu_linear(self.dropout(hidden), self.ff_out.weight, self.ff_out.bias)
+        hidden = F.gelu(linear(x, self.ff_in.weight, self.ff_in.bias))                  # [S, n, d_ff]
+        return linear(self.dropout(hidden), self.ff_out.weight, self.ff_out.bias)
 
 
 def revin_statistics(signals: Tensor, valid: Tensor | None, eps: float) -> tuple[Tensor, Tensor]:
@@ -312,9 +233,7 @@ class Encoder(nn.Module):
         N = min(T // P, self.cfg.max_patches)
         if N == 0:
             raise ValueError(f"input of {T} samples is shorter than one patch ({P})")
-        valid = None
-        if padding_mask is not None and self.cfg.revin_stats == "valid":
-            valid = ~padding_mask[:, None, :]                                             # [B, 1, T]
+        valid = None if padding_mask is None or self.cfg.revin_stats == "window" else ~padding_mask[:, None, :]  # [B, 1, T]
         mean, std = revin_statistics(signals, valid, self.cfg.revin_eps)                 # [B, C, 1] each
         # (x - mean) / std · weight + bias, as one new [B, C, T] tensor: a night's signals are large
         x = (signals - mean).mul_(self.revin_weight[:, None] / std).add_(self.revin_bias[:, None])   # [B, C, T]
@@ -324,44 +243,35 @@ class Encoder(nn.Module):
         key_padding = None if padding_mask is None else padding_mask[:, :N * P].reshape(B, N, P).all(dim=-1)  # [B, N]
         return patches, key_padding
 
-    def encode(self, patches: Tensor, key_padding: Tensor | None = None, sequences_per_pass: int | None = None) -> Tensor:
-        """(possibly corrupted) normalised patches [B, C, N, P], key_padding [B, N] bool or None
-        -> embeddings [B, C, N, D]."""
-        return self.contextualise(self.tokens(patches), key_padding, sequences_per_pass)
-
     def tokens(self, patches: Tensor) -> Tensor:
         """patches [B, C, N, P] -> per-channel Linear(P→D) + learned position [B, C, N, D]."""
         x = torch.einsum("bcnp,cdp->bcnd", patches, self.patch_weight)                   # [B, C, N, D]
         return self.dropout(x.add_(self.patch_bias[:, None, :]).add_(self.pos_embed[:patches.shape[2]]))
 
-    def contextualise(self, tokens: Tensor, key_padding: Tensor | None = None,
-                      sequences_per_pass: int | None = None) -> Tensor:
-        """tokens [B, C, N, D], key_padding [B, N] bool or None -> embeddings [B, C, N, D]. sequences_per_pass (eval
-        mode without autograd only): run the transformer over that many channel sequences at a time, each pass's
-        output replacing its tokens (so tokens becomes the result), to bound inference memory; exact, as in eval mode
-        every sequence is computed on its own. On CPU in inference mode it defaults to 1."""
+    def contextualise(self, tokens: Tensor, key_padding: Tensor | None = None, kernels=None) -> Tensor:
+        """tokens [B, C, N, D], key_padding [B, N] bool or None -> embeddings [B, C, N, D]. With `kernels` (cpu_kernels)
+        kernels.SEQUENCES_PER_PASS channel sequences a pass, each replacing its tokens in place (exact in eval mode)."""
         B, C, N, D = tokens.shape
         x = tokens.reshape(B * C, N, D)                   # [B·C, N, D]: every channel its own sequence, row b·C + c
         key_padding = None if key_padding is None else key_padding.repeat_interleave(C, dim=0)   # [B·C, N]
-        if sequences_per_pass is None and inference_paths(x):
-            sequences_per_pass = 1
-        if sequences_per_pass and not self.training and not torch.is_grad_enabled():
-            for i in range(0, B * C, sequences_per_pass):
-                rows = x[i:i + sequences_per_pass]                                       # [n, N, D], a view of x
-                rows.copy_(self.transform(rows, None if key_padding is None else key_padding[i:i + len(rows)]))
-            return x.view(B, C, N, D)                                                    # [B, C, N, D]
-        return self.transform(x, key_padding).view(B, C, N, D)                           # [B, C, N, D]
+        if not kernels:
+            return self.transform(x, key_padding).view(B, C, N, D)                       # [B, C, N, D]
+        for i in range(0, B * C, kernels.SEQUENCES_PER_PASS):
+            rows = x[i:i + kernels.SEQUENCES_PER_PASS]                                   # [n, N, D], a view of x
+            rows.copy_(self.transform(rows, None if key_padding is None else key_padding[i:i + len(rows)], kernels))
+        return x.view(B, C, N, D)                                                        # [B, C, N, D]
 
-    def transform(self, x: Tensor, key_padding: Tensor | None) -> Tensor:
+    def transform(self, x: Tensor, key_padding: Tensor | None, kernels=None) -> Tensor:
         """The transformer layers: x [S, N, D], key_padding [S, N] or None -> [S, N, D]."""
         prev = None
         for layer in self.layers:
-            x, prev = layer(x, key_padding, prev)                                        # [S, N, D]
+            x, prev = layer(x, key_padding, prev, kernels)                               # [S, N, D]
         return x
 
-    def embed(self, signals: Tensor, padding_mask: Tensor | None = None, sequences_per_pass: int | None = None) -> Tensor:
+    def embed(self, signals: Tensor, padding_mask: Tensor | None = None, kernels=None) -> Tensor:
         """signals [B, C, T] float32, padding_mask [B, T] bool (True = padded) or None -> embeddings [B, C, N, D]."""
-        return self.encode(*self.patchify(signals, padding_mask), sequences_per_pass=sequences_per_pass)
+        patches, key_padding = self.patchify(signals, padding_mask)                      # [B, C, N, P], [B, N]
+        return self.contextualise(self.tokens(patches), key_padding, kernels)
 
 
 def init_stacked_linear(weight: Tensor, bias: Tensor, fan_in: int):
@@ -369,10 +279,6 @@ def init_stacked_linear(weight: Tensor, bias: Tensor, fan_in: int):
     bound = 1 / math.sqrt(fan_in)
     nn.init.uniform_(weight, -bound, bound)
     nn.init.uniform_(bias, -bound, bound)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Heads
 
 
 class PretrainHead(nn.Module):
@@ -390,8 +296,8 @@ class PretrainHead(nn.Module):
 
 
 class ProbeHead(nn.Module):
-    """Stages from frozen embeddings: per-channel affine → channels concatenated per patch → 2-layer BiGRU over the
-    night → MLP per patch (kind "linear": one linear map per patch) → logits averaged over each epoch's 5 patches."""
+    """Stages from frozen embeddings: per-channel affine → channels concatenated per patch → 2-layer BiGRU (kernels:
+    cpu_kernels') → MLP per patch (kind "linear": one linear map) → logits averaged over each epoch's 5 patches."""
 
     def __init__(self, cfg: ProbeConfig = ProbeConfig()):
         super().__init__()
@@ -409,84 +315,30 @@ class ProbeHead(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(2 * H, H), nn.LayerNorm(H), nn.ReLU(), nn.Dropout(cfg.linear_dropout),
                                  nn.Linear(H, cfg.n_classes))
 
-    def forward(self, embeddings: Tensor, padding_mask: Tensor | None = None) -> Tensor:
-        """embeddings [B, C, N, D], padding_mask [B, T] bool (True = padded) or None -> logits [B, N // 5, classes]."""
+    def forward(self, embeddings: Tensor, padding_mask: Tensor | None = None, kernels=None) -> Tensor:
+        """embeddings [B, C, N, D], padding_mask [B, T] bool or None -> logits [B, N // 5, classes]; kernels: cpu_kernels"""
         B, C, N, D = embeddings.shape
         x = embeddings.transpose(1, 2).reshape(B, N, C * D)       # [B, N, C·D], channel-major (feature c·D + d)
         x = x.mul_(self.channel_weight.repeat_interleave(D)).add_(self.channel_bias.repeat_interleave(D))   # in place
         if self.cfg.kind == "linear":
             logits = self.linear(x)                                                      # [B, N, classes]
-        elif inference_paths(x):
+        elif kernels:
             lengths = [N] * B if padding_mask is None else valid_lengths(padding_mask, N).tolist()
-            logits = self.mlp(cpu_bidirectional_gru(self.gru, x, lengths))              # [B, N, classes]
-        else:
-            logits = self.mlp(self.recurrent(x.float(), padding_mask))                  # [B, N, classes]
+            logits = self.mlp(kernels.bidirectional_gru(self.gru, x, lengths))          # [B, N, classes]
+        else:   # the GRU in fp32: under bf16 autocast cuDNN would run it in fp16, nothing scaling its small gradients
+            with torch.autocast(x.device.type, enabled=False):
+                logits = self.mlp(self.recurrent(x.float(), padding_mask))              # [B, N, classes]
         k, E = self.cfg.patches_per_epoch, N // self.cfg.patches_per_epoch
         return logits[:, :E * k].reshape(B, E, k, -1).mean(dim=2)                        # [B, E, classes]
 
-
     def recurrent(self, x: Tensor, padding_mask: Tensor | None) -> Tensor:
-        """The BiGRU over the night, x [B, N, C·D] -> [B, N, 2H], always in fp32: under bf16 autocast cuDNN would run it
-        in fp16 with nothing to scale its small gradients. Only trailing padding is honoured (as upstream): the
+        """The BiGRU over the night, x [B, N, C·D] -> [B, N, 2H]. Only trailing padding is honoured (as upstream): the
         backward GRU starts at the last valid patch, zeros past each length (they still go through the MLP)."""
-        with torch.autocast(x.device.type, enabled=False):
-            if padding_mask is None:
-                return self.gru(x)[0]
-            lengths = valid_lengths(padding_mask, x.shape[1])
-            packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
-            return pad_packed_sequence(self.gru(packed)[0], batch_first=True, total_length=x.shape[1])[0]
-
-
-def cpu_bidirectional_gru(gru: nn.GRU, x: Tensor, lengths: list[int]) -> Tensor:
-    """nn.GRU's output [B, N, 2H] for x [B, N, I] (eval mode, inference mode, CPU), by torch's GRU equations: each
-    layer's input gates for the whole night (cpu_linear), then its two directions' recurrences side by side in two
-    threads of one torch thread each. A recurrent step is a matrix-vector product bound by memory, so two at once beat
-    one on two threads. Zeros past each length, as packed."""
-    N, outputs, threads = x.shape[1], [], torch.get_num_threads()
-    try:
-        with ThreadPoolExecutor(2) as pool:
-            for b, length in enumerate(lengths):
-                sequence = x[b, :length]                                                 # [L, I]
-                for layer in range(gru.num_layers):
-                    sequence = bidirectional_gru_layer(gru, layer, sequence, pool)       # [L, 2H]
-                outputs.append(sequence if length == N else F.pad(sequence, (0, 0, 0, N - length)))   # [N, 2H]
-    finally:
-        torch.set_num_threads(threads)   # the workers' setting reaches MKL's, which is process-wide
-    return outputs[0][None] if len(outputs) == 1 else torch.stack(outputs)              # [B, N, 2H]
-
-
-def bidirectional_gru_layer(gru: nn.GRU, layer: int, sequence: Tensor, pool: ThreadPoolExecutor) -> Tensor:
-    """One layer of cpu_bidirectional_gru: sequence [L, I] -> [L, 2H], both directions written into one tensor."""
-    L, H = sequence.shape[0], gru.hidden_size
-    states = sequence.new_zeros(L + 2, 2 * H)   # rows 1…L: the output; row 0 (forward), row L + 1 (backward): h_0 = 0
-    gates, weights = [], []
-    for suffix in ("", "_reverse"):
-        w_ih, b_ih, w_hh, b_hh = (getattr(gru, f"{name}_l{layer}{suffix}")
-                                  for name in ("weight_ih", "bias_ih", "weight_hh", "bias_hh"))
-        gates.append(cpu_linear(sequence, w_ih, b_ih))                                   # [L, 3H]
-        weights.append((w_hh, b_hh))
-    halves = (states[:, :H], states[:, H:])                                              # [L + 2, H] each
-    list(pool.map(gru_recurrence, gates, *zip(*weights), halves, (False, True)))
-    return states[1:L + 1]                                                               # [L, 2H]
-
-
-def gru_recurrence(gates: Tensor, weight_hh: Tensor, bias_hh: Tensor, states: Tensor, reverse: bool):
-    """One direction of one GRU layer, in a worker thread: from its input gates [L, 3H] (W_i·x_t + b_i, rows r | z |
-    n) into states [L + 2, H] (row t + 1 = h_t; rows 0 and L + 1 hold h_0 = 0). torch's equations (nn.GRU):
-    r, z = σ(gates_rz + W_hrz·h + b_hrz), n = tanh(gates_n + r ⊙ (W_hn·h + b_hn)), h' = n + z ⊙ (h − n), the
-    previous h being row t (forward) or row t + 2 (reverse, from the last step to the first)."""
-    torch.set_num_threads(1)
-    L, H = gates.shape[0], gates.shape[1] // 3
-    rows = states[:, None].unbind(0)                                                     # [1, H] views
-    gates_rz, gates_n = gates[:, None, :2 * H].unbind(0), gates[:, None, 2 * H:].unbind(0)
-    with torch.inference_mode():                                                         # per thread, like grad mode
-        new = gates.new_empty(1, H)
-        for t in range(L - 1, -1, -1) if reverse else range(L):
-            previous = rows[t + 2] if reverse else rows[t]
-            hidden = cpu_linear(previous, weight_hh, bias_hh)                            # [1, 3H]
-            rz = hidden[:, :2 * H].add_(gates_rz[t]).sigmoid_()                          # [1, 2H]
-            torch.addcmul(gates_n[t], rz[:, :H], hidden[:, 2 * H:], out=new).tanh_()     # n
-            torch.lerp(new, previous, rz[:, H:], out=rows[t + 1])                        # n + z ⊙ (h − n)
+        if padding_mask is None:
+            return self.gru(x)[0]
+        packed = pack_padded_sequence(x, valid_lengths(padding_mask, x.shape[1]).cpu(), batch_first=True,
+                                      enforce_sorted=False)
+        return pad_packed_sequence(self.gru(packed)[0], batch_first=True, total_length=x.shape[1])[0]
 
 
 def valid_lengths(padding_mask: Tensor, n_patches: int) -> Tensor:
@@ -504,9 +356,9 @@ def valid_lengths(padding_mask: Tensor, n_patches: int) -> Tensor:
 
 def corrupt_values(patches: Tensor, p_zero: float = 0.05, p_jitter: float = 0.05, jitter_scale: float = 0.1,
                    generator: torch.Generator | None = None) -> Tensor:
-    """The paper's corruption (upstream 'jitter_zero_mask' with mask_ratio 0.1), element-wise: every value is zeroed
-    with probability p_zero and, independently, gets ε·jitter_scale·max|x| added with probability p_jitter
-    (ε ~ N(0, 1); max|x| is one scalar over the whole batch tensor; zeroed first, then jittered). Any shape."""
+    """Upstream's corruption ('jitter_zero_mask', mask_ratio 0.1), element-wise: every value is zeroed with probability
+    p_zero and, independently, gets ε·jitter_scale·max|x| (ε ~ N(0, 1), max over the whole batch) added with
+    probability p_jitter; zeroed first, then jittered. Any shape."""
     scale = patches.detach().abs().max() * jitter_scale
     draw = lambda sample: sample(patches.shape, generator=generator, device=patches.device)  # noqa: E731
     keep, jitter, noise = draw(torch.rand) > p_zero, draw(torch.rand) > 1 - p_jitter, draw(torch.randn) * scale
@@ -574,15 +426,5 @@ class Pretrainer(nn.Module):
         if present is not None:
             counted = present[:, :, None].expand(B, C, N)                                # [B, C, N]
             loss_mask = counted if loss_mask is None else loss_mask & counted
-        reconstruction = self.head(self.encoder.encode(corrupted, key_padding))          # [B, C, N, P]
+        reconstruction = self.head(self.encoder.contextualise(self.encoder.tokens(corrupted), key_padding))
         return reconstruction_loss(reconstruction, patches, key_padding, loss_mask)
-
-
-def load_encoder(run_dir) -> Encoder:   # the documented API (docs/design.md §11); run folders are runs.py's
-    import runs                          # imported late: runs imports this module
-    return runs.load_encoder(run_dir)
-
-
-def load_probe(run_dir) -> ProbeHead:
-    import runs
-    return runs.load_probe(run_dir)

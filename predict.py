@@ -18,7 +18,7 @@ Per night <stem> (the EDF's name without .edf), written to a temporary name and 
   <stem>.hypnogram.csv   epoch, onset_s, date (YYYY-MM-DD) and clock_time (HH:MM:SS) from the EDF start (empty if the
                          header has none), stage (W/N1/N2/N3/R, the most probable), p_W, p_N1, p_N2, p_N3, p_REM
                          (5 decimals, every row summing to exactly 1)
-  <stem>.stats.json      sleep statistics of the predicted hypnogram (stage.sleep_statistics; lights-off to lights-on:
+  <stem>.stats.json      sleep statistics of the predicted hypnogram (sleep_statistics.sleep_statistics; lights-off to lights-on:
                          --lights-off/--lights-on, else the EDF+ annotations' 'Lights off'/'Lights on', else the whole
                          recording), the run, the absent slots, the alias table, the source labels and their units as
                          the EDF declares them, every warning
@@ -59,23 +59,11 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import config
-import runs
+import durable
+import sleep_statistics
 import stage
+from prepare import annotations
 from prepare.night import make_options
-
-COLUMNS = stage.HYPNOGRAM_COLUMNS         # the hypnogram CSV's columns (earlier versions' name)
-
-
-def load_model(run_dir: Path, device: str, latest: bool) -> stage.Model:
-    """The run, loaded once for every night; exits with one line if the folder is not a usable probe run."""
-    try:
-        return stage.load_model(run_dir, device, latest)
-    except (OSError, runs.CorruptCheckpoint) as err:   # no folder; no final checkpoint (its line names --latest)
-        raise SystemExit(f"predict.py: {str(err).splitlines()[0]}")
-    except (ValueError, KeyError, TypeError, RuntimeError) as err:   # weights or config that do not fit a probe run
-        raise SystemExit(f"predict.py: {run_dir} is not a probe run (needs config.yaml with model:, probe:, "
-                         f"data.window_s and ckpt_final.pt): {str(err).splitlines()[0]}")
-
 
 def output_folders(args) -> list[Path]:
     """Where this batch writes: --out, else each EDF's folder."""
@@ -118,7 +106,7 @@ def write_summary(path: Path, rows: list[dict]) -> None:
             writer = csv.DictWriter(f, columns, restval="")
             writer.writeheader()
             writer.writerows({k: "" if v is None else v for k, v in row.items()} for row in rows)
-    runs.write_atomic(path, write)
+    durable.write_atomic(path, write)
 
 
 def read_night(edf: Path, args) -> stage.PreparedNight | stage.StagingError:
@@ -139,7 +127,7 @@ def read_nights(edfs: list[Path], args):
     if args.workers < 1:
         yield from ((edf, read_night(edf, args)) for edf in edfs)
         return
-    with ProcessPoolExecutor(args.workers, initializer=runs.die_with_parent, initargs=(os.getpid(),)) as pool:
+    with ProcessPoolExecutor(args.workers, initializer=durable.die_with_parent, initargs=(os.getpid(),)) as pool:
         pending, queue = deque(), iter(edfs)
         for edf in queue:
             pending.append((edf, pool.submit(read_night, edf, args)))
@@ -197,7 +185,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "EOG, EMG are zeros, warned)")
     parser.add_argument("--out", type=Path, help="output folder (default: next to each EDF)")
     parser.add_argument("--export", default="", metavar="FORMATS",
-                        help=f"also write the stages as hypnogram files, a comma list of {', '.join(stage.EXPORTS)} "
+                        help=f"also write the stages as hypnogram files, a comma list of {', '.join(annotations.EXPORTS)} "
                              "(EDF+ annotations, Luna .annot, NSRR XML, one stage per line)")
     parser.add_argument("--edf-annotations", action="store_true", help="the same as --export edf")
     parser.add_argument("--embeddings", action="store_true",
@@ -223,15 +211,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="windows per forward pass (default 4)")
     parser.add_argument("--device", default="auto",
                         help="auto (default: CUDA when present, else the CPU), cpu, cuda or cuda:N")
-    for old in ("--stride_s", "--batch_size"):                     # the spellings before flags were kebab-case
-        parser.add_argument(old, dest=old[2:], type=float if old.endswith("_s") else int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.edfs = edf_files(args.edfs)
     if not args.edfs:
         parser.error("no EDF files in the folders given")
     args.export = [fmt.strip().lower() for fmt in args.export.split(",") if fmt.strip()]
-    if unknown := sorted(set(args.export) - set(stage.EXPORTS)):
-        parser.error(f"--export: unknown formats {unknown}; formats are {', '.join(stage.EXPORTS)}")
+    if unknown := sorted(set(args.export) - set(annotations.EXPORTS)):
+        parser.error(f"--export: unknown formats {unknown}; formats are {', '.join(annotations.EXPORTS)}")
     if args.edf_annotations and "edf" not in args.export:
         args.export.append("edf")
     if args.allow_missing and args.require_all:
@@ -242,7 +228,7 @@ def parse_args(argv=None) -> argparse.Namespace:
             setattr(args, name, float(value))
         elif value is not None:
             try:                                                    # its form, before any night is staged
-                stage.seconds_after_start(value, "2000-01-01T00:00:00")
+                sleep_statistics.seconds_after_start(value, "2000-01-01T00:00:00")
             except ValueError as err:
                 parser.error(f"--{name.replace('_', '-')}: {err}")
     return args
@@ -254,7 +240,10 @@ def main(argv=None) -> int:
     args.channel_map = make_options(args.channels).channel_map
     folders = output_folders(args)
     check_writable(folders)
-    model = load_model(args.run, args.device, args.latest)
+    try:
+        model = stage.load_model(args.run, args.device, args.latest)            # once for every night
+    except stage.StagingError as err:
+        raise SystemExit(f"predict.py: {err}") from None
     summary = (args.out or Path(os.path.commonpath([folder.resolve() for folder in folders]))) / "summary.csv"
     plt = stage.pyplot()
     rows, failures, started = [], [], time.time()

@@ -14,79 +14,49 @@ and, one level down, on signals already prepared ([7, T] float32 at 125 Hz, prep
     run = runs.read_run("runs/probe")
     encoder, probe = run.encoder(), run.probe()
     probs = stage.stage_night(encoder, probe, signals, window_samples=3_600_000, stride_samples=1_800_000)
-    stats = stage.sleep_statistics(probs.argmax(1))
+    stats = sleep_statistics.sleep_statistics(probs.argmax(1))          # import sleep_statistics
     stage.plot_hypnogram("night.png", probs.numpy(), "night 1")
 
 Windows come from data.window_starts (the one windowing rule): windows of `window_samples` every `stride_samples`, the
 last one aligned to the night's last full epoch; a night shorter than a window is zero-padded and masked. Where
 windows overlap, an epoch's probabilities are the mean over the windows that saw it.
 
-Sleep statistics (AASM terms; minutes unless noted; an epoch is 30 s = 0.5 min; sleep = N1, N2, N3 or R; -1 =
-unscored). Everything is counted between lights-off and lights-on (epoch indices; default: the whole recording), the
-time in bed; epochs outside are left out. The definitions are YASA's (`Hypnogram.sleep_statistics`, v0.7 source, on the
-lights-off..lights-on part of the hypnogram) except where named:
-  TIB_min          time in bed: epochs from lights-off to lights-on × 0.5
-  unscored_min     unscored (-1) epochs within TIB × 0.5: neither wake nor sleep anywhere below
-  SOL_min          sleep onset latency: lights-off to the first sleep epoch (null if no sleep)
-  LPS_min          latency to persistent sleep: lights-off to the first epoch of the first run of
-                   PERSISTENT_SLEEP_MIN (10) minutes of uninterrupted sleep, the clinical/AASM-trial convention
-                   (null if none; YASA's SOL_5min uses 5 minutes)
-  SPT_min          sleep period time: first to last sleep epoch inclusive (0 if no sleep)
-  TST_min          total sleep time: sleep epochs × 0.5
-  WASO_min         wake after sleep onset: W epochs inside the SPT (0 if no sleep; YASA: NaN)
-  SE_pct           sleep efficiency: TST / TIB × 100 (null if TIB = 0)
-  SME_pct          sleep maintenance efficiency: TST / SPT × 100 (null if no sleep)
-  Lat_<stage>_min  Lat_N1_min, Lat_N2_min, Lat_N3_min, Lat_REM_min: lights-off to the first epoch of that stage
-                   (YASA's latencies; null if the stage is absent)
-  REM_latency_from_onset_min   first R epoch − first sleep epoch, the AASM REM latency (= Lat_REM − SOL;
-                   null if no R)
-  awakenings       runs of >= MIN_AWAKENING_EPOCHS (2 = 1 min) consecutive W epochs inside the SPT
-  awakenings_per_h awakenings per hour of TST (null if TST = 0)
-  stage_shifts     changes of stage between consecutive scored epochs inside the SPT (to and from W included;
-                   a pair with an unscored epoch is no shift)
-  stage_shifts_per_h  stage shifts per hour of TST (null if TST = 0)
-  stage_min        minutes per stage W, N1, N2, N3, R within TIB
-  stage_pct_TST    N1, N2, N3, R as % of TST (null if TST = 0)
-  transitions      {from: {to: count}} over consecutive epoch pairs within TIB, both scored, W N1 N2 N3 R (rows:
-                   from; the diagonal counts staying in a stage), as YASA's transition_matrix on scored epochs
-lights_epochs turns lights-off/on given as clock times ("23:10", past midnight when earlier than the start), datetimes
-or seconds after the start (EDF+ annotations: lights_from_annotations) into those epoch indices.
+Sleep statistics and lights-off/on are sleep_statistics.py's; the hypnogram files (exports) prepare/annotations.py's.
 """
 from __future__ import annotations
 
 import datetime as dt
 import json
-import math
-import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
+import cpu_kernels
 import runs
-from data import window_starts
+from data import DataConfig, window_starts
+from durable import write_atomic
 from prepare import apples, generic, mesa, mros, shhs, wsc
-from prepare import edf as edf_format
-from prepare.annotations import AASM_LETTERS, REM, STAGES, W
-from prepare.night import DEFAULT_REQUIRED, NIGHT_ERRORS, Night, Options, make_options, prepare_arrays, prepare_night
+from prepare.annotations import AASM_LETTERS, EXPORTS, STAGES, write_stages
+from prepare.night import DEFAULT_REQUIRED, NIGHT_ERRORS, Options, make_options, prepare_arrays, prepare_edf
 from prepare.signals import EPOCH_S, EPOCH_SAMPLES, FS, SLOTS, resolve
-from runs import write_atomic
+from sleep_statistics import lights_epochs, lights_from_annotations, sleep_statistics
 
-MIN_AWAKENING_EPOCHS = 2                                   # an awakening is >= 1 min of W inside the SPT
-PERSISTENT_SLEEP_MIN = 10                                  # persistent sleep: >= 10 min of uninterrupted sleep (LPS)
 PROB_COLUMNS = tuple(f"p_{name}" for name in STAGES)       # p_W, p_N1, p_N2, p_N3, p_REM (as evaluate.py's CSVs)
 HYPNOGRAM_COLUMNS = ("epoch", "onset_s", "date", "clock_time", "stage", *PROB_COLUMNS)
 PROB_DECIMALS = 5
 
 
-@torch.inference_mode()   # no backward can follow: on CPU, attention and GRU take their inference paths (model.py)
+@torch.inference_mode()
 def stage_night(encoder, probe, signals, window_samples: int, stride_samples: int | None = None,
-                batch_size: int = 4, device="cpu", embeddings: bool = False):
+                batch_size: int = 4, device="cpu", embeddings: bool = False, reference: bool = False):
     """signals [C, T] (float32 array or tensor) -> stage probabilities per full 30-s epoch [T // 3750, classes];
     with embeddings=True, (probabilities, embeddings [E, C, D]): the encoder's output per epoch and channel, the mean
-    of the epoch's 5 patch embeddings, averaged like the probabilities over the windows that saw the epoch."""
+    of the epoch's 5 patch embeddings, averaged like the probabilities over the windows that saw the epoch. On the CPU
+    the encoder and probe run cpu_kernels' kernels (the same function, less time and memory) unless `reference`."""
+    kernels = cpu_kernels if torch.device(device).type == "cpu" and not reference else None
     patches_per_epoch = probe.cfg.patches_per_epoch
     epoch_samples = patches_per_epoch * encoder.cfg.patch_len                           # 3750
     signals = torch.as_tensor(signals, dtype=torch.float32)
@@ -109,8 +79,8 @@ def stage_night(encoder, probe, signals, window_samples: int, stride_samples: in
         patches, key_padding = encoder.patchify(windows, padding)                       # [b, C, N, P], [b, N]
         tokens = encoder.tokens(patches)                                                # [b, C, N, D]
         del windows, patches                                # a night's samples are not held while the encoder runs
-        embedded = encoder.contextualise(tokens, key_padding)   # on CPU one channel sequence per pass (model.py)
-        probs = probe(embedded, padding).softmax(dim=-1).cpu()                          # [b, E_w, classes]
+        embedded = encoder.contextualise(tokens, key_padding, kernels)                  # [b, C, N, D]
+        probs = probe(embedded, padding, kernels).softmax(dim=-1).cpu()                 # [b, E_w, classes]
         if embeddings:                            # [b, C, N, D] -> the mean of each epoch's patches [b, E_w, C, D]
             b, _, N, D = embedded.shape
             embedded = embedded.reshape(b, C, N // patches_per_epoch, patches_per_epoch, D).mean(3)
@@ -124,152 +94,6 @@ def stage_night(encoder, probe, signals, window_samples: int, stride_samples: in
     if embeddings:
         return total / seen.clamp_min(1), total_embedded / seen[:, :, None].clamp_min(1)
     return total / seen.clamp_min(1)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Sleep statistics: a pure function of the stage sequence
-
-
-def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
-    """(start, length) of each run of True in a 1-d boolean array."""
-    edges = np.diff(np.concatenate([[0], mask.astype(np.int8), [0]]))
-    starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
-    return list(zip(starts.tolist(), (ends - starts).tolist()))
-
-
-def transition_counts(stages) -> np.ndarray:
-    """Counts [5, 5] of consecutive epoch pairs, row = stage of the first epoch, column = of the next (W, N1, N2, N3,
-    R); pairs with an unscored (-1) epoch are left out."""
-    stages = np.asarray(stages, dtype=np.int64)
-    before, after = stages[:-1], stages[1:]
-    scored = (before >= 0) & (after >= 0)
-    n = len(AASM_LETTERS)
-    return np.bincount(before[scored] * n + after[scored], minlength=n * n).reshape(n, n)
-
-
-def sleep_statistics(stages, epoch_s: float = EPOCH_S, lights_off: int | None = None,
-                     lights_on: int | None = None) -> dict:
-    """Statistics of a hypnogram [E] (codes -1 unscored, 0 W, 1 N1, 2 N2, 3 N3, 4 R) over epochs lights_off (the
-    first in bed; default 0) to lights_on (the first after; default E), definitions in the module docstring.
-    lights_epochs makes the two indices from clock times."""
-    stages = np.asarray(stages, dtype=np.int64)
-    off = 0 if lights_off is None else int(lights_off)
-    on = len(stages) if lights_on is None else int(lights_on)
-    if not 0 <= off <= on <= len(stages):
-        raise ValueError(f"lights-off epoch {off}, lights-on epoch {on}: need 0 <= lights-off <= lights-on <= "
-                         f"{len(stages)} (the recording's epochs)")
-    bed = stages[off:on]                                              # [TIB epochs]: all that is counted below
-    minutes = epoch_s / 60
-    sleep = bed > W                                                   # unscored (-1) is neither sleep nor W
-    asleep = np.flatnonzero(sleep)
-    tib, tst = len(bed) * minutes, int(sleep.sum()) * minutes
-
-    def latency(mask) -> float | None:                                # lights-off to the first True epoch
-        first = np.flatnonzero(mask)
-        return int(first[0]) * minutes if len(first) else None
-
-    def per_hour(count: int) -> float | None:                         # per hour of TST
-        return count / (tst / 60) if tst else None
-
-    persistent = int(round(PERSISTENT_SLEEP_MIN * 60 / epoch_s))      # 20 epochs of 30 s
-    lps = next((start for start, length in _runs(sleep) if length >= persistent), None)
-    counts = {name: int(np.sum(bed == k)) for k, name in enumerate(AASM_LETTERS)}
-    stats = {"epoch_s": epoch_s, "n_epochs": len(stages), "lights_off_epoch": off, "lights_on_epoch": on,
-             "TIB_min": tib, "unscored_min": int(np.sum(bed < 0)) * minutes,
-             "SOL_min": latency(sleep), "LPS_min": None if lps is None else lps * minutes,
-             "SPT_min": 0.0, "TST_min": tst, "WASO_min": 0.0,                # no sleep: no SPT, no wake inside it
-             "SE_pct": 100 * tst / tib if tib else None, "SME_pct": None,
-             **{f"Lat_{name}_min": latency(bed == k) for k, name in enumerate(STAGES) if k != W},
-             "REM_latency_from_onset_min": None,
-             "awakenings": 0, "awakenings_per_h": per_hour(0), "stage_shifts": 0, "stage_shifts_per_h": per_hour(0),
-             "stage_min": {name: n * minutes for name, n in counts.items()},
-             "stage_pct_TST": {name: (100 * n * minutes / tst if tst else None)
-                               for name, n in counts.items() if name != AASM_LETTERS[W]},
-             "transitions": {a: dict(zip(AASM_LETTERS, row))
-                             for a, row in zip(AASM_LETTERS, transition_counts(bed).tolist())},
-             "min_awakening_epochs": MIN_AWAKENING_EPOCHS, "persistent_sleep_epochs": persistent}
-    if len(asleep) == 0:
-        return stats
-    onset, last = int(asleep[0]), int(asleep[-1])
-    period = bed[onset:last + 1]                                      # the SPT: starts and ends with sleep
-    awakenings = sum(length >= MIN_AWAKENING_EPOCHS for _, length in _runs(period == W))
-    shifts = transition_counts(period)
-    stage_shifts = int(shifts.sum() - np.trace(shifts))              # off the diagonal: the stage changed
-    stats.update(SPT_min=len(period) * minutes, WASO_min=int(np.sum(period == W)) * minutes,
-                 SME_pct=100 * tst / (len(period) * minutes), awakenings=awakenings,
-                 awakenings_per_h=per_hour(awakenings), stage_shifts=stage_shifts,
-                 stage_shifts_per_h=per_hour(stage_shifts))
-    rem = np.flatnonzero(bed == REM)
-    if len(rem):
-        stats["REM_latency_from_onset_min"] = (int(rem[0]) - onset) * minutes
-    return stats
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Lights-off and lights-on: from clock times, datetimes or EDF+ annotations to epoch indices
-
-
-_CLOCK = re.compile(r"(\d{1,2}):(\d{2})(?::(\d{2}(?:\.\d*)?))?")
-_LIGHTS = re.compile(r"lights?[\s_-]*(off|out|on)", re.IGNORECASE)   # "Lights off", "LIGHTS OUT", "lights_on", …
-
-
-def seconds_after_start(when, start_time) -> float:
-    """Seconds from the recording start (ISO text or datetime) to `when`: a datetime or ISO date-time text, or a clock
-    time "HH:MM[:SS]" read as its first occurrence at or after the start (a night crosses midnight: a clock time
-    earlier than the start is on the next day)."""
-    if start_time is None:
-        raise ValueError(f"{when}: a clock time needs the recording's start time, which is unknown (the EDF header "
-                         f"has no valid start date and time)")
-    start = dt.datetime.fromisoformat(start_time) if isinstance(start_time, str) else start_time
-    if isinstance(when, str) and (clock := _CLOCK.fullmatch(when.strip())):
-        hour, minute, second = int(clock[1]), int(clock[2]), float(clock[3] or 0)
-        if hour > 23 or minute > 59 or second >= 60:
-            raise ValueError(f"{when}: not a clock time HH:MM[:SS]")
-        moment = dt.datetime.combine(start.date(), dt.time()) + dt.timedelta(hours=hour, minutes=minute, seconds=second)
-        if moment < start:
-            moment += dt.timedelta(days=1)
-        return (moment - start).total_seconds()
-    if isinstance(when, str):
-        try:
-            when = dt.datetime.fromisoformat(when.strip())
-        except ValueError:
-            raise ValueError(f"{when}: neither a clock time HH:MM[:SS] nor a date-time like 2024-05-01T23:10") from None
-    return (when - start).total_seconds()
-
-
-def lights_epochs(n_epochs: int, lights_off=None, lights_on=None, start_time=None,
-                  epoch_s: float = EPOCH_S) -> tuple[int, int]:
-    """(lights_off, lights_on) epoch indices for sleep_statistics from times given as seconds after the recording
-    start (an EDF+ annotation's onset), clock times "HH:MM[:SS]" or datetimes (seconds_after_start; these need
-    start_time). Only whole epochs in between are in bed: lights-off rounds up to the next epoch start, lights-on
-    down; None is the start or the end of the recording. Raises ValueError when lights-on comes first or lights-off
-    is not inside the recording."""
-    def seconds(when) -> float:
-        return float(when) if isinstance(when, (int, float, np.number)) else seconds_after_start(when, start_time)
-    end_s = n_epochs * epoch_s
-    off_s = 0.0 if lights_off is None else seconds(lights_off)
-    on_s = end_s if lights_on is None else seconds(lights_on)
-    if lights_off is not None and off_s >= end_s:
-        raise ValueError(f"lights-off {lights_off} is {off_s / 3600:.2f} h after the recording start, after its end "
-                         f"({end_s / 3600:.2f} h; a clock time earlier than the start is the next day: give a "
-                         f"date-time for one before the start)")
-    if on_s <= off_s:
-        raise ValueError(f"lights-on {lights_on} ({on_s / 60:.1f} min after the recording start) is not after "
-                         f"lights-off {lights_off} ({off_s / 60:.1f} min)")
-    off = min(max(math.ceil(off_s / epoch_s - 1e-9), 0), n_epochs)
-    on = max(min(math.floor(on_s / epoch_s + 1e-9), n_epochs), off)  # both inside one epoch: no whole epoch in bed
-    return off, on
-
-
-def lights_from_annotations(annotations) -> tuple[float | None, float | None]:
-    """Onsets (s) of the first lights-off and of the last lights-on after it among EDF+ annotations (onset_s,
-    duration_s, text), in any case and spacing ("Lights off", "LIGHTS OUT", "lights_on"); None where there is none."""
-    marks = [(onset, match[1].lower()) for onset, _, text in annotations
-             if (match := _LIGHTS.fullmatch(text.strip()))]
-    offs = [onset for onset, what in marks if what != "on"]
-    off = min(offs) if offs else None
-    ons = [onset for onset, what in marks if what == "on" and (off is None or onset > off)]
-    return off, max(ons) if ons else None
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -315,19 +139,6 @@ def write_hypnogram_csv(path, table: pd.DataFrame, decimals: int = PROB_DECIMALS
     for k, column in enumerate(PROB_COLUMNS):
         text[column] = [f"{u // 10 ** decimals}.{u % 10 ** decimals:0{decimals}d}" for u in units[:, k]]
     write_atomic(path, lambda temp: text[list(HYPNOGRAM_COLUMNS)].to_csv(temp, index=False))
-
-
-def stage_runs(stages: np.ndarray) -> list[tuple[int, int, int]]:
-    """(first epoch, length, stage) of each run of equal stages."""
-    change = np.flatnonzero(np.diff(stages)) + 1
-    starts, stops = np.concatenate([[0], change]), np.concatenate([change, [len(stages)]])
-    return [(int(start), int(stop - start), int(stages[start])) for start, stop in zip(starts, stops)]
-
-
-def stage_annotations(stages: np.ndarray) -> list[tuple[float, float, str]]:
-    """(onset_s, duration_s, 'Sleep stage X') per run of equal stages, the Sleep-EDF convention for EDF+ hypnograms."""
-    return [(first * EPOCH_S, length * EPOCH_S, f"Sleep stage {AASM_LETTERS[code]}")
-            for first, length, code in stage_runs(stages)]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -408,8 +219,6 @@ STAGING_SLOTS = DEFAULT_REQUIRED                           # EEG, EOG, EMG: what
 # dropout"): (trained without channel dropout, encoder + probe trained with train.channel_dropout 0.2); "none": all
 ABSENT_KAPPA = {"none": (0.803, 0.701), "ECG": (0.731, 0.707), "EOG": (0.640, 0.472), "EMG": (0.799, 0.692),
                 "EEG": (0.296, 0.532), "SPO2": (0.782, 0.657), "THOR": (0.640, 0.781), "ABDO": (0.602, 0.757)}
-EXPORTS = {"edf": ".stages.edf", "luna": ".stages.annot", "xml": ".stages.xml", "txt": ".stages.txt"}
-NSRR_CONCEPTS = ("Wake|0", "Stage 1 sleep|1", "Stage 2 sleep|2", "Stage 3 sleep|3", "REM sleep|5")   # by class
 
 
 class StagingError(ValueError):
@@ -418,26 +227,38 @@ class StagingError(ValueError):
 
 @dataclass
 class Model:
-    """A probe run ready to stage nights: encoder and probe in eval mode on `device`, the run's window (s)."""
+    """A probe run ready to stage nights: encoder and probe in eval mode on `device`, the run's window (s) and its
+    config (a dict, as runs.read_run read it)."""
     encoder: torch.nn.Module
     probe: torch.nn.Module
     window_s: float
     path: Path
     device: str = "cpu"
+    config: dict = field(default_factory=dict)
 
 
 def load_model(run, device: str = "auto", latest: bool = False) -> Model:
-    """A Model from a run folder, a runs.Run or a Model (returned as it is): load it once to stage many nights.
-    device: "auto" (CUDA when present, else the CPU), "cpu", "cuda" or "cuda:N". latest=True accepts a run without a
-    final checkpoint, i.e. its ckpt.pt (runs.read_run)."""
+    """A Model from a run folder, a runs.Run or a Model (returned as it is): load it once to stage many nights; what
+    the API, evaluate.py and predict.py load a probe run with. device: "auto" (CUDA when present, else the CPU),
+    "cpu", "cuda" or "cuda:N". latest=True accepts a run without a final checkpoint, i.e. its ckpt.pt
+    (runs.read_run). StagingError (one line) for a folder that is not a usable probe run."""
     if isinstance(run, Model):
         return run
-    if not isinstance(run, runs.Run):
-        run = runs.read_run(run, latest=latest)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    return Model(run.encoder().to(device), run.probe().to(device), float(run.config["data"]["window_s"]),
-                 Path(run.path), str(device))
+    where = run.path if isinstance(run, runs.Run) else run
+    try:
+        run = run if isinstance(run, runs.Run) else runs.read_run(run, latest=latest)
+        if "probe" not in run.config or "model" not in run.config:
+            raise KeyError("no probe: section in config.yaml")
+        encoder, probe = run.encoder().to(device), run.probe().to(device)
+    except (OSError, runs.CorruptCheckpoint) as err:     # no folder; no final checkpoint (its line names --latest)
+        raise StagingError(str(err).splitlines()[0]) from None
+    except (ValueError, KeyError, TypeError, RuntimeError) as err:   # weights or config that do not fit a probe run
+        raise StagingError(f"{where} is not a probe run (needs config.yaml with model: and probe: sections, and "
+                           f"ckpt_final.pt): {str(err).splitlines()[0]}") from None
+    window_s = float((run.config.get("data") or {}).get("window_s", DataConfig.window_s))   # imported: the paper's
+    return Model(encoder, probe, window_s, Path(run.path), str(device), run.config)
 
 
 @dataclass
@@ -484,7 +305,7 @@ class NightResult:
         write_atomic(written[1], lambda temp: temp.write_text(json.dumps(self.record(), indent=2) + "\n"))
         for fmt in exports:
             written.append(named(EXPORTS[fmt]))
-            export_stages(written[-1], fmt, self.stages, self.start_time)
+            write_stages(written[-1], fmt, self.stages, self.start_time)
         if embeddings:
             if self.embeddings is None:
                 raise ValueError("no embeddings to write: stage the night with embeddings=True")
@@ -555,15 +376,6 @@ def _missing_slots(labels: list[str], table: dict, opts: Options) -> None:
                            f"({', '.join(CHANNEL_TABLES)}){allow}")
 
 
-def _lights_in_edf(path: Path) -> tuple[float | None, float | None]:
-    """Lights-off/on from the EDF's own annotations (EDF+), if it has any."""
-    try:
-        _, events = edf_format.read_annotations(path)
-    except edf_format.EdfError:                               # plain EDF (no annotation signal), or unreadable as EDF+
-        return None, None
-    return lights_from_annotations(events)
-
-
 @dataclass
 class PreparedNight:
     """An EDF read and conditioned for the model (read_edf_night), not yet staged: what predict.py's reader
@@ -581,16 +393,17 @@ def read_edf_night(path, channels=None, dataset: str | None = None, allow_missin
     as stage_edf). Raises StagingError (one line) for a night that cannot be staged."""
     path = Path(path)
     opts = staging_options(channels, allow_missing, require_all, strict, zero_phase)
-    try:
-        labels = edf_format.read_header(path, allow_truncated=opts.allow_truncated).labels()
-        table_name, table = channel_table(labels, dataset)
+
+    def table_for(labels: list[str]) -> tuple[str, dict]:
+        name, table = channel_table(labels, dataset)
         _missing_slots(labels, table, opts)
-        night = Night(dataset="edf", night_id=path.stem, subject=path.stem, visit="", edf=path, labelled=False)
-        signals, _, attrs = prepare_night(night, table, opts)
+        return name, table
+    try:
+        table_name, signals, attrs, events = prepare_edf(path, opts, table_for)
     except NIGHT_ERRORS as err:
         # the file is named once, by the caller: drop the reader's own "path: " prefix
         raise StagingError(str(err).replace("\n", " ").removeprefix(f"{path}: ")) from None
-    return PreparedNight(path, signals, attrs, table_name, _lights_in_edf(path))
+    return PreparedNight(path, signals, attrs, table_name, lights_from_annotations(events))
 
 
 def stage_edf(path, run, channels=None, lights_off=None, lights_on=None, dataset: str | None = None,
@@ -680,43 +493,3 @@ def _stage(model: Model, signals: np.ndarray, attrs: dict, lights_off, lights_on
                        run=str(model.path), channel_table=table_name, source_labels=attrs["source_labels"],
                        source_units=attrs["declared_units"], window_s=model.window_s, stride_s=stride / FS,
                        embeddings=embedded)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Exports: the predicted stages as hypnogram files that prepare/annotations.py (and the tools named) read back
-
-
-def export_stages(path, fmt: str, stages: np.ndarray, start_time: str | None = None) -> None:
-    """stages [E] (0 W … 4 R) as `fmt`, written atomically: edf (EDF+ 'Sleep stage X', one annotation per run:
-    EDFbrowser, MNE, pyedflib), luna (Luna .annot: one row per epoch, start/stop in seconds from the recording
-    start), xml (NSRR XML: one 'Stages|Stages' event per run), txt (one stage letter per line: W N1 N2 N3 R)."""
-    if fmt == "edf":
-        start = dt.datetime.fromisoformat(start_time) if start_time else None
-        edf_format.write_annotations(path, stage_annotations(stages), start, "predict.py")
-        return
-    letters = [AASM_LETTERS[k] for k in stages]
-    if fmt == "txt":
-        text = "".join(f"{letter}\n" for letter in letters)
-    elif fmt == "luna":
-        text = "class\tinstance\tchannel\tstart\tstop\tmeta\n" + "".join(
-            f"{letter}\t.\t.\t{i * EPOCH_S:.3f}\t{(i + 1) * EPOCH_S:.3f}\t.\n" for i, letter in enumerate(letters))
-    elif fmt == "xml":
-        text = nsrr_xml(stages, start_time)
-    else:
-        raise ValueError(f"unknown export format {fmt!r}: one of {', '.join(EXPORTS)}")
-    write_atomic(path, lambda temp: temp.write_text(text, encoding="utf-8"))
-
-
-def nsrr_xml(stages: np.ndarray, start_time: str | None) -> str:
-    """NSRR XML (docs/formats.md §3a): the recording's start and length, then one stage event per run."""
-    def event(*fields) -> str:
-        return "<ScoredEvent>" + "".join(f"<{tag}>{value}</{tag}>" for tag, value in fields) + "</ScoredEvent>\n"
-    clock = [("ClockTime", f"{dt.datetime.fromisoformat(start_time):%d.%m.%y %H.%M.%S}")] if start_time else []
-    events = [event(("EventType", ""), ("EventConcept", "Recording Start Time"), ("Start", "0"),
-                    ("Duration", f"{len(stages) * EPOCH_S:.1f}"), *clock)]
-    events += [event(("EventType", "Stages|Stages"), ("EventConcept", NSRR_CONCEPTS[code]),
-                     ("Start", f"{first * EPOCH_S:.1f}"), ("Duration", f"{length * EPOCH_S:.1f}"))
-               for first, length, code in stage_runs(stages)]
-    return ('<?xml version="1.0" encoding="UTF-8"?>\n<PSGAnnotation>\n<SoftwareVersion>pftsleep predict.py'
-            "</SoftwareVersion>\n<EpochLength>30</EpochLength>\n<ScoredEvents>\n" + "".join(events)
-            + "</ScoredEvents>\n</PSGAnnotation>\n")

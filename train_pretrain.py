@@ -33,7 +33,9 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import config
+import durable
 import runs
+import training
 from data import DataConfig, NightDataset, drop_channels, padding_to
 from model import ModelConfig, PretrainConfig, Pretrainer
 from prepare.store import DamagedStore, OpenLimit
@@ -105,38 +107,39 @@ def validate(model, dataset, cfg: Config, rank: int, world: int, device, autocas
 
 def main(argv=None) -> None:
     args, cfg = parse_args(argv)
-    rank, world, device = runs.setup_distributed()
+    rank, world, device = training.setup_distributed()
     master = rank == 0
     tc = cfg.train
     torch.manual_seed(tc.seed * 1000 + rank)            # dropout and corruption differ between processes
-    runs.set_matmul_precision(device, tc.matmul_precision)
-    runs.check_window(cfg.data.window_s, cfg.model)
+    training.set_matmul_precision(device, tc.matmul_precision)
+    training.check_window(cfg.data.window_s, cfg.model)
 
     try:
         train_set = NightDataset.from_config(cfg.data, cfg.data.train_split)
         val_set = NightDataset.from_config(cfg.data, cfg.data.val_split)
     except (DamagedStore, OpenLimit) as err:
         raise SystemExit(str(err)) from None
-    runs.check_shared_memory(train_set, tc.batch_size, cfg.data.num_workers)
+    training.check_shared_memory(train_set, tc.batch_size, cfg.data.num_workers)
     if master and (left_out := train_set.left_out + val_set.left_out):
         print(f"data.complete_only: {len(left_out)} nights left out (a channel missing or NaN filled), e.g. {left_out[0]}")
-    per_step, total_steps = runs.total_steps(len(train_set), world, tc, f"training windows in {cfg.data.root}")
+    per_step, total_steps = training.total_steps(len(train_set), world, tc, f"training windows in {cfg.data.root}")
 
     model = Pretrainer(cfg.model, cfg.pretrain).to(device)
-    optimizer, scheduler = runs.one_cycle(model.parameters(), tc, total_steps, len(train_set))
+    optimizer, scheduler = training.one_cycle(model.parameters(), tc, total_steps, len(train_set))
     progress = runs.new_progress()
     ckpt = runs.load_latest(args.run, device) if args.resume else None
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
-        progress = runs.resume(ckpt, optimizer, scheduler, rank, world, per_step, device)
+        progress = training.resume(ckpt, optimizer, scheduler, rank, world, per_step, device)
     raw_model = model
     if world > 1:
-        # BatchNorm statistics are synchronised in the forward (model.token_batch_norm), so no buffer broadcasts
-        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+        # BatchNorm statistics are synchronised in the forward (training.SyncedBatchNorm), so no buffer broadcasts
+        model = DistributedDataParallel(training.synchronise_batch_norm(model),
+                                        device_ids=[device.index] if device.type == "cuda" else None,
                                         broadcast_buffers=False)
     if tc.compile:
         model = torch.compile(model)
-    autocast = runs.autocast(device, tc.bf16)
+    autocast = training.autocast(device, tc.bf16)
 
     if master:
         runs.start_run(args.run, cfg, progress, {"train": train_set.stores, "val": val_set.stores})
@@ -146,7 +149,7 @@ def main(argv=None) -> None:
     steps_per_epoch = len(train_set) // (world * per_step)
     started, window_count, loss_sum, steps_since_log = time.time(), 0, 0.0, 0
 
-    for micro, batch in runs.micro_batches(train_set, progress, total_steps, tc.batch_size, per_step, tc.seed, rank, world,
+    for micro, batch in training.micro_batches(train_set, progress, total_steps, tc.batch_size, per_step, tc.seed, rank, world,
                                            cfg.data.num_workers, device):
         signals = batch["signals"].to(device, non_blocking=True).float()              # [B, 7, T]
         padding_mask = padding_to(batch["padding_mask"], device)                      # [B, T], None: none padded
@@ -164,7 +167,7 @@ def main(argv=None) -> None:
         if not last_micro:
             continue
 
-        grad_norm = runs.optimizer_step(raw_model.parameters(), optimizer, scheduler, tc.grad_clip, progress,
+        grad_norm = training.optimizer_step(raw_model.parameters(), optimizer, scheduler, tc.grad_clip, progress,
                                         tc.max_nonfinite_steps)
         step = progress["step"]
         steps_since_log += 1
@@ -173,7 +176,7 @@ def main(argv=None) -> None:
             bar.write(f"step {step}: gradients not finite, step skipped ({progress['nonfinite_steps']} so far)")
 
         if step % tc.log_every == 0 or step == total_steps:
-            loss_mean, = runs.mean_over_processes([loss_sum / steps_since_log], device)
+            loss_mean, = training.mean_over_processes([loss_sum / steps_since_log], device)
             elapsed = time.time() - started
             record = {"step": step, "epoch": progress["epoch"], "loss": loss_mean, "lr": scheduler.get_last_lr()[0],
                       "grad_norm": grad_norm.item(), "nonfinite_steps": progress["nonfinite_steps"],
@@ -183,7 +186,7 @@ def main(argv=None) -> None:
                 runs.append_metrics(args.run, record)
             started, window_count, loss_sum, steps_since_log = time.time(), 0, 0.0, 0
         if tc.evals_per_epoch:
-            due = runs.validation_point(progress["step_in_epoch"], steps_per_epoch, tc.evals_per_epoch)
+            due = training.validation_point(progress["step_in_epoch"], steps_per_epoch, tc.evals_per_epoch)
         else:
             due = tc.eval_every and step % tc.eval_every == 0
         if due or step == total_steps:
@@ -192,22 +195,22 @@ def main(argv=None) -> None:
                 runs.append_metrics(args.run, {"step": step, "val_loss": val_loss})
                 bar.write(f"step {step}: val_loss {val_loss:.4f}")
             if tc.keep_best:
-                runs.track_best(args.run, val_loss, False, 0, raw_model, optimizer, scheduler, cfg, progress, device,
+                training.track_best(args.run, val_loss, False, 0, raw_model, optimizer, scheduler, cfg, progress, device,
                                 master)
         if step % tc.ckpt_every == 0 or step == total_steps:
-            runs.save_training_checkpoint(args.run / runs.LATEST, raw_model, optimizer, scheduler, cfg, progress,
+            training.save_training_checkpoint(args.run / runs.LATEST, raw_model, optimizer, scheduler, cfg, progress,
                                           device, master)
-        runs.kill_point("step", step)
+        durable.kill_point("step", step)
         if step == total_steps:
             break
 
     bar.close()
-    runs.save_training_checkpoint(args.run / runs.FINAL, raw_model, optimizer, scheduler, cfg, progress, device, master)
+    training.save_training_checkpoint(args.run / runs.FINAL, raw_model, optimizer, scheduler, cfg, progress, device, master)
     if master:
         losses = [m["loss"] for m in runs.read_metrics(args.run) if "loss" in m]
         summary = f", training loss {losses[0]:.4f} (first log) → {losses[-1]:.4f} (last)" if losses else ""
         print(f"done: {progress['step']} steps{summary}; run folder {args.run}")
-    runs.teardown_distributed()
+    training.teardown_distributed()
 
 
 if __name__ == "__main__":

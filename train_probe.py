@@ -37,7 +37,9 @@ from tqdm import tqdm
 
 import config
 import metrics
+import durable
 import runs
+import training
 from data import WAKE_TRIMS, DataConfig, NightDataset, drop_channels, padding_to
 from model import ModelConfig, ProbeConfig, ProbeHead
 from prepare.annotations import STAGES
@@ -239,7 +241,7 @@ def embedding_cache(encoder, nights: NightDataset, encoder_dir: Path, cfg: Confi
         if world > 1:
             dist.barrier()
         if rank == 0:   # written last: an interrupted cache is recomputed, never half-used
-            runs.write_atomic(done, lambda temp: temp.write_text("ok\n"))
+            durable.write_atomic(done, lambda temp: temp.write_text("ok\n"))
     if world > 1:
         dist.barrier()
     return zarr.open_array(path, mode="r")
@@ -348,12 +350,12 @@ def validate(probe, encoder, dataset, cfg: Config, rank, world, device, autocast
 
 def main(argv=None) -> None:
     args, cfg = parse_args(argv)
-    rank, world, device = runs.setup_distributed()
+    rank, world, device = training.setup_distributed()
     master = rank == 0
     tc = cfg.train
     torch.manual_seed(tc.seed * 1000 + rank)
-    autocast = runs.autocast(device, tc.bf16)
-    matmul = runs.set_matmul_precision(device, tc.matmul_precision)
+    autocast = training.autocast(device, tc.bf16)
+    matmul = training.set_matmul_precision(device, tc.matmul_precision)
     precision = "bf16" if device.type == "cuda" and tc.bf16 else f"fp32-{matmul}"     # of the cached embeddings
 
     if tc.best_metric not in ("val_loss", "val_kappa"):
@@ -370,14 +372,14 @@ def main(argv=None) -> None:
     cfg.model = ModelConfig(**encoder_run.config["model"])
     cfg.probe.n_channels, cfg.probe.d_model = cfg.model.n_channels, cfg.model.d_model
     encoder = encoder_run.encoder().to(device).requires_grad_(False)                    # frozen, eval mode
-    runs.check_window(cfg.data.window_s, cfg.model)
+    training.check_window(cfg.data.window_s, cfg.model)
     try:
         train_nights, val_nights = labelled_nights(cfg, cfg.data.train_split), labelled_nights(cfg, cfg.data.val_split)
     except (DamagedStore, OpenLimit) as err:
         raise SystemExit(str(err)) from None
     if master and (left_out := train_nights.left_out + val_nights.left_out):
         print(f"data.complete_only: {len(left_out)} nights left out (a channel missing or NaN filled), e.g. {left_out[0]}")
-    runs.check_shared_memory(train_nights, tc.batch_size, cfg.data.num_workers)         # windows of signals
+    training.check_shared_memory(train_nights, tc.batch_size, cfg.data.num_workers)         # windows of signals
     train_cache = val_cache = None
     mix_signals = tc.cutmix_on == "signals" and tc.cutmix_p > 0            # training windows are then embedded live
     if tc.cache_embeddings:
@@ -391,22 +393,22 @@ def main(argv=None) -> None:
             if len(val_nights) else None
     train_set, val_set = ProbeWindows(train_nights, train_cache), ProbeWindows(val_nights, val_cache)
     if train_cache is not None:
-        runs.check_shared_memory(train_set, tc.batch_size, cfg.data.num_workers)        # windows of embeddings
+        training.check_shared_memory(train_set, tc.batch_size, cfg.data.num_workers)        # windows of embeddings
     threads = torch.get_num_threads()
     if device.type == "cpu" and tc.cpu_threads and train_cache is not None:
         # the GRU's many small steps: one thread is as fast as two alone, and never spins against another job
         torch.set_num_threads(tc.cpu_threads)
     weights = class_weights(train_nights).to(device) if tc.class_weights else None
 
-    per_step, total_steps = runs.total_steps(len(train_set), world, tc, "labelled training windows")
+    per_step, total_steps = training.total_steps(len(train_set), world, tc, "labelled training windows")
 
     probe = ProbeHead(cfg.probe).to(device)
-    optimizer, scheduler = runs.one_cycle(probe.parameters(), tc, total_steps, len(train_set))
+    optimizer, scheduler = training.one_cycle(probe.parameters(), tc, total_steps, len(train_set))
     progress = runs.new_progress()
     ckpt = runs.load_latest(args.run, device) if args.resume else None
     if ckpt is not None:
         probe.load_state_dict({k.removeprefix("probe."): v for k, v in ckpt["model"].items() if k.startswith("probe.")})
-        progress = runs.resume(ckpt, optimizer, scheduler, rank, world, per_step, device)
+        progress = training.resume(ckpt, optimizer, scheduler, rank, world, per_step, device)
     model = DistributedDataParallel(probe, device_ids=[device.index] if device.type == "cuda" else None) \
         if world > 1 else probe
     # the checkpoint holds encoder + probe, so that the probe run alone is a complete model (load_encoder/load_probe)
@@ -421,7 +423,7 @@ def main(argv=None) -> None:
     steps_per_epoch = len(train_set) // (world * per_step)
     absent_memo = {}                                                 # absent_embeddings per number of valid samples
 
-    for micro, batch in runs.micro_batches(train_set, progress, total_steps, tc.batch_size, per_step, tc.seed, rank, world,
+    for micro, batch in training.micro_batches(train_set, progress, total_steps, tc.batch_size, per_step, tc.seed, rank, world,
                                            cfg.data.num_workers, device):
         embeddings, padding_mask, stages, n_valid = probe_inputs(batch, encoder, cfg, device, autocast,
                                                                  tc.loss_trim_wake, tc.cutmix_p if mix_signals else 0.0)
@@ -441,7 +443,7 @@ def main(argv=None) -> None:
         if not last_micro:
             continue
 
-        grad_norm = runs.optimizer_step(probe.parameters(), optimizer, scheduler, tc.grad_clip, progress,
+        grad_norm = training.optimizer_step(probe.parameters(), optimizer, scheduler, tc.grad_clip, progress,
                                         tc.max_nonfinite_steps)
         step = progress["step"]
         steps_since_log += 1
@@ -450,7 +452,7 @@ def main(argv=None) -> None:
             bar.write(f"step {step}: gradients not finite, step skipped ({progress['nonfinite_steps']} so far)")
 
         if step % tc.log_every == 0 or step == total_steps:
-            loss_mean, = runs.mean_over_processes([loss_sum / steps_since_log], device)
+            loss_mean, = training.mean_over_processes([loss_sum / steps_since_log], device)
             record = {"step": step, "epoch": progress["epoch"], "loss": loss_mean, "lr": scheduler.get_last_lr()[0],
                       "grad_norm": grad_norm.item(), "nonfinite_steps": progress["nonfinite_steps"],
                       "s_per_step": (time.time() - started) / steps_since_log}
@@ -459,7 +461,7 @@ def main(argv=None) -> None:
                 runs.append_metrics(args.run, record)
             started, loss_sum, steps_since_log = time.time(), 0.0, 0
         if tc.evals_per_epoch:
-            due = runs.validation_point(progress["step_in_epoch"], steps_per_epoch, tc.evals_per_epoch)
+            due = training.validation_point(progress["step_in_epoch"], steps_per_epoch, tc.evals_per_epoch)
         else:
             due = step % tc.eval_every == 0 if tc.eval_every else progress["step_in_epoch"] == steps_per_epoch
         if due or step == total_steps:
@@ -468,24 +470,24 @@ def main(argv=None) -> None:
                 runs.append_metrics(args.run, {"step": step, **scores})
                 bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
             if tc.keep_best or tc.patience:
-                stop = runs.track_best(args.run, scores and scores[tc.best_metric], tc.best_metric == "val_kappa",
+                stop = training.track_best(args.run, scores and scores[tc.best_metric], tc.best_metric == "val_kappa",
                                        tc.patience, checkpointed, optimizer, scheduler, cfg, progress, device, master)
         if step % tc.ckpt_every == 0 or step == total_steps:
-            runs.save_training_checkpoint(args.run / runs.LATEST, checkpointed, optimizer, scheduler, cfg, progress,
+            training.save_training_checkpoint(args.run / runs.LATEST, checkpointed, optimizer, scheduler, cfg, progress,
                                           device, master)
-        runs.kill_point("step", step)
+        durable.kill_point("step", step)
         if step == total_steps or stop:
             break
 
     bar.close()
-    runs.save_training_checkpoint(args.run / runs.FINAL, checkpointed, optimizer, scheduler, cfg, progress, device, master)
+    training.save_training_checkpoint(args.run / runs.FINAL, checkpointed, optimizer, scheduler, cfg, progress, device, master)
     if master:
         why = f" (stopped: {tc.best_metric} not better for {tc.patience} validations)" if stop else ""
         best = (f"; the run's model is ckpt_best.pt ({tc.best_metric} {progress['best']:.4f})"
                 if progress["best"] is not None else "")
         print(f"done: {progress['step']} steps{why}{best}; run folder {args.run}")
     torch.set_num_threads(threads)                   # the caller's (tests run many scripts in one process)
-    runs.teardown_distributed()
+    training.teardown_distributed()
 
 
 if __name__ == "__main__":

@@ -2,9 +2,9 @@
 
 torch's CPU matrix products go to MKL. On AMD CPUs MKL's fp32 GEMM keeps to its AVX2 kernels, while oneDNN (also in
 every torch build) picks its kernels from the CPU's features, AVX-512 included. Staging on CPU therefore sends its
-products through oneDNN (model.cpu_linear, switch model.ONEDNN_ON_CPU). This prints, for each product a staged 8-h
+products through oneDNN (cpu_kernels.linear, switch cpu_kernels.ONEDNN). This prints, for each product a staged 8-h
 night makes at the paper config, the median time of each library and its GFLOP/s, then one figure: oneDNN's speed over
-MKL's, the geometric mean over the products. Below 1 (an Intel CPU may be one) means set ONEDNN_ON_CPU = False.
+MKL's, the geometric mean over the products. Below 1 (an Intel CPU may be one) means set cpu_kernels.ONEDNN = False.
 
     python bench/gemm.py [--threads 2] [--repeats 7]
 """
@@ -23,15 +23,15 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import model  # noqa: E402
+import cpu_kernels  # noqa: E402
 
 # (what, rows of x, weight [out, in]) at the paper config: N = 4800 patches, D = 512, d_ff 2048, 4 heads of 128,
-# model.QUERY_BLOCK queries per block, the probe's GRU (input 7 · 512, hidden 1024)
+# cpu_kernels.QUERY_BLOCK queries per block, the probe's GRU (input 7 · 512, hidden 1024)
 PRODUCTS = [
     ("q/k/v/out projection", 4800, (512, 512)),
-    ("feed-forward in", model.FF_ROWS, (2048, 512)),
-    ("scores, layer 3 (head dim 384)", model.QUERY_BLOCK, (4800, 384)),
-    ("weights·v", model.QUERY_BLOCK, (128, 4800)),
+    ("feed-forward in", cpu_kernels.FF_ROWS, (2048, 512)),
+    ("scores, layer 3 (head dim 384)", cpu_kernels.QUERY_BLOCK, (4800, 384)),
+    ("weights·v", cpu_kernels.QUERY_BLOCK, (128, 4800)),
     ("GRU input gates, layer 1", 4800, (3072, 3584)),
     ("GRU recurrent step", 1, (3072, 1024)),
 ]
@@ -60,16 +60,16 @@ def main():
         x = torch.randn(rows, in_features, generator=generator)
         weight = torch.randn(out_features, in_features, generator=generator)
         repeats = args.repeats * (200 if rows == 1 else 1)          # a recurrent step takes ≈ 0.1 ms
-        with torch.inference_mode():                                # as staging: model.cpu_linear takes oneDNN
+        with torch.inference_mode():                                # as staging
             mkl = median_seconds(lambda: F.linear(x, weight), repeats)
-            onednn = median_seconds(lambda: model.cpu_linear(x, weight), repeats)
+            onednn = median_seconds(lambda: cpu_kernels.linear(x, weight), repeats)
         gflop = 2 * rows * in_features * out_features / 1e9
         ratios.append(mkl / onednn)
         print(f"{what:32s} {f'[{rows}, {in_features}]·[{in_features}, {out_features}]':>22s} "
               f"{mkl * 1e3:8.2f} ms {gflop / mkl:4.0f} GF/s {onednn * 1e3:8.2f} ms {gflop / onednn:4.0f} GF/s")
     mean = math.exp(sum(map(math.log, ratios)) / len(ratios))
     print(f"gemm: oneDNN {mean:.2f}× MKL's speed (geometric mean of {len(ratios)} products, fp32, "
-          f"{args.threads} threads; ONEDNN_ON_CPU = {model.ONEDNN_ON_CPU})")
+          f"{args.threads} threads; cpu_kernels.ONEDNN = {cpu_kernels.ONEDNN})")
 
 
 if __name__ == "__main__":

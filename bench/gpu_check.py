@@ -30,19 +30,19 @@ step     Pretrainer forward + loss + backward + AdamW step at the paper's shape:
          no padding). FAIL: a non-finite loss or an error (an out-of-memory names the allocation); a missed MFU
          target is reported, not failed.
 resume   train_pretrain.py on a small synthetic cohort (6 one-hour SHHS nights, half-hour windows), 20 steps with a
-         checkpoint every 5, uninterrupted; then killed right after step 12 (PFTSLEEP_KILL_AFTER_STEP: runs.kill_point)
+         checkpoint every 5, uninterrupted; then killed right after step 12 (PFTSLEEP_KILL_AFTER_STEP: durable.kill_point)
          and resumed: the losses in metrics.jsonl, step by step, must equal the uninterrupted run's within 1e-3
          relative (on the CPU, in --dry-run: exactly).
          FAIL: the largest relative difference is printed; a small one (1e-3 .. 1e-2) is likely non-deterministic
          kernels (atomics in attention's backward), a large one a state the checkpoint misses (RNG, scheduler, data
-         order: runs.save_training_checkpoint / runs.resume).
+         order: training.save_training_checkpoint / training.resume).
 ddp      torchrun --nproc_per_node 2 train_pretrain.py, a few steps: exit 0 and finite losses (NCCL on >= 2 GPUs;
          "skipped: 1 GPU" on one; gloo on the CPU in --dry-run). FAIL: the job's last error line is printed.
 predict  predict.py on an 8-h synthetic EDF with a random-weight paper-config probe run, --device cuda, and again
          --device cpu: wall times, the hypnogram CSV (stage.HYPNOGRAM_COLUMNS, one row per 30-s epoch, probabilities
          finite and summing to 1) and the two devices' probabilities within 1e-3 (staging is fp32 on both). --dry-run:
          a half-hour night, a tiny run, the CPU only. FAIL: a larger difference points at the GPU's attention path
-         (SelfAttention.sdpa_attention, stage.stage_night), since the CPU stages through blocked_attention.
+         (SelfAttention.sdpa_attention, stage.stage_night), since the CPU stages through cpu_kernels.attention.
 cudnn    cuDNN against memory-efficient attention on one masked batch (q, k, v [21, 4, 4800, 128] bf16, the last 600
          keys masked; 4800 = 64 mod 128, where some cuDNN versions give NaN gradients): outputs and gradients finite
          and equal within bf16 tolerance (2e-2 of the largest magnitude). n/a when cuDNN attention is not available.
@@ -82,6 +82,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 import torch  # noqa: E402
 
 import machine  # noqa: E402  (bench/machine.py)
+import training
 from flops import SDPA_OPS, forward_flops  # noqa: E402  (bench/flops.py)
 
 KILL_ENV = "PFTSLEEP_KILL_AFTER_STEP"
@@ -259,10 +260,9 @@ def bench_model(plan: Plan, **overrides):
 
 
 def train_step(plan: Plan, model, optimizer, x, mask) -> float:
-    """forward + loss (bf16 autocast on CUDA, as runs.autocast) + backward + AdamW step -> the loss."""
-    import runs
+    """forward + loss (bf16 autocast on CUDA, as training.autocast) + backward + AdamW step -> the loss."""
     optimizer.zero_grad(set_to_none=True)
-    with runs.autocast(torch.device(plan.device), plan.cuda):
+    with training.autocast(torch.device(plan.device), plan.cuda):
         loss = model(x, mask)
     loss.backward()
     optimizer.step()

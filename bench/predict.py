@@ -4,15 +4,14 @@ per 8-h night).
 Random weights at the paper config (Encoder(ModelConfig()), ProbeHead(ProbeConfig())), input [7, hours × 3600 × 125]
 noise, staged by stage.stage_night with the paper's 8-h window (so an 8-h night is one window). The staging runs in
 a child process so that its peak RSS is its own (it includes importing torch and building the model, as a real
-`predict.py` run would); only the stage_night call is timed. Staging runs in inference mode, so on CPU the encoder
-runs one channel sequence at a time, its attention a block of queries at a time (model.SelfAttention.blocked_attention),
-the probe's GRU runs each layer's two directions side by side (model.cpu_bidirectional_gru), and the products go
-through oneDNN (model.cpu_linear; bench/gemm.py). EDF reading and filtering are `bench/prepare.py`'s.
+`predict.py` run would); only the stage_night call is timed. On the CPU stage_night runs cpu_kernels.py: one channel
+sequence at a time, attention a block of queries at a time, the probe's GRU with each layer's two directions side by
+side, the products through oneDNN (bench/gemm.py). EDF reading and filtering are `bench/prepare.py`'s.
 
     python bench/predict.py [--hours 8] [--threads 2] [--timeout 300] [--check] [--folder N] [--workers W]
 
---check also stages the same night through the reference paths (the ones training and validation take: SDPA
-attention, MKL's products, nn.GRU over the packed sequence) and prints the largest difference in any probability.
+--check also stages the same night through model.py's reference paths (stage_night(reference=True): SDPA attention,
+MKL's products, nn.GRU over the packed sequence) and prints the largest difference in any probability.
 
 --folder N also stages a folder of N synthetic EDFs of --hours each (`python -m synthetic edf`) with the paper-config
 random-weight run through `predict.py FOLDER --workers W` (default 1: one reader process reads and filters the next
@@ -47,9 +46,9 @@ def child(hours: float, threads: int, check: bool) -> None:
     start = time.perf_counter()
     probs = stage_night(encoder, probe, signals, window, window // 2, batch_size=1, device="cpu")
     result = {"seconds": time.perf_counter() - start, "epochs": len(probs)}
-    if check:   # model.py takes its CPU inference paths only when it sees inference mode: hide it
-        torch.is_inference_mode_enabled = lambda: False
-        reference = stage_night(encoder, probe, signals, window, window // 2, batch_size=1, device="cpu")
+    if check:
+        reference = stage_night(encoder, probe, signals, window, window // 2, batch_size=1, device="cpu",
+                                reference=True)
         result["max_difference"] = (probs - reference).abs().max().item()
     print(json.dumps(result))
 

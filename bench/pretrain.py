@@ -30,7 +30,7 @@ FLOPs are bench/flops.py's: the model's (the function, comparable with any imple
 nights, which changes the kernels. It also reports, for every layer, which SDPA kernels accept that layer's q/k/v
 shapes and dtype (forward and backward, tried one at a time under sdpa_kernel) and which one PyTorch picks by itself,
 and it lists the SDPA ops that a profiled step actually ran, layer by layer (on CPU too). One process: under torchrun
-the step also synchronises BatchNorm (model.synced_batch_norm); bench/gpu_check.py times the training script itself.
+the step also synchronises BatchNorm (training.SyncedBatchNorm); bench/gpu_check.py times the training script itself.
 """
 import argparse
 import importlib.util

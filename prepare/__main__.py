@@ -18,7 +18,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from config import positive
-from runs import die_with_parent, kill_point
+from durable import die_with_parent, kill_point
 from . import apples, generic, mesa, mros, shhs, store, wsc
 from .night import DEFAULT_REQUIRED, NIGHT_ERRORS, Night, Options, make_options, prepare_night, unknown_label_report
 from .signals import SLOTS

@@ -30,15 +30,18 @@ import re
 import xml.etree.ElementTree as ET
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
-from .edf import EdfError, read_annotations
+from durable import write_atomic
+
+from .edf import EdfError, read_annotations, write_annotations
+from .signals import EPOCH_S
 
 W, N1, N2, N3, REM, UNSCORED = 0, 1, 2, 3, 4, -1      # stage codes: night stores, probe classes
 STAGES = ("W", "N1", "N2", "N3", "REM")               # name of class k: metrics, results.json, p_<name> columns
 AASM_LETTERS = ("W", "N1", "N2", "N3", "R")           # letter of class k in a hypnogram (AASM; EDF+ "Sleep stage R")
-EPOCH_S = 30.0
 # Float noise guard for floor/ceil: onsets such as 30629.999999 still mean epoch boundary 1021.
 _EPS = 1e-6
 # No night is longer than this; a larger epoch index is a corrupt onset, not a hypnogram to allocate.
@@ -61,6 +64,16 @@ class Hypnogram:
     format: str                 # one of FORMATS
     recording_s: float | None = None   # recording length the file itself claims (NSRR XML), else None
     notes: list[str] = field(default_factory=list)  # things the reader resolved silently (overlaps, shifts)
+
+
+def runs_of(values) -> list[tuple[int, int, int]]:
+    """(first index, length, value) of each run of equal values of a 1-d sequence: stage runs, a hypnogram's bouts."""
+    values = np.asarray(values)
+    if len(values) == 0:
+        return []
+    starts = np.concatenate([[0], np.flatnonzero(np.diff(values)) + 1])
+    lengths = np.diff(np.concatenate([starts, [len(values)]]))
+    return [(int(s), int(n), int(values[s])) for s, n in zip(starts, lengths)]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -727,3 +740,167 @@ def fit_to_recording(hyp: Hypnogram, n_epochs: int, max_overhang_epochs: int = 1
     if not (stages >= 0).any():
         raise AnnotationError(f"{path}: no scored epochs within the recording ({n_epochs} epochs)")
     return stages.copy(), notes
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Writers: the synthetic cohort's vendor files, and predicted stages as hypnogram files (predict.py --export,
+# NightResult.write) that the readers above, and the tools named, read back
+
+EXPORTS = {"edf": ".stages.edf", "luna": ".stages.annot", "xml": ".stages.xml", "txt": ".stages.txt"}
+STAGE_TO_NSRR = (0, 1, 2, 3, 5)                     # class k (W N1 N2 N3 R) -> NSRR_CONCEPT's code
+
+
+NSRR_CONCEPT = {0: "Wake|0", 1: "Stage 1 sleep|1", 2: "Stage 2 sleep|2", 3: "Stage 3 sleep|3",
+                4: "Stage 4 sleep|4", 5: "REM sleep|5", 6: "Movement|6", 9: "Unscored|9"}
+
+
+def _clock(start: dt.datetime, offset_s: float, centis: bool = False) -> str:
+    """24-h clock time of start + offset (wrapping past midnight)."""
+    t = start + dt.timedelta(seconds=offset_s)
+    return t.strftime("%H:%M:%S") + (f".{t.microsecond // 10000:02d}" if centis else "")
+
+
+def _scored_events(events: list[dict], end_s: float) -> list[dict]:
+    """Events that lie inside the scored epochs."""
+    return [e for e in events if e["start"] + e["duration"] <= end_s]
+
+
+def _xml_event(fields: list[tuple[str, str]]) -> str:
+    return "<ScoredEvent>\n" + "".join(f"<{k}>{v}</{k}>\n" if v != "" else f"<{k}/>\n" for k, v in fields) + \
+        "</ScoredEvent>\n"
+
+
+def write_nsrr_xml(path: Path, codes, start: dt.datetime, duration_s: int, events, labels: dict) -> None:
+    """NSRR XML file of nsrr_xml (as NSRR's Compumedics exports)."""
+    path.write_text(nsrr_xml(codes, start, duration_s, events, labels), encoding="utf-8", newline="\n")
+
+
+def nsrr_xml(codes, start: dt.datetime | None, duration_s: float, events=(), labels: dict | None = None,
+             software: str = "Compumedics") -> str:
+    """NSRR XML (docs/formats.md §3a) of stage codes [E] (NSRR_CONCEPT's: 0-4 W N1-N4, 5 R, 6 movement, 9 unscored):
+    stage runs interleaved by time with respiratory and arousal events (the synthetic cohort's dicts)."""
+    clock = [("ClockTime", f"{start:%d.%m.%y} {start:%H.%M.%S}")] if start is not None else []
+    items = [(0.0, 0, _xml_event([("EventType", ""), ("EventConcept", "Recording Start Time"), ("Start", "0"),
+                                  ("Duration", f"{float(duration_s)}"), *clock]))]
+    for first, length, code in runs_of(codes):
+        items.append((first * EPOCH_S, 1, _xml_event([
+            ("EventType", "Stages|Stages"), ("EventConcept", NSRR_CONCEPT[code]),
+            ("Start", f"{float(first * EPOCH_S)}"), ("Duration", f"{float(length * EPOCH_S)}")])))
+    for e in _scored_events(events, len(codes) * EPOCH_S):
+        common = [("Start", f"{e['start']:.1f}"), ("Duration", f"{float(e['duration']):.1f}")]
+        if e["kind"] == "hypopnea":
+            fields = [("EventType", "Respiratory|Respiratory"), ("EventConcept", "Hypopnea|Hypopnea"), *common,
+                      ("SignalLocation", labels["THOR"])]
+        elif e["kind"] == "desaturation":
+            base = 96.0
+            fields = [("EventType", "Respiratory|Respiratory"),
+                      ("EventConcept", "SpO2 desaturation|SpO2 desaturation"), *common,
+                      ("SignalLocation", labels["SPO2"]), ("SpO2Nadir", f"{base - e['drop']:.0f}"),
+                      ("SpO2Baseline", f"{base:.0f}")]
+        else:
+            fields = [("EventType", "Arousals|Arousals"), ("EventConcept", "Arousal|Arousal ()"), *common,
+                      ("SignalLocation", labels["EEG"])]
+        items.append((e["start"], 2, _xml_event(fields)))
+    items.sort(key=lambda item: (item[0], item[1]))
+    return ('<?xml version="1.0" encoding="UTF-8" standalone="no"?>\n<PSGAnnotation>\n'
+            f"<SoftwareVersion>{software}</SoftwareVersion>\n<EpochLength>30</EpochLength>\n<ScoredEvents>\n"
+            + "".join(item[2] for item in items) + "</ScoredEvents>\n</PSGAnnotation>\n")
+
+
+def write_profusion_xml(path: Path, codes, events, labels: dict) -> None:
+    """Compumedics Profusion XML (docs/formats.md §3b): events plus one SleepStage per epoch."""
+    names = {"hypopnea": ("Hypopnea", "THOR"), "desaturation": ("SpO2 desaturation", "SPO2"),
+             "arousal": ("Arousal (ASDA)", "EEG")}
+    out = ['<?xml version="1.0" encoding="UTF-8" standalone="no"?>\n<CMPStudyConfig>\n',
+           "<EpochLength>30</EpochLength>\n<ScoredEvents>\n"]
+    for e in _scored_events(events, len(codes) * EPOCH_S):
+        name, slot = names[e["kind"]]
+        fields = [("Name", name), ("Start", f"{e['start']:.1f}"), ("Duration", f"{float(e['duration']):.1f}"),
+                  ("Input", labels[slot])]
+        if e["kind"] == "desaturation":
+            fields[3:3] = [("LowestSpO2", f"{96 - e['drop']:.0f}"), ("Desaturation", f"{e['drop']:.0f}")]
+        out.append(_xml_event(fields))
+    out.append("</ScoredEvents>\n<SleepStages>\n")
+    out += [f"<SleepStage>{int(c)}</SleepStage>\n" for c in codes]
+    out.append("</SleepStages>\n</CMPStudyConfig>\n")
+    path.write_text("".join(out), encoding="utf-8", newline="\n")
+
+
+LUNA_CLASS = {0: "W", 1: "N1", 2: "N2", 3: "N3", 4: "N3", 5: "R", 6: "?", 9: "?"}
+
+
+def write_luna_annot(path: Path, codes, start: dt.datetime, events) -> None:
+    """Luna .annot (docs/formats.md §3c): one row per epoch with clock times, arousal rows interleaved."""
+    rows = [(i * EPOCH_S, 0, f"{LUNA_CLASS[int(c)]}\t.\t.\t{_clock(start, i * EPOCH_S)}\t"
+                             f"{_clock(start, (i + 1) * EPOCH_S)}\t.")
+            for i, c in enumerate(codes)]
+    for e in _scored_events(events, len(codes) * EPOCH_S):
+        if e["kind"] == "arousal":
+            rows.append((e["start"], 1, f"arousal\t.\tC4_M1\t{_clock(start, e['start'])}\t"
+                                        f"{_clock(start, e['start'] + e['duration'])}\t."))
+    rows.sort(key=lambda r: (r[0], r[1]))
+    path.write_text("class\tinstance\tchannel\tstart\tstop\tmeta\n" + "".join(r[2] + "\n" for r in rows),
+                    encoding="utf-8", newline="\n")
+
+
+GAMMA_CODE = {0: 0, 1: 1, 2: 2, 3: 3, 4: 4, 5: 5, 6: 6, 9: 7}
+
+
+def write_wsc_stg(path: Path, codes) -> None:
+    """WSC Gamma .stg.txt (docs/formats.md §3d): tab-separated, CRLF, 1-based epochs."""
+    lines = ["Epoch\tUser-Defined Stage\tCAST-Defined Stage"]
+    lines += [f"{i + 1}\t{GAMMA_CODE[int(c)]}\t{GAMMA_CODE[int(c)]}" for i, c in enumerate(codes)]
+    path.write_bytes(("\r\n".join(lines) + "\r\n").encode("ascii"))
+
+
+TWIN_STAGE = {0: "W", 1: "N1", 2: "N2", 3: "N3", 4: "N3", 5: "R", 6: "NO STAGE", 9: "NO STAGE"}
+
+
+def write_wsc_allscore(path: Path, codes, start: dt.datetime, events, rng) -> None:
+    """WSC Twin .allscore.txt (docs/formats.md §3e): clock-time event log, stages only at changes, CRLF, Latin-1."""
+    end = len(codes) * EPOCH_S
+    rows = [(0.0, 0, "START RECORDING"), (0.0, 1, "LIGHTS OUT")]
+    same = np.array([{4: 3, 6: 9}.get(int(c), int(c)) for c in codes])   # codes that read the same
+    rows += [(float(first * EPOCH_S), 2, f"STAGE - {TWIN_STAGE[code]}") for first, _, code in runs_of(same)]
+    for e in _scored_events(events, end):
+        t = e["start"] + round(float(rng.uniform(0, 1)), 2)     # scorers click off the second grid
+        if e["kind"] == "arousal":
+            rows.append((t, 3, f"AROUSAL - SPONTANEOUS - DUR: {e['duration']:.1f} SEC."))
+        elif e["kind"] == "desaturation":
+            rows.append((t, 3, f"DESATURATION - DUR: {e['duration']:.1f} SEC. - MIN SAO2: {96 - e['drop']:.0f}%"))
+        else:
+            rows.append((t, 3, f"RESPIRATORY EVENT - HYPOPNEA - DUR: {e['duration']:.1f} SEC."))
+    note_t = min(round(float(rng.uniform(60, max(61, end / 2))), 2), float(end))
+    rows.append((note_t, 3, "NOTE - électrode réajustée"))   # real files carry Latin-1 free text
+    rows.append((float(end), 4, "LIGHTS ON"))
+    rows.sort(key=lambda r: (r[0], r[1]))
+    text = "".join(f"{_clock(start, t, centis=True)}\t{what}\r\n" for t, _, what in rows)
+    path.write_bytes(text.encode("latin-1"))
+
+
+def stage_annotations(stages: np.ndarray) -> list[tuple[float, float, str]]:
+    """(onset_s, duration_s, 'Sleep stage X') per run of equal stages, the Sleep-EDF convention for EDF+ hypnograms."""
+    return [(first * EPOCH_S, length * EPOCH_S, f"Sleep stage {AASM_LETTERS[code]}")
+            for first, length, code in runs_of(stages)]
+
+
+def write_stages(path, fmt: str, stages: np.ndarray, start_time: str | None = None) -> None:
+    """stages [E] (0 W … 4 R) as `fmt`, written atomically: edf (EDF+ 'Sleep stage X', one annotation per run:
+    EDFbrowser, MNE, pyedflib), luna (Luna .annot: one row per epoch, start/stop in seconds from the recording
+    start), xml (NSRR XML: one 'Stages|Stages' event per run), txt (one stage letter per line: W N1 N2 N3 R)."""
+    if fmt == "edf":
+        start = dt.datetime.fromisoformat(start_time) if start_time else None
+        write_annotations(path, stage_annotations(stages), start, "predict.py")
+        return
+    letters = [AASM_LETTERS[k] for k in stages]
+    if fmt == "txt":
+        text = "".join(f"{letter}\n" for letter in letters)
+    elif fmt == "luna":
+        text = "class\tinstance\tchannel\tstart\tstop\tmeta\n" + "".join(
+            f"{letter}\t.\t.\t{i * EPOCH_S:.3f}\t{(i + 1) * EPOCH_S:.3f}\t.\n" for i, letter in enumerate(letters))
+    elif fmt == "xml":
+        start = dt.datetime.fromisoformat(start_time) if start_time else None
+        text = nsrr_xml([STAGE_TO_NSRR[k] for k in stages], start, len(stages) * EPOCH_S, software="pftsleep predict.py")
+    else:
+        raise ValueError(f"unknown export format {fmt!r}: one of {', '.join(EXPORTS)}")
+    write_atomic(path, lambda temp: temp.write_text(text, encoding="utf-8"))

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from durable import write_atomic
+
 
 class EdfError(ValueError):
     """A file that is not a readable EDF; the message names the file and the cause."""
@@ -347,15 +349,15 @@ _ONSET = re.compile(rb"[+-]\d+(?:\.\d*)?")
 _DURATION = re.compile(rb"\d+(?:\.\d*)?")
 
 
-def read_annotations(path: str | os.PathLike) -> tuple[EdfHeader, list[tuple[float, float, str]]]:
+def read_annotations(path: str | os.PathLike | EdfHeader) -> tuple[EdfHeader, list[tuple[float, float, str]]]:
     """EDF+ annotations as (onset_s, duration_s, description), onset relative to the file start.
 
     Each record's first TAL is the time-keeping one (empty text) and is skipped. A missing
     duration is returned as 0.0. Descriptions are UTF-8 (EDF+ spec), Latin-1 as fallback.
     A malformed TAL is an EdfError naming the data record and the byte in it, never a skipped or
-    merged annotation.
+    merged annotation. `path` may be a header already read (its file is not parsed again).
     """
-    header = read_header(path)
+    header = path if isinstance(path, EdfHeader) else read_header(path)
     ann = [s for s in header.signals if s.label == "EDF Annotations"]
     if not ann:
         raise EdfError(f"{header.path}: no 'EDF Annotations' signal (not an EDF+ annotation file)")
@@ -429,7 +431,6 @@ def write_annotations(path, annotations: list[tuple[float, float, str]], start: 
                       recorder: str) -> None:
     """An annotation-only EDF+C file of (onset_s, duration_s, text) annotations, written atomically. `start` None
     writes EDF's epoch date (1985-01-01 00:00:00); `recorder` goes into the recording field."""
-    from runs import write_atomic      # the repository's one atomic write (runs.py), only for writing
     start = start or dt.datetime(1985, 1, 1)
     record = annotation_record(annotations)
 

@@ -134,8 +134,25 @@ def checked_slot(x: np.ndarray, fs: float, slot: str, label: str, declared_unit:
     return SlotSignal(values=x, fs=fs, label=label, unit=unit, nan_samples=n_nan, source_unit=declared_unit)
 
 
-def prepare_night(night: Night, table: dict, opts: Options) -> tuple[np.ndarray, np.ndarray, dict]:
-    header = edf.read_header(night.edf, allow_truncated=opts.allow_truncated)
+def prepare_edf(path: Path, opts: Options, table_for) -> tuple[str, np.ndarray, dict, list]:
+    """An EDF for staging, read once: table_for(labels) -> (name, alias table) chooses the channels (it may raise);
+    -> (that name, signals [7, T], attrs as prepare_night's, the EDF+ annotations (onset_s, duration_s, text), [] for
+    a plain EDF or annotations that do not parse: they serve only lights-off/on)."""
+    header = edf.read_header(path, allow_truncated=opts.allow_truncated)
+    table_name, table = table_for(header.labels())
+    night = Night(dataset="edf", night_id=path.stem, subject=path.stem, visit="", edf=path, labelled=False)
+    night_signals, _, attrs = prepare_night(night, table, opts, header)
+    try:
+        events = edf.read_annotations(header)[1] if "EDF Annotations" in header.labels() else []
+    except edf.EdfError:
+        events = []
+    return table_name, night_signals, attrs, events
+
+
+def prepare_night(night: Night, table: dict, opts: Options,
+                  header: edf.EdfHeader | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(signals [7, T] float16, stages [T // 3750] int8, attrs) of one night; `header`: its EDF's, if already read."""
+    header = header or edf.read_header(night.edf, allow_truncated=opts.allow_truncated)
     n_samples = int(round(header.duration_s * FS))
     n_epochs = n_samples // EPOCH_SAMPLES
     if n_epochs == 0:

@@ -6,7 +6,7 @@ Layout (docs/design.md §3): `<out>/<dataset>/<night_id>.zarr`, a zarr v3 group 
   compares this with hourly chunks and with compression;
 - `stages` int8 [T // 3750];
 - the attrs listed in prepare/night.py.
-A store is written under a hidden temporary name and renamed when complete (runs.write_atomic), so
+A store is written under a hidden temporary name and renamed when complete (durable.write_atomic), so
 a store that exists is complete and a killed job leaves nothing that a re-run would mistake for a
 night. `read_night` memory-maps the raw chunks (bench/loader.py measures it against zarr's own
 reader); a store written any other way (other chunking, compression) is read through zarr instead.
@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 import zarr
 
-from runs import write_atomic
+from durable import write_atomic
 from .signals import SLOTS
 
 MANIFEST_COLUMNS = ["night_id", "dataset", "subject", "visit", "path", "n_samples", "n_epochs", "n_scored",

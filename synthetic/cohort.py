@@ -19,12 +19,13 @@ from pathlib import Path
 
 import numpy as np
 
+from prepare.annotations import (runs_of, write_luna_annot, write_nsrr_xml, write_profusion_xml, write_wsc_allscore,
+                                 write_wsc_stg)
 from prepare.signals import EPOCH_S
 
 from .noise import lowpass_noise
 from .physiology import MOVEMENT, W, draw_profile, render, stage_sequence
-from .writers import (runs, write_edf, write_luna_annot, write_nsrr_xml, write_profusion_xml,
-                      write_sleep_edf_hypnogram, write_wsc_allscore, write_wsc_stg)
+from .writers import write_edf, write_sleep_edf_hypnogram
 
 DATASETS = ("shhs", "mesa", "mros", "apples", "wsc", "edf")
 
@@ -126,7 +127,7 @@ def _score(stages: np.ndarray, rng, rk4: bool) -> np.ndarray:
     """Annotation codes per epoch from a physiological sequence (with MOVEMENT epochs)."""
     codes = np.where(stages == MOVEMENT, 6, STAGE_CODE[np.clip(stages, 0, 4)])
     if rk4:   # R&K stage 4: the middle of long slow-wave runs
-        for start, length, code in runs(codes):
+        for start, length, code in runs_of(codes):
             if code == 3 and length >= 6:
                 codes[start + 2:start + length - 2] = 4
     if rng.random() < 0.6:   # the scorer stopped before the recording did

@@ -107,7 +107,7 @@ def shhs_nights(tmp_path_factory):
 
 
 def run_until_killed(args, what: str, count: int) -> None:
-    """`python *args` in the repository with PFTSLEEP_KILL_AFTER_<WHAT>=count (runs.kill_point), which must end it by
+    """`python *args` in the repository with PFTSLEEP_KILL_AFTER_<WHAT>=count (durable.kill_point), which must end it by
     SIGKILL at that point."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), f"PFTSLEEP_KILL_AFTER_{what.upper()}": str(count)}
     job = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True,
@@ -154,7 +154,7 @@ def one_line_exit():
 
 @pytest.fixture(scope="session")
 def killed_run():
-    """killed_run(args, what, count): runs `python *args` until runs.kill_point(what, count) SIGKILLs it."""
+    """killed_run(args, what, count): runs `python *args` until durable.kill_point(what, count) SIGKILLs it."""
     return run_until_killed
 
 

@@ -11,6 +11,7 @@ import torch
 
 import predict
 import runs
+import sleep_statistics
 import stage
 from prepare import edf as edf_format
 from prepare.generic import CHANNELS
@@ -192,7 +193,7 @@ def test_lights_off_and_on(tmp_path, tiny_probe_run, psg_writer):
     lit = stage.stage_edf(edf, tiny_probe_run, lights_off="00:00:45", lights_on=600)
     assert np.array_equal(lit.probs, whole.probs)
     assert (lit.stats["lights_off_epoch"], lit.stats["lights_on_epoch"]) == (2, 20) and lit.stats["TIB_min"] == 9.0
-    assert lit.stats == stage.sleep_statistics(whole.stages, lights_off=2, lights_on=20)
+    assert lit.stats == sleep_statistics.sleep_statistics(whole.stages, lights_off=2, lights_on=20)
     out = tmp_path / "out"
     assert predict.main([str(edf), "--run", str(tiny_probe_run), "--out", str(out), "--lights-off", "00:00:45",
                          "--lights-on", "600"]) == 0

@@ -14,6 +14,7 @@ import torch
 
 import evaluate
 import runs
+import stage
 import synthetic
 import train_pretrain
 from data import NightDataset
@@ -85,10 +86,10 @@ def test_evaluate_refuses_a_run_without_a_final_checkpoint_unless_latest(tiny_pr
     killed = tmp_path / "killed"
     shutil.copytree(tiny_probe_run, killed)
     (killed / runs.FINAL).rename(killed / runs.LATEST)
-    message = one_line_exit(lambda: evaluate.load_run(killed))
+    message = one_line_exit(lambda: evaluate.main(["--run", str(killed), "--out", str(tmp_path / "eval")]))
     assert str(killed) in message and "--latest" in message and "no final checkpoint" in message
-    encoder, probe, config = evaluate.load_run(killed, latest=True)
-    assert config["probe"]["hidden_size"] == 8
+    assert not (tmp_path / "eval").exists()
+    assert stage.load_model(killed, latest=True).config["probe"]["hidden_size"] == 8
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 import pytest
 
 import config
+import training
 import train_probe
 
 
@@ -23,10 +24,9 @@ def test_unknown_or_mistyped_fields_are_one_line_errors():
 def test_recipe_switches_with_unknown_values_are_one_line_errors(tmp_path):
     import torch
 
-    import runs
     cfg = config.load(train_probe.Config, "configs/probe_tiny.yaml", ["--train.schedule", "cosine"])
     with pytest.raises(SystemExit, match="train.schedule must be full or upstream, got 'cosine'"):
-        runs.one_cycle([torch.nn.Parameter(torch.zeros(1))], cfg.train, 10, 40)
+        training.one_cycle([torch.nn.Parameter(torch.zeros(1))], cfg.train, 10, 40)
     base = ["--config", "configs/probe_tiny.yaml", "--encoder", str(tmp_path / "none"), "--run-dir", str(tmp_path / "r")]
     with pytest.raises(SystemExit, match="train.loss_trim_wake must be one of paper, upstream, none"):
         train_probe.main([*base, "--train.loss_trim_wake", "sometimes"])

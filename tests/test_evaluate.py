@@ -11,6 +11,7 @@ import yaml
 
 import evaluate as ev
 import metrics
+import runs
 import stage
 from model import ModelConfig, ProbeConfig
 from prepare import store
@@ -231,9 +232,8 @@ def test_sleep_statistics_agreement_block(evaluated):
 
 def test_stitched_probabilities_are_stage_night(evaluated):
     root, run, out, results = evaluated
-    from runs import load_encoder, load_probe
     channels, stages, _ = store.read_night(root / "shhs" / "shhs1-0001.zarr")
-    probs = stage.stage_night(load_encoder(run), load_probe(run), np.stack([np.asarray(c, np.float32) for c in channels]),
+    probs = stage.stage_night(runs.read_run(run).encoder(), runs.read_run(run).probe(), np.stack([np.asarray(c, np.float32) for c in channels]),
                         20 * EPOCH, 10 * EPOCH).numpy()
     predictions = pd.read_csv(out / "predictions.csv")
     night = predictions[predictions["night_id"] == "shhs1-0001"]
@@ -245,6 +245,7 @@ def test_cli_refuses_a_non_probe_run_and_an_empty_selection(evaluated, tmp_path)
     pretrain = tmp_path / "pretrain"
     pretrain.mkdir()
     (pretrain / "config.yaml").write_text(yaml.safe_dump({"model": {}, "data": {}}))
+    runs.save_checkpoint(pretrain / runs.FINAL, {"model": {}})                 # a pretraining run: no probe
     with pytest.raises(SystemExit, match="not a probe run"):
         ev.main(["--run", str(pretrain), "--out", str(tmp_path / "o")])
     with pytest.raises(SystemExit, match="no night"):
@@ -253,13 +254,12 @@ def test_cli_refuses_a_non_probe_run_and_an_empty_selection(evaluated, tmp_path)
 
 def test_absent_slot_is_zeroed_in_every_night(evaluated, tmp_path):
     root, run, out, results = evaluated
-    from runs import load_encoder, load_probe
     absent = ev.main(["--run", str(run), "--split", "all", "--bootstrap", "0", "--absent", "eeg,ABDO",
                       "--png-nights", "0", "--out", str(tmp_path / "absent")])
     channels, _, _ = store.read_night(root / "shhs" / "shhs1-0001.zarr")
     signals = np.stack([np.asarray(c, np.float32) for c in channels])
     signals[[3, 6]] = 0                                                  # EEG and ABDO
-    probs = stage.stage_night(load_encoder(run), load_probe(run), signals, 20 * EPOCH, 10 * EPOCH).numpy()
+    probs = stage.stage_night(runs.read_run(run).encoder(), runs.read_run(run).probe(), signals, 20 * EPOCH, 10 * EPOCH).numpy()
     predictions = pd.read_csv(tmp_path / "absent" / "predictions.csv")
     night = predictions[predictions["night_id"] == "shhs1-0001"]
     assert np.allclose(night[["p_W", "p_N1", "p_N2", "p_N3", "p_REM"]].to_numpy(), probs[night["epoch"]], atol=1e-5)
@@ -283,7 +283,6 @@ PROBS = ["p_W", "p_N1", "p_N2", "p_N3", "p_REM"]
 
 def test_upstream_protocol_scores_one_window_from_the_start(evaluated, tmp_path):
     root, run, out, results = evaluated
-    from runs import load_encoder, load_probe
     recorded = tmp_path / "run"                                            # the run with a recipe in its config
     recorded.mkdir()
     for name in ("ckpt_final.pt", "config.yaml"):
@@ -303,7 +302,7 @@ def test_upstream_protocol_scores_one_window_from_the_start(evaluated, tmp_path)
         assert night["epoch"].tolist() == scored.tolist() and (night["true"] == stages[scored]).all()
         # the probabilities: one window over the night cropped to the window (zero-padded when shorter)
         cropped = np.stack([np.asarray(c[:window * EPOCH], np.float32) for c in channels])
-        probs = stage.stage_night(load_encoder(run), load_probe(run), cropped, window * EPOCH, window * EPOCH).numpy()
+        probs = stage.stage_night(runs.read_run(run).encoder(), runs.read_run(run).probe(), cropped, window * EPOCH, window * EPOCH).numpy()
         assert len(probs) == min(n_epochs, window)
         assert np.allclose(night[PROBS].to_numpy(), probs[night["epoch"]], atol=1e-5)
     assert upstream["pooled"]["n_epochs"] == expected_epochs == 18 + 18 + 10

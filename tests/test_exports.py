@@ -9,6 +9,7 @@ import pytest
 
 import predict
 import stage
+from prepare import annotations
 from prepare import edf as edf_format
 from prepare.annotations import AASM_LETTERS, read_hypnogram
 from prepare.generic import CHANNELS
@@ -31,7 +32,7 @@ def test_hypnogram_csv_rows_sum_to_one_and_yasa_reads_it(tmp_path, tiny_probe_ru
     edf = psg_writer(tmp_path / "night.edf", SECONDS)
     assert predict.main([str(edf), "--run", str(tiny_probe_run), "--device", "cpu"]) == 0
     text = pd.read_csv(tmp_path / "night.hypnogram.csv", dtype=str, keep_default_na=False)
-    assert list(text.columns) == list(predict.COLUMNS) == ["epoch", "onset_s", "date", "clock_time", "stage", "p_W",
+    assert list(text.columns) == list(stage.HYPNOGRAM_COLUMNS) == ["epoch", "onset_s", "date", "clock_time", "stage", "p_W",
                                                            "p_N1", "p_N2", "p_N3", "p_REM"]
     for row in text[list(stage.PROB_COLUMNS)].itertuples(index=False):      # every row, exactly, in decimal
         assert sum(Decimal(p) for p in row) == 1 and all(len(p) == 7 for p in row)
@@ -68,9 +69,9 @@ def test_every_export_reads_back_as_the_predicted_stages(tmp_path, tiny_probe_ru
 
 def test_export_without_a_start_time(tmp_path):
     stages = np.array([0, 0, 1, 2, 2, 2, 3, 4, 4, 0])
-    for fmt, suffix in stage.EXPORTS.items():
+    for fmt, suffix in annotations.EXPORTS.items():
         path = tmp_path / f"n{suffix}"
-        stage.export_stages(path, fmt, stages, start_time=None)
+        annotations.write_stages(path, fmt, stages, start_time=None)
         assert read_hypnogram(path).stages.tolist() == stages.tolist(), fmt
     assert (tmp_path / "n.stages.txt").read_text() == "W\nW\nN1\nN2\nN2\nN2\nN3\nR\nR\nW\n"
     with pytest.raises(SystemExit):

@@ -13,6 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import model
 import runs
+import training
 import train_pretrain
 from model import ATTENTION_KERNELS, ModelConfig, Pretrainer, ProbeConfig, ProbeHead, v_padding
 
@@ -179,7 +180,7 @@ def test_resume_hands_the_rng_states_to_their_setters_as_cpu_bytes(shhs_nights, 
     set_cpu, set_cuda = [], []
     monkeypatch.setattr(torch, "set_rng_state", lambda state: set_cpu.append(state))
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: set_cuda.append((state, device)))
-    runs.restore_rng(ckpt, 0, 1, torch.device("cuda", 0))
+    training.restore_rng(ckpt, 0, 1, torch.device("cuda", 0))
     (state, device), = set_cuda
     assert set_cpu[0].device.type == "cpu" and set_cpu[0].dtype == torch.uint8
     assert state.device.type == "cpu" and state.dtype == torch.uint8 and state.tolist() == list(range(16))
@@ -189,14 +190,14 @@ def test_resume_hands_the_rng_states_to_their_setters_as_cpu_bytes(shhs_nights, 
 def test_matmul_precision_is_set_on_cuda_only_and_checked():
     before = torch.get_float32_matmul_precision()
     try:
-        assert runs.set_matmul_precision(torch.device("cpu"), "medium") == "highest"
+        assert training.set_matmul_precision(torch.device("cpu"), "medium") == "highest"
         assert torch.get_float32_matmul_precision() == before
-        assert runs.set_matmul_precision(torch.device("cuda", 0), "medium") == "medium"
+        assert training.set_matmul_precision(torch.device("cuda", 0), "medium") == "medium"
         assert torch.get_float32_matmul_precision() == "medium"
     finally:
         torch.set_float32_matmul_precision(before)
     with pytest.raises(SystemExit, match="^config: train.matmul_precision must be one of highest, high, medium"):
-        runs.set_matmul_precision(torch.device("cpu"), "low")
+        training.set_matmul_precision(torch.device("cpu"), "low")
 
 
 def test_the_embedding_cache_key_covers_precision(shhs_nights):
@@ -212,12 +213,12 @@ def test_a_resume_on_another_number_of_processes_goes_on_from_the_same_window(ca
     """A checkpoint written by 2 processes after 3 optimiser steps of 4 windows each (24 windows of the epoch's
     order used), resumed by 1 process: it goes on at its step 6 of the epoch, i.e. window 24 of the same order."""
     tc = train_pretrain.TrainConfig()
-    optimizer, scheduler = runs.one_cycle([torch.nn.Parameter(torch.zeros(1))], tc, 10, 100)
+    optimizer, scheduler = training.one_cycle([torch.nn.Parameter(torch.zeros(1))], tc, 10, 100)
     ckpt = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": 3, "epoch": 1,
             "step_in_epoch": 3, "rng_cpu": [torch.get_rng_state()] * 2}
-    progress = runs.resume(ckpt, optimizer, scheduler, 0, 1, 4, torch.device("cpu"))
+    progress = training.resume(ckpt, optimizer, scheduler, 0, 1, 4, torch.device("cpu"))
     assert progress["step_in_epoch"] == 6 and progress["step"] == 3
     assert "resumed on 1 processes a run written by 2: epoch 1 goes on from window 24" in capsys.readouterr().out
-    used = {w for rank in (0, 1) for w in runs.epoch_order(100, 1, 0, rank, 2, 4)[:3 * 4]}
-    alone = runs.epoch_order(100, 1, 0, 0, 1, 4)
+    used = {w for rank in (0, 1) for w in training.epoch_order(100, 1, 0, rank, 2, 4)[:3 * 4]}
+    alone = training.epoch_order(100, 1, 0, 0, 1, 4)
     assert used == set(alone[:24]) and not used & set(alone[24:])

@@ -11,7 +11,6 @@ import yaml
 import import_upstream as iu
 import runs
 from model import Encoder, ModelConfig, PretrainHead, ProbeConfig, ProbeHead
-from runs import load_encoder, load_probe
 
 FIXTURE = Path(__file__).parent / "fixtures" / "upstream"
 ENCODER, CLASSIFIER = FIXTURE / "encoder.ckpt", FIXTURE / "classifier.ckpt"
@@ -38,12 +37,12 @@ def imported(tmp_path_factory):
 def models(run, attention):
     """(encoder, pretrain head, probe) of an imported run, the encoder rebuilt for the given attention path."""
     config, ckpt = read_checkpoint(run)
-    cfg = dataclasses.replace(load_encoder(run).cfg, attention=attention)
+    cfg = dataclasses.replace(runs.read_run(run).encoder().cfg, attention=attention)
     encoder = Encoder(cfg)
     encoder.load_state_dict({k[8:]: v for k, v in ckpt["model"].items() if k.startswith("encoder.")})
     head = PretrainHead(cfg)
     head.load_state_dict({k[5:]: v for k, v in ckpt["model"].items() if k.startswith("head.")})
-    return encoder.eval(), head.eval(), load_probe(run)
+    return encoder.eval(), head.eval(), runs.read_run(run).probe()
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "math"])
@@ -71,7 +70,7 @@ def test_encoder_only(tmp_path, outputs):
     config, ckpt = read_checkpoint(tmp_path)
     assert "model" in config and "probe" not in config
     assert any(k.startswith("head.") for k in ckpt["model"]) and not any(k.startswith("probe.") for k in ckpt["model"])
-    embeddings = load_encoder(tmp_path).embed(outputs["signals"])
+    embeddings = runs.read_run(tmp_path).encoder().embed(outputs["signals"])
     torch.testing.assert_close(embeddings, outputs["embeddings_full"], atol=1e-4, rtol=0)
     with pytest.raises(SystemExit, match="already holds a run"):
         iu.main(["--encoder", str(ENCODER), "--run", str(tmp_path)])

@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 import torch
 
-import runs
+import training
 import train_pretrain
 from data import NightDataset
 from prepare import store
@@ -251,15 +251,15 @@ def test_a_small_dev_shm_is_one_line_before_training(tmp_path, monkeypatch, one_
         return os.statvfs_result((4096, 4096, 100, 16, 16, 100, 10, 10, 0, 255))
     monkeypatch.setattr(os, "statvfs", tiny)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
-    message = one_line_exit(lambda: runs.check_shared_memory(dataset, 4, 2, shm=str(shm)))
+    message = one_line_exit(lambda: training.check_shared_memory(dataset, 4, 2, shm=str(shm)))
     need = 2 * 2 * 2 * batch
     assert message == (f"{shm} has {16 * 4096 / 2**20:.1f} MiB free, the batches in flight need {need / 2**20:.1f} MiB "
                        f"(1 process(es) × 2 loaders × 2 workers × 2 batches of {batch / 2**20:.1f} MiB): give the "
                        f"container more shared memory (docker run --shm-size 8g) or lower data.num_workers (0 reads in "
                        f"the main process)")
-    runs.check_shared_memory(dataset, 4, 0, shm=str(shm))                     # no workers: nothing through shm
-    runs.check_shared_memory(dataset, 4, 2, shm=str(tmp_path))                # room enough: nothing said
-    runs.check_shared_memory(dataset, 4, 2, shm=str(tmp_path / "absent"))     # no such folder (not Linux): no check
+    training.check_shared_memory(dataset, 4, 0, shm=str(shm))                     # no workers: nothing through shm
+    training.check_shared_memory(dataset, 4, 2, shm=str(tmp_path))                # room enough: nothing said
+    training.check_shared_memory(dataset, 4, 2, shm=str(tmp_path / "absent"))     # no such folder (not Linux): no check
     if os.path.isdir("/dev/shm"):                    # the training script checks before it writes anything
         message = one_line_exit(lambda: train_pretrain.main([*SMALL, "--data.root", str(nights), "--data.num_workers",
                                                              "2", "--run-dir", str(tmp_path / "run")]))

@@ -4,6 +4,7 @@ import threading
 import pytest
 import torch
 
+import cpu_kernels
 import model
 from model import (Encoder, ModelConfig, PretrainHead, ProbeConfig, ProbeHead, corrupt_values, mask_patches,
                    reconstruction_loss)
@@ -63,7 +64,7 @@ def test_shapes_through_every_stage():
     assert patches.shape == (B, C, N, P)
     assert key_padding.shape == (B, N) and key_padding.dtype == torch.bool
     assert key_padding[1, 28:].all() and not key_padding[1, :28].any() and not key_padding[0].any()
-    embeddings = encoder.encode(patches, key_padding)
+    embeddings = encoder.contextualise(encoder.tokens(patches), key_padding)
     assert embeddings.shape == (B, C, N, D)
     assert torch.equal(encoder.embed(signals, padding_mask), embeddings)
     assert head(embeddings).shape == (B, C, N, P)
@@ -124,53 +125,50 @@ def test_sdpa_path_equals_math_path(residual_attention, padded, fused, monkeypat
 @pytest.mark.parametrize("attention", ["math", "sdpa"])
 @pytest.mark.parametrize("residual_attention", [True, False])
 @pytest.mark.parametrize("query_block", [16, 256])      # 16: blocks of 16, 16 and 8 queries
-def test_inference_on_cpu_takes_blocked_attention_and_equals_the_math_path(attention, residual_attention,
-                                                                          query_block, monkeypatch):
-    """Staging on CPU (inference mode) takes blocked_attention whatever the path: the same function as the math
-    path, a night with a padded tail and an all-padded night included, in blocks of queries of any size, one channel
-    sequence per pass, its queries widening d → 2d → 3d with residual attention (the sdpa path's carry)."""
-    monkeypatch.setattr(model, "QUERY_BLOCK", query_block)
+def test_cpu_kernels_attention_equals_the_math_path(attention, residual_attention, query_block, monkeypatch):
+    """With kernels=cpu_kernels (staging on the CPU) attention is cpu_kernels.attention whatever the path: the same
+    function as the math path, a night with a padded tail and an all-padded night included, in blocks of queries of
+    any size, one channel sequence per pass, its queries widening d → 2d → 3d with residual attention."""
+    monkeypatch.setattr(cpu_kernels, "QUERY_BLOCK", query_block)
     encoder = eval_encoder(attention=attention, residual_attention=residual_attention)
     reference = eval_encoder(attention="math", residual_attention=residual_attention)
     signals, padding_mask = night_batch()
     padding_mask[0, :] = True
     calls = []
-    real = model.SelfAttention.blocked_attention
-    monkeypatch.setattr(model.SelfAttention, "blocked_attention",
-                        lambda self, q, *rest: calls.append(q.shape) or real(self, q, *rest))
-    with torch.no_grad():
-        expected = reference.embed(signals, padding_mask)
-    assert not calls                                                     # outside inference mode: not taken
+    real = cpu_kernels.attention
+    monkeypatch.setattr(cpu_kernels, "attention", lambda attn, q, *rest: calls.append(q.shape) or real(attn, q, *rest))
     with torch.inference_mode():
-        actual = encoder.embed(signals, padding_mask).clone()
+        expected = reference.embed(signals, padding_mask).clone()
+        assert not calls                                                 # the reference path: never taken
+        actual = encoder.embed(signals, padding_mask, kernels=cpu_kernels).clone()
     torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
     assert torch.isfinite(actual).all() and actual[0].abs().max() > 0
     d = D // 4
     assert calls == [(1, 4, N, d)] * 3 * B * C                           # one sequence per pass, 3 layers each
 
 
-def test_blocked_attention_hands_on_the_widening_queries_and_keys(monkeypatch):
+def test_cpu_kernels_attention_hands_on_the_widening_queries_and_keys(monkeypatch):
     """With residual attention each layer's carry is the concatenated scaled queries and keys, as the sdpa path's."""
     encoder = eval_encoder()
     signals, _ = night_batch()
     carries = []
-    real = model.SelfAttention.blocked_attention
+    real = cpu_kernels.attention
 
-    def recording(self, *args):
-        out, carry = real(self, *args)
+    def recording(*args):
+        out, carry = real(*args)
         carries.append(tuple(t.shape for t in carry))
         return out, carry
-    monkeypatch.setattr(model.SelfAttention, "blocked_attention", recording)
+    monkeypatch.setattr(cpu_kernels, "attention", recording)
     with torch.inference_mode():
-        encoder.embed(signals[:1, :, :T])
+        encoder.embed(signals[:1, :, :T], kernels=cpu_kernels)
     d = D // 4
     assert carries[:3] == [((1, 4, N, width),) * 2 for width in (d, 2 * d, 3 * d)]
 
 
 @pytest.mark.parametrize("onednn", [True, False])
-def test_cpu_linear_is_f_linear_through_onednn_only_when_staging(onednn, monkeypatch):
-    """cpu_linear takes oneDNN (ONEDNN_ON_CPU) in inference mode on CPU for float32 only; the same values as F.linear."""
-    monkeypatch.setattr(model, "ONEDNN_ON_CPU", onednn)
+def test_cpu_kernels_linear_is_f_linear_through_onednn(onednn, monkeypatch):
+    """cpu_kernels.linear takes oneDNN (ONEDNN) on the CPU for float32 only; the same values as F.linear."""
+    monkeypatch.setattr(cpu_kernels, "ONEDNN", onednn)
     calls = []
     real = torch.ops.mkldnn._linear_pointwise
     monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise",      # oneDNN's kernel for strided operands is slow
@@ -180,13 +178,11 @@ def test_cpu_linear_is_f_linear_through_onednn_only_when_staging(onednn, monkeyp
     x, weight, bias = torch.randn(3, 70, 48, generator=g), torch.randn(20, 48, generator=g), torch.randn(20, generator=g)
     wide_weight = torch.randn(20, 96, generator=g)
     expected = torch.nn.functional.linear(x, weight, bias)
-    torch.testing.assert_close(model.cpu_linear(x, weight, bias), expected)
-    assert not calls                                                     # outside inference mode
     with torch.inference_mode():
-        actual = model.cpu_linear(x, weight, bias)
-        without_bias = model.cpu_linear(x[0], weight)
-        in_double = model.cpu_linear(x.double(), weight.double(), bias.double())
-        strided = model.cpu_linear(x.transpose(0, 1), wide_weight[:, ::2], bias)      # non-contiguous operands
+        actual = cpu_kernels.linear(x, weight, bias)
+        without_bias = cpu_kernels.linear(x[0], weight)
+        in_double = cpu_kernels.linear(x.double(), weight.double(), bias.double())
+        strided = cpu_kernels.linear(x.transpose(0, 1), wide_weight[:, ::2], bias)    # non-contiguous operands
     torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(strided, torch.nn.functional.linear(x.transpose(0, 1), wide_weight[:, ::2], bias),
                                atol=1e-5, rtol=1e-5)
@@ -195,16 +191,15 @@ def test_cpu_linear_is_f_linear_through_onednn_only_when_staging(onednn, monkeyp
     assert calls == ([((3, 70, 48), True), ((70, 48), True), ((70, 3, 48), True)] if onednn else [])
 
 
-def test_inference_on_cpu_runs_one_sequence_per_pass(monkeypatch):
+def test_cpu_kernels_run_one_sequence_per_pass(monkeypatch):
     encoder = eval_encoder()
     signals, padding_mask = night_batch()
     passes = []
     real = Encoder.transform
-    monkeypatch.setattr(Encoder, "transform", lambda self, x, kp: passes.append(x.shape[0]) or real(self, x, kp))
-    with torch.no_grad():
-        expected = encoder.embed(signals, padding_mask)
+    monkeypatch.setattr(Encoder, "transform", lambda self, x, *rest: passes.append(x.shape[0]) or real(self, x, *rest))
     with torch.inference_mode():
-        actual = encoder.embed(signals, padding_mask).clone()
+        expected = encoder.embed(signals, padding_mask).clone()
+        actual = encoder.embed(signals, padding_mask, kernels=cpu_kernels).clone()
     assert passes == [B * C] + [1] * (B * C)
     torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
 
@@ -224,7 +219,7 @@ def test_all_padded_night_gives_finite_output_and_gradients(attention):
     signals, padding_mask = night_batch()
     padding_mask[0] = True
     patches, key_padding = encoder.patchify(signals, padding_mask)
-    embeddings = encoder.encode(patches, key_padding)
+    embeddings = encoder.contextualise(encoder.tokens(patches), key_padding)
     assert torch.isfinite(embeddings).all()
     embeddings.square().mean().backward()
     assert all(torch.isfinite(p.grad).all() for p in encoder.parameters() if p.grad is not None)
@@ -382,25 +377,24 @@ def test_probe_ignores_padded_tail():
 
 
 @pytest.mark.parametrize("padded", [False, True])
-def test_probe_on_cpu_runs_each_gru_direction_in_its_own_thread_and_equals_nn_gru(padded, monkeypatch):
-    """Inference mode on CPU: the two directions' recurrences of each layer side by side (cpu_bidirectional_gru,
-    gru_recurrence), the same function as nn.GRU over packed sequences: a padded tail ignored, the backward direction
-    starting at its end."""
+def test_cpu_kernels_gru_runs_each_direction_in_its_own_thread_and_equals_nn_gru(padded, monkeypatch):
+    """cpu_kernels.bidirectional_gru: the two directions' recurrences of each layer side by side (gru_recurrence),
+    the same function as nn.GRU over packed sequences: a padded tail ignored, the backward direction starting at its
+    end."""
     torch.manual_seed(0)
     probe = ProbeHead(tiny_probe_config()).eval()
     embeddings = torch.randn(B, C, N, D)
     _, padding_mask = night_batch()
     padding_mask = padding_mask if padded else None
     threads = []
-    real = model.gru_recurrence
-    monkeypatch.setattr(model, "gru_recurrence",
+    real = cpu_kernels.gru_recurrence
+    monkeypatch.setattr(cpu_kernels, "gru_recurrence",
                         lambda *args: threads.append(threading.get_ident()) or real(*args))
-    with torch.no_grad():
-        expected = probe(embeddings, padding_mask)
-    assert not threads
     torch_threads = torch.get_num_threads()
     with torch.inference_mode():
-        actual = probe(embeddings, padding_mask)
+        expected = probe(embeddings.clone(), padding_mask)
+        assert not threads
+        actual = probe(embeddings.clone(), padding_mask, cpu_kernels)
     torch.testing.assert_close(actual, expected, atol=1e-6, rtol=1e-5)
     assert len(threads) == B * 2 * 2 and threading.get_ident() not in threads   # nights × layers × directions
     assert torch.get_num_threads() == torch_threads                              # restored after
@@ -426,7 +420,7 @@ def test_pretraining_step_runs_in_train_mode():
     encoder, head = Encoder(tiny_config()).train(), PretrainHead(tiny_config())
     signals, padding_mask = night_batch()
     target, key_padding = encoder.patchify(signals, padding_mask)
-    reconstruction = head(encoder.encode(corrupt_values(target), key_padding))
+    reconstruction = head(encoder.contextualise(encoder.tokens(corrupt_values(target)), key_padding))
     loss = reconstruction_loss(reconstruction, target, key_padding)
     loss.backward()
     assert torch.isfinite(loss) and encoder.revin_weight.grad is not None and head.weight.grad is not None
@@ -441,7 +435,7 @@ def test_absent_channels_are_left_out_of_the_reconstruction_loss():
     present = torch.tensor([[True, False, True], [True, True, False]])
     loss = pretrainer(signals, padding_mask, present)
     patches, key_padding = pretrainer.encoder.patchify(signals, padding_mask)
-    reconstruction = pretrainer.head(pretrainer.encoder.encode(patches, key_padding))
+    reconstruction = pretrainer.head(pretrainer.encoder.contextualise(pretrainer.encoder.tokens(patches), key_padding))
     squared = (reconstruction - patches).pow(2).sum(-1)                 # [B, C, N]
     counted = present[:, :, None] & ~key_padding[:, None, :]
     assert loss.item() == pytest.approx((squared[counted].sum() / (counted.sum() * P)).item(), rel=1e-5)
@@ -454,13 +448,14 @@ def test_absent_channels_are_left_out_of_the_reconstruction_loss():
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "math"])
-def test_one_sequence_per_pass_gives_the_same_embeddings(attention):
+def test_any_number_of_sequences_per_pass_gives_the_same_embeddings(attention, monkeypatch):
     encoder = eval_encoder(attention=attention)
     signals, padding_mask = night_batch()
-    with torch.no_grad():
-        whole = encoder.embed(signals, padding_mask)
+    with torch.inference_mode():
+        whole = encoder.embed(signals, padding_mask).clone()
         for per_pass in (1, 2, 4):
-            torch.testing.assert_close(encoder.embed(signals, padding_mask, sequences_per_pass=per_pass), whole,
+            monkeypatch.setattr(cpu_kernels, "SEQUENCES_PER_PASS", per_pass)
+            torch.testing.assert_close(encoder.embed(signals, padding_mask, kernels=cpu_kernels), whole,
                                        atol=1e-5, rtol=1e-5)
 
 

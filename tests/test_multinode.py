@@ -2,7 +2,7 @@
 CPU) end with the same checkpoint as one node with two processes (--nproc_per_node 2), bit for bit, with dropout and
 corruption on, both with c10d rendezvous and with the static form (--node_rank, --master_addr, --master_port).
 
-Why exactly: everything a process does is a function of its global rank (the window shard of runs.epoch_order, the
+Why exactly: everything a process does is a function of its global rank (the window shard of training.epoch_order, the
 seed seed * 1000 + rank of its dropout and corruption), never of its node, and a sum of two processes' values is the
 same in either order. Which node becomes rank 0 therefore does not matter, and each test starts the node that will NOT
 be rank 0 first, so that the order the nodes come up in cannot be what makes it pass:

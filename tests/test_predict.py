@@ -8,10 +8,12 @@ import pandas as pd
 import pytest
 import torch
 
+import cpu_kernels
 import predict
-import model
 import runs
+import sleep_statistics
 import stage
+from prepare import annotations
 from prepare import edf as edf_format
 from prepare.annotations import AASM_LETTERS
 
@@ -25,7 +27,7 @@ WINDOW_EPOCHS = 10                                  # conftest's tiny_probe_run
 def test_statistics_hand_computed():
     # W W N1 N2 N2 W W W N2 R R N2 W : 13 epochs
     stages = [0, 0, 1, 2, 2, 0, 0, 0, 2, 4, 4, 2, 0]
-    s = stage.sleep_statistics(stages)
+    s = sleep_statistics.sleep_statistics(stages)
     assert s["TIB_min"] == 6.5                         # 13 × 0.5
     assert s["SOL_min"] == 1.0                         # first sleep at epoch 2
     assert s["SPT_min"] == 5.0                         # epochs 2..11 inclusive = 10 epochs
@@ -40,14 +42,14 @@ def test_statistics_hand_computed():
 
 def test_statistics_awakening_minimum_and_edge_cases():
     # single W epochs inside the SPT are WASO but not awakenings (minimum 2 epochs = 1 min)
-    s = stage.sleep_statistics([2, 0, 2, 0, 0, 2, 0, 2])
-    assert stage.MIN_AWAKENING_EPOCHS == 2
+    s = sleep_statistics.sleep_statistics([2, 0, 2, 0, 0, 2, 0, 2])
+    assert sleep_statistics.MIN_AWAKENING_EPOCHS == 2
     assert s["awakenings"] == 1 and s["WASO_min"] == 2.0 and s["SOL_min"] == 0.0
     assert s["REM_latency_from_onset_min"] is None
-    awake = stage.sleep_statistics([0, 0, 0, 0])
+    awake = sleep_statistics.sleep_statistics([0, 0, 0, 0])
     assert awake["TST_min"] == 0 and awake["SE_pct"] == 0 and awake["SOL_min"] is None and awake["SPT_min"] == 0
     assert awake["stage_pct_TST"]["N2"] is None and awake["awakenings"] == 0
-    assert stage.sleep_statistics([3, 3], epoch_s=60)["TST_min"] == 2.0
+    assert sleep_statistics.sleep_statistics([3, 3], epoch_s=60)["TST_min"] == 2.0
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -60,9 +62,9 @@ def test_end_to_end_outputs(tmp_path, tiny_probe_run, psg_writer, seconds, capsy
     assert predict.main([str(edf), "--run", str(tiny_probe_run), "--device", "cpu"]) == 0
     table = pd.read_csv(tmp_path / "night a.hypnogram.csv", dtype={"clock_time": str})
     n_epochs = seconds // 30
-    assert list(table.columns) == list(predict.COLUMNS) and len(table) == n_epochs
+    assert list(table.columns) == list(stage.HYPNOGRAM_COLUMNS) and len(table) == n_epochs
     assert table["epoch"].tolist() == list(range(n_epochs)) and table["onset_s"].tolist() == list(range(0, 30 * n_epochs, 30))
-    probs = table[[c for c in predict.COLUMNS if c.startswith('p_')]].to_numpy()
+    probs = table[[c for c in stage.HYPNOGRAM_COLUMNS if c.startswith('p_')]].to_numpy()
     assert np.allclose(probs.sum(axis=1), 1, atol=1e-4)
     assert set(table["stage"]) <= set(AASM_LETTERS)
     assert (table["stage"] == [AASM_LETTERS[k] for k in probs.argmax(axis=1)]).all()
@@ -73,7 +75,7 @@ def test_end_to_end_outputs(tmp_path, tiny_probe_run, psg_writer, seconds, capsy
                 "stage_min", "stage_pct_TST", "awakenings", "absent_slots"):
         assert key in stats
     assert stats["TIB_min"] == n_epochs / 2 and stats["absent_slots"] == []
-    assert stats == {**stats, **stage.sleep_statistics(probs.argmax(axis=1))}
+    assert stats == {**stats, **sleep_statistics.sleep_statistics(probs.argmax(axis=1))}
     assert (tmp_path / "night a.png").stat().st_size > 0
     assert not list(tmp_path.glob(".*tmp*"))                               # no temporaries left behind
 
@@ -85,7 +87,7 @@ def test_stitching_averages_overlapping_windows(tmp_path, tiny_probe_run, psg_wr
     assert predict.main([str(edf), "--run", str(tiny_probe_run), "--out", str(out_b), "--stride-s", "300", "--device", "cpu"]) == 0
     a, b = (pd.read_csv(o / "n.hypnogram.csv") for o in (out_a, out_b))
     assert len(a) == len(b) == 50
-    assert not np.allclose(a[[c for c in predict.COLUMNS if c.startswith('p_')]], b[[c for c in predict.COLUMNS if c.startswith('p_')]])   # half vs no overlap
+    assert not np.allclose(a[[c for c in stage.HYPNOGRAM_COLUMNS if c.startswith('p_')]], b[[c for c in stage.HYPNOGRAM_COLUMNS if c.startswith('p_')]])   # half vs no overlap
 
 
 def test_missing_channel_warns_and_require_all_fails_the_night_only(tmp_path, tiny_probe_run, psg_writer, capsys):
@@ -127,28 +129,34 @@ def test_truncated_edf_is_one_line_error_and_all_failed_exits_1(tmp_path, tiny_p
     assert not list(tmp_path.glob("*.hypnogram.csv"))
 
 
-def test_staging_on_cpu_takes_the_inference_paths_and_they_are_the_same_function(tiny_probe_run, monkeypatch):
-    """Staging runs in inference mode, so on CPU attention takes blocks of queries and the probe's GRU runs its
-    directions side by side; other calls (training, validation, the probe's embedding cache) keep the reference
-    paths, which staging takes too when inference mode is hidden from it."""
+def test_staging_on_cpu_takes_cpu_kernels_unless_asked_for_the_reference(tiny_probe_run, monkeypatch):
+    """stage_night on the CPU runs cpu_kernels (attention by blocks of queries, the GRU's directions side by side);
+    reference=True runs model.py's own paths; the same function."""
     run = runs.read_run(tiny_probe_run)
     encoder, probe = run.encoder(), run.probe()
     signals = torch.randn(7, 23 * 3750)
     calls = []
-    for owner, name in ((model.SelfAttention, "blocked_attention"), (model, "cpu_bidirectional_gru")):
-        real = getattr(owner, name)
-        monkeypatch.setattr(owner, name, lambda *args, real=real, name=name: calls.append(name) or real(*args))
+    for name in ("attention", "bidirectional_gru"):
+        real = getattr(cpu_kernels, name)
+        monkeypatch.setattr(cpu_kernels, name, lambda *args, real=real, name=name: calls.append(name) or real(*args))
     fast = stage.stage_night(encoder, probe, signals, WINDOW_EPOCHS * 3750, 5 * 3750)
-    assert {"blocked_attention", "cpu_bidirectional_gru"} <= set(calls)
+    assert {"attention", "bidirectional_gru"} <= set(calls)
     calls.clear()
-    for mode in (torch.enable_grad, torch.no_grad):                   # training, and validation / caching
-        with mode():
-            probe(encoder.embed(signals[None, :, :WINDOW_EPOCHS * 3750]))
-    assert not calls
-    monkeypatch.setattr(torch, "is_inference_mode_enabled", lambda: False)   # the reference paths for staging
-    reference = stage.stage_night(encoder, probe, signals, WINDOW_EPOCHS * 3750, 5 * 3750)
+    reference = stage.stage_night(encoder, probe, signals, WINDOW_EPOCHS * 3750, 5 * 3750, reference=True)
     assert not calls
     assert torch.allclose(fast, reference, atol=1e-5)
+
+
+def test_cpu_kernels_stage_the_paper_config_as_the_reference(tmp_path):
+    """The paper's widths (7 × 512, 3 layers of 4 heads, d_ff 2048, a 1024-wide 2-layer BiGRU) on a 1-h window and a
+    night of 1 h 10 min (two windows, the second padded): probabilities within 1e-5 of model.py's reference paths."""
+    from model import ModelConfig, ProbeConfig
+    run = runs.write_random_run(tmp_path / "paper", ModelConfig(max_patches=600), ProbeConfig(), {"window_s": 3600.0})
+    model = stage.load_model(run, "cpu")
+    signals = torch.randn(7, 140 * 3750, generator=torch.Generator().manual_seed(0))
+    fast = stage.stage_night(model.encoder, model.probe, signals, 120 * 3750, batch_size=2)
+    reference = stage.stage_night(model.encoder, model.probe, signals, 120 * 3750, batch_size=2, reference=True)
+    assert fast.shape == (140, 5) and (fast - reference).abs().max().item() <= 1e-5
 
 
 def test_edf_annotation_export_reads_back_as_the_hypnogram(tmp_path, tiny_probe_run, psg_writer):
@@ -171,7 +179,7 @@ def test_edf_annotation_export_reads_back_as_the_hypnogram(tmp_path, tiny_probe_
 
 
 def test_stage_annotation_record_by_hand():
-    record = edf_format.annotation_record(stage.stage_annotations(np.array([0, 0, 1, 4])))
+    record = edf_format.annotation_record(annotations.stage_annotations(np.array([0, 0, 1, 4])))
     assert record == (b"+0\x14\x14\x00" b"+0\x1560\x14Sleep stage W\x14\x00" b"+60\x1530\x14Sleep stage N1\x14\x00"
                       b"+90\x1530\x14Sleep stage R\x14\x00" b"\x00")
 

@@ -1,4 +1,4 @@
-"""Sleep statistics (stage.sleep_statistics) on hand-made hypnograms against hand-computed values: every definition,
+"""Sleep statistics (sleep_statistics.sleep_statistics) on hand-made hypnograms against hand-computed values: every definition,
 lights-off/on trimming, a night without sleep, a night starting asleep, unscored epochs, persistent sleep; the
 lights-off/on helpers (clock times across midnight, EDF+ annotations); predict.py's --lights-off/--lights-on and
 EDF+ lights annotations end to end; the hypnogram figure's clock axis."""
@@ -11,6 +11,7 @@ import pyedflib
 import pytest
 
 import predict
+import sleep_statistics
 import stage
 from prepare.annotations import AASM_LETTERS
 
@@ -29,7 +30,7 @@ def transitions(pairs: dict) -> dict:
 def test_every_statistic_hand_computed():
     # epoch:   0  1  2   3   4   5  6  7  8   9  10 11  12
     stages = [W, W, N1, N2, N2, W, W, W, N2, R, R, N2, W]
-    s = stage.sleep_statistics(stages)
+    s = sleep_statistics.sleep_statistics(stages)
     assert (s["lights_off_epoch"], s["lights_on_epoch"], s["n_epochs"]) == (0, 13, 13)
     assert s["TIB_min"] == 6.5 and s["unscored_min"] == 0        # 13 epochs × 0.5
     assert s["SOL_min"] == 1.0                                    # first sleep: epoch 2
@@ -59,7 +60,7 @@ def test_every_statistic_hand_computed():
 def test_lights_off_on_trim_the_night():
     # epoch:   0   1   2  3  4   5   6   7  8   9   10 11  12  13      lights-off at 2, lights-on at 12
     stages = [N2, N2, W, W, N1, N2, N2, W, N3, N3, R, W, N2, N2]
-    s = stage.sleep_statistics(stages, lights_off=2, lights_on=12)
+    s = sleep_statistics.sleep_statistics(stages, lights_off=2, lights_on=12)
     assert (s["lights_off_epoch"], s["lights_on_epoch"], s["n_epochs"]) == (2, 12, 14)
     assert s["TIB_min"] == 5.0                                    # epochs 2..11
     assert s["SOL_min"] == 1.0                                    # epoch 4 is 2 epochs after lights-off
@@ -72,20 +73,20 @@ def test_lights_off_on_trim_the_night():
     assert s["stage_min"] == {"W": 2.0, "N1": 0.5, "N2": 1.0, "N3": 1.0, "R": 0.5}
     assert sum(sum(row.values()) for row in s["transitions"].values()) == 9
     # the same as the statistics of the trimmed hypnogram
-    trimmed = stage.sleep_statistics(stages[2:12])
+    trimmed = sleep_statistics.sleep_statistics(stages[2:12])
     moved = {"lights_off_epoch", "lights_on_epoch", "n_epochs"}
     assert {k: v for k, v in s.items() if k not in moved} == {k: v for k, v in trimmed.items() if k not in moved}
     # without lights-off/on the night starts asleep
-    assert stage.sleep_statistics(stages)["SOL_min"] == 0.0
+    assert sleep_statistics.sleep_statistics(stages)["SOL_min"] == 0.0
     for off, on in [(3, 2), (-1, 5), (0, 15)]:
         with pytest.raises(ValueError, match="lights-off epoch"):
-            stage.sleep_statistics(stages, lights_off=off, lights_on=on)
-    empty = stage.sleep_statistics(stages, lights_off=5, lights_on=5)
+            sleep_statistics.sleep_statistics(stages, lights_off=off, lights_on=on)
+    empty = sleep_statistics.sleep_statistics(stages, lights_off=5, lights_on=5)
     assert empty["TIB_min"] == 0 and empty["SE_pct"] is None and empty["SOL_min"] is None
 
 
 def test_a_night_without_sleep():
-    s = stage.sleep_statistics([W, W, U, W])
+    s = sleep_statistics.sleep_statistics([W, W, U, W])
     assert s["TIB_min"] == 2.0 and s["unscored_min"] == 0.5
     assert s["TST_min"] == 0 and s["SPT_min"] == 0 and s["SE_pct"] == 0
     assert s["WASO_min"] == 0                                     # ours 0 (no sleep period); YASA: NaN
@@ -100,7 +101,7 @@ def test_a_night_without_sleep():
 def test_a_night_starting_asleep():
     # epoch:   0   1   2  3  4  5  6   7  8
     stages = [N2, N2, N3, W, W, W, N2, R, W]
-    s = stage.sleep_statistics(stages)
+    s = sleep_statistics.sleep_statistics(stages)
     assert s["SOL_min"] == 0.0 and s["Lat_N2_min"] == 0.0 and s["Lat_N3_min"] == 1.0 and s["Lat_N1_min"] is None
     assert s["SPT_min"] == 4.0 and s["TST_min"] == 2.5 and s["WASO_min"] == 1.5      # SPT 0..7
     assert s["Lat_REM_min"] == s["REM_latency_from_onset_min"] == 3.5                   # onset at lights-off
@@ -112,7 +113,7 @@ def test_a_night_starting_asleep():
 def test_unscored_epochs_are_neither_sleep_nor_wake():
     # epoch:   0  1   2   3  4  5  6   7  8  9  10  11 12
     stages = [W, U, N2, N2, U, W, W, N2, U, U, R, N2, W]
-    s = stage.sleep_statistics(stages)
+    s = sleep_statistics.sleep_statistics(stages)
     assert s["TIB_min"] == 6.5 and s["unscored_min"] == 2.0      # 4 unscored epochs, still time in bed
     assert s["SOL_min"] == 1.0 and s["SPT_min"] == 5.0           # SPT 2..11
     assert s["TST_min"] == 2.5 and s["WASO_min"] == 1.0          # sleep 2, 3, 7, 10, 11; W 5, 6
@@ -122,31 +123,31 @@ def test_unscored_epochs_are_neither_sleep_nor_wake():
     assert s["stage_shifts"] == 2                                 # W→N2 (6→7), R→N2 (10→11); U pairs skipped
     assert s["stage_min"] == {"W": 2.0, "N1": 0.0, "N2": 2.0, "N3": 0.0, "R": 0.5}
     # a wake run broken by an unscored epoch is two single W epochs: no awakening
-    assert stage.sleep_statistics([N2, W, U, W, N2])["awakenings"] == 0
-    assert stage.sleep_statistics([N2, W, W, N2])["awakenings"] == 1
+    assert sleep_statistics.sleep_statistics([N2, W, U, W, N2])["awakenings"] == 0
+    assert sleep_statistics.sleep_statistics([N2, W, W, N2])["awakenings"] == 1
 
 
 def test_latency_to_persistent_sleep_is_the_first_10_minutes_of_sleep():
-    assert stage.PERSISTENT_SLEEP_MIN == 10
+    assert sleep_statistics.PERSISTENT_SLEEP_MIN == 10
     # 3 W, 5 N2 (too short), 1 W, then 20 epochs of sleep in mixed stages: persistent sleep from epoch 9
     stages = [W] * 3 + [N2] * 5 + [W] + [N1] * 2 + [N2] * 8 + [N3] * 6 + [R] * 4 + [W] * 2
-    s = stage.sleep_statistics(stages)
+    s = sleep_statistics.sleep_statistics(stages)
     assert s["SOL_min"] == 1.5 and s["LPS_min"] == 4.5 and s["persistent_sleep_epochs"] == 20
-    assert stage.sleep_statistics(stages[:-3])["LPS_min"] is None            # 19 epochs only
+    assert sleep_statistics.sleep_statistics(stages[:-3])["LPS_min"] is None            # 19 epochs only
     broken = stages[:18] + [U] + stages[19:]                                   # an unscored epoch breaks the run
-    assert stage.sleep_statistics(broken)["LPS_min"] is None
-    assert stage.sleep_statistics(stages, lights_off=9)["LPS_min"] == 0.0
-    assert stage.sleep_statistics([N2] * 10, epoch_s=60)["LPS_min"] == 0.0   # 10 epochs of 60 s
-    assert stage.sleep_statistics([N2] * 9, epoch_s=60)["LPS_min"] is None
+    assert sleep_statistics.sleep_statistics(broken)["LPS_min"] is None
+    assert sleep_statistics.sleep_statistics(stages, lights_off=9)["LPS_min"] == 0.0
+    assert sleep_statistics.sleep_statistics([N2] * 10, epoch_s=60)["LPS_min"] == 0.0   # 10 epochs of 60 s
+    assert sleep_statistics.sleep_statistics([N2] * 9, epoch_s=60)["LPS_min"] is None
 
 
 def test_transition_counts():
-    counts = stage.transition_counts([W, N1, N2, N2, U, N3, N3, R, W])
+    counts = sleep_statistics.transition_counts([W, N1, N2, N2, U, N3, N3, R, W])
     expected = np.zeros((5, 5), int)
     for a, b in [(W, N1), (N1, N2), (N2, N2), (N3, N3), (N3, R), (R, W)]:
         expected[a, b] += 1
     assert counts.tolist() == expected.tolist()
-    assert stage.transition_counts([N2]).sum() == 0 and stage.transition_counts([]).sum() == 0
+    assert sleep_statistics.transition_counts([N2]).sum() == 0 and sleep_statistics.transition_counts([]).sum() == 0
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -157,44 +158,44 @@ START = "2001-02-03T23:59:45"                          # conftest's PSG start: m
 
 
 def test_clock_times_cross_midnight():
-    assert stage.seconds_after_start("23:59:45", START) == 0
-    assert stage.seconds_after_start("00:10", START) == 615          # earlier on the clock: the next day
-    assert stage.seconds_after_start("6:00:15", START) == 6 * 3600 + 30
-    assert stage.seconds_after_start("23:59", START) == 24 * 3600 - 45   # 45 s before the start: the next day
-    assert stage.seconds_after_start("2001-02-03T23:50", START) == -585  # a date-time may be before the start
-    assert stage.seconds_after_start(dt.datetime(2001, 2, 4, 1), dt.datetime.fromisoformat(START)) == 3615
-    assert stage.seconds_after_start("22:30", "2024-05-01T22:00:00") == 1800      # same evening
+    assert sleep_statistics.seconds_after_start("23:59:45", START) == 0
+    assert sleep_statistics.seconds_after_start("00:10", START) == 615          # earlier on the clock: the next day
+    assert sleep_statistics.seconds_after_start("6:00:15", START) == 6 * 3600 + 30
+    assert sleep_statistics.seconds_after_start("23:59", START) == 24 * 3600 - 45   # 45 s before the start: the next day
+    assert sleep_statistics.seconds_after_start("2001-02-03T23:50", START) == -585  # a date-time may be before the start
+    assert sleep_statistics.seconds_after_start(dt.datetime(2001, 2, 4, 1), dt.datetime.fromisoformat(START)) == 3615
+    assert sleep_statistics.seconds_after_start("22:30", "2024-05-01T22:00:00") == 1800      # same evening
     for bad in ("24:00", "12:60", "noon", "23:10:99"):
         with pytest.raises(ValueError):
-            stage.seconds_after_start(bad, START)
+            sleep_statistics.seconds_after_start(bad, START)
     with pytest.raises(ValueError, match="start time"):
-        stage.seconds_after_start("23:10", None)
+        sleep_statistics.seconds_after_start("23:10", None)
 
 
 def test_lights_epochs_round_to_whole_epochs_inside():
-    assert stage.lights_epochs(1000) == (0, 1000)
+    assert sleep_statistics.lights_epochs(1000) == (0, 1000)
     # 00:10 is 615 s = 20.5 epochs after the start: lights-off rounds up to 21; 06:00:15 is 721 epochs exactly
-    assert stage.lights_epochs(1000, "00:10", "06:00:15", START) == (21, 721)
-    assert stage.lights_epochs(1000, 45.0, 100.0) == (2, 3)                # seconds (annotation onsets)
-    assert stage.lights_epochs(100, None, "06:00", START) == (0, 100)      # after the recording: its end
-    assert stage.lights_epochs(100, "2001-02-03T23:50", None, START) == (0, 100)   # before it: its start
-    assert stage.lights_epochs(100, 40.0, 50.0) == (2, 2)                  # inside one epoch: no whole epoch
+    assert sleep_statistics.lights_epochs(1000, "00:10", "06:00:15", START) == (21, 721)
+    assert sleep_statistics.lights_epochs(1000, 45.0, 100.0) == (2, 3)                # seconds (annotation onsets)
+    assert sleep_statistics.lights_epochs(100, None, "06:00", START) == (0, 100)      # after the recording: its end
+    assert sleep_statistics.lights_epochs(100, "2001-02-03T23:50", None, START) == (0, 100)   # before it: its start
+    assert sleep_statistics.lights_epochs(100, 40.0, 50.0) == (2, 2)                  # inside one epoch: no whole epoch
     with pytest.raises(ValueError, match="not after lights-off"):
-        stage.lights_epochs(1000, "01:00", "00:30", START)
+        sleep_statistics.lights_epochs(1000, "01:00", "00:30", START)
     with pytest.raises(ValueError, match="next day"):
-        stage.lights_epochs(1000, "23:59", None, START)                     # read as 24 h later: past the end
+        sleep_statistics.lights_epochs(1000, "23:59", None, START)                     # read as 24 h later: past the end
     with pytest.raises(ValueError, match="start time"):
-        stage.lights_epochs(1000, "23:10")
+        sleep_statistics.lights_epochs(1000, "23:10")
 
 
 def test_lights_from_annotations():
     annotations = [(0.0, 0.0, "Recording starts"), (30.0, 30.0, "Sleep stage W"), (95.5, 0.0, "LIGHTS OFF"),
                    (120.0, 0.0, "Lights Off"), (3000.0, 0.0, "lights_on"), (7000.0, 0.0, " Lights  On ")]
-    assert stage.lights_from_annotations(annotations) == (95.5, 7000.0)   # first lights-off, last lights-on
-    assert stage.lights_from_annotations([(10.0, 0, "lights-out"), (5.0, 0, "Light on")]) == (10.0, None)
-    assert stage.lights_from_annotations([(9.0, 0, "lightson")]) == (None, 9.0)
-    assert stage.lights_from_annotations([(9.0, 0, "Lights off in room 2")]) == (None, None)   # not a mark
-    assert stage.lights_from_annotations([]) == (None, None)
+    assert sleep_statistics.lights_from_annotations(annotations) == (95.5, 7000.0)   # first lights-off, last lights-on
+    assert sleep_statistics.lights_from_annotations([(10.0, 0, "lights-out"), (5.0, 0, "Light on")]) == (10.0, None)
+    assert sleep_statistics.lights_from_annotations([(9.0, 0, "lightson")]) == (None, 9.0)
+    assert sleep_statistics.lights_from_annotations([(9.0, 0, "Lights off in room 2")]) == (None, None)   # not a mark
+    assert sleep_statistics.lights_from_annotations([]) == (None, None)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -252,7 +253,7 @@ def test_predict_lights_from_options(tmp_path, tiny_probe_run, psg_writer):
     stats, codes = predicted(tmp_path, "n")
     # 00:05 is 315 s = 10.5 epochs after the start (rounded up: 11), 00:20 is 40.5 (rounded down: 40)
     assert (stats["lights_off_epoch"], stats["lights_on_epoch"], stats["TIB_min"]) == (11, 40, 14.5)
-    assert stats == {**stats, **stage.sleep_statistics(codes, lights_off=11, lights_on=40)}
+    assert stats == {**stats, **sleep_statistics.sleep_statistics(codes, lights_off=11, lights_on=40)}
     assert (tmp_path / "n.png").stat().st_size > 0
     # without them: the whole recording
     assert predict.main([str(edf), "--run", str(tiny_probe_run), "--device", "cpu",
@@ -267,7 +268,7 @@ def test_predict_lights_from_edf_plus_annotations(tmp_path, tiny_probe_run, psg_
     assert predict.main([str(edf), "--run", str(tiny_probe_run), "--device", "cpu"]) == 0
     stats, codes = predicted(tmp_path, "plus")
     assert (stats["lights_off_epoch"], stats["lights_on_epoch"]) == (4, 40)       # 120 s and 1200 s
-    assert stats == {**stats, **stage.sleep_statistics(codes, lights_off=4, lights_on=40)}
+    assert stats == {**stats, **sleep_statistics.sleep_statistics(codes, lights_off=4, lights_on=40)}
     # the options beat the annotations: 00:01 is 75 s = 2.5 epochs after the start, 00:15 is 30.5
     out = tmp_path / "option"
     assert predict.main([str(edf), "--run", str(tiny_probe_run), "--device", "cpu", "--out", str(out),

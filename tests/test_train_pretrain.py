@@ -10,7 +10,6 @@ import torch
 
 import runs
 import train_pretrain
-from model import load_encoder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--config", "configs/pretrain_tiny.yaml", "--model.d_model", "32", "--model.d_ff", "64",
@@ -36,7 +35,7 @@ def test_loss_falls_and_run_folder_is_complete(shhs_nights, tmp_path):
     assert "val_loss" in runs.read_metrics(run)[-1]
     ckpt = runs.read_run(run).checkpoint
     assert ckpt["step"] == 24 and ckpt["config"]["model"]["d_model"] == 32
-    encoder = load_encoder(run)
+    encoder = runs.read_run(run).encoder()
     assert not encoder.training and encoder.embed(torch.randn(1, 7, 1800 * 125)).shape == (1, 7, 300, 32)
 
 

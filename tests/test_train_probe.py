@@ -11,7 +11,6 @@ import data
 import runs
 import train_pretrain
 import train_probe
-from model import load_encoder, load_probe
 
 W, N1, N2, N3, R = 0, 1, 2, 3, 4
 
@@ -92,7 +91,7 @@ def test_probe_run_and_cache_equal_live_encoder(shhs_nights, encoder_run, tmp_pa
     caches = list((encoder_run / "embeddings").glob("*.zarr"))
     assert len(caches) == 1 and (caches[0] / "complete").exists()
     # the cached embeddings are the live encoder's, and the probe on them gives the live logits
-    encoder, probe = load_encoder(run), load_probe(run)
+    encoder, probe = runs.read_run(run).encoder(), runs.read_run(run).probe()
     nights_set = train_probe.labelled_nights(train_probe.config.load(
         train_probe.Config, "configs/probe_tiny.yaml", ["--data.root", str(shhs_nights), "--data.window_s", "1800",
                                                         "--data.stride_s", "1800"]), "train")
@@ -131,7 +130,7 @@ def test_masked_epochs_get_their_own_cache_of_masked_embeddings(shhs_nights, enc
     def masked_inside(padded):                                                # padding before the window's end
         return padded.any() and (~padded).nonzero().max() > padded.nonzero().min()
     index = next(i for i in range(len(masked_set)) if masked_inside(masked_set[i]["padded_epochs"]))
-    item, encoder = masked_set[index], load_encoder(tmp_path / "upstream")
+    item, encoder = masked_set[index], runs.read_run(tmp_path / "upstream").encoder()
     with torch.no_grad():
         live = encoder.embed(item["signals"][None].float(), item["padding_mask"][None])[0]      # [C, N, D]
         unmasked = encoder.embed(item["signals"][None].float())[0]
@@ -158,7 +157,7 @@ def test_killed_probe_run_resumes_to_the_same_parameters(shhs_nights, encoder_ru
 
 
 def test_channel_dropout_on_embeddings_is_zeroing_the_channel(encoder_run):
-    encoder = load_encoder(encoder_run)
+    encoder = runs.read_run(encoder_run).encoder()
     L = 1800 * 125
     signals = torch.randn(2, 7, L) * 30
     padding_mask = torch.zeros(2, L, dtype=torch.bool)
@@ -206,7 +205,7 @@ def test_channel_dropout_replaces_whole_channels_of_the_probe_input(shhs_nights,
     assert dropped.any() and not dropped.all(dim=1).any()
     if padding_mask is None:                                # nothing padded: the loop hands the probe no mask
         padding_mask = torch.zeros(plain.shape[0], plain.shape[2] * 750, dtype=torch.bool)
-    absent = train_probe.absent_embeddings(load_encoder(encoder_run), padding_mask, train_probe.nullcontext(), {})
+    absent = train_probe.absent_embeddings(runs.read_run(encoder_run).encoder(), padding_mask, train_probe.nullcontext(), {})
     assert torch.equal(embeddings[dropped], absent[dropped])
     assert runs.read_run(tmp_path / "p0.5").config["train"]["channel_dropout"] == 0.5
     assert runs.read_metrics(tmp_path / "p0.5")[0]["loss"] != runs.read_metrics(tmp_path / "p0.0")[0]["loss"]

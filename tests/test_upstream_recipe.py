@@ -9,6 +9,7 @@ import torch
 
 import config
 import runs
+import training
 import train_pretrain
 import train_probe
 from data import NightDataset, upstream_label_lag
@@ -58,7 +59,7 @@ def test_gradient_clipping_scales_the_total_norm_to_the_limit():
     optimizer = torch.optim.SGD([weights], lr=1.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     weights.grad = torch.tensor([3.0, 4.0])
-    norm = runs.optimizer_step([weights], optimizer, scheduler, 1.0, runs.new_progress(), 20)
+    norm = training.optimizer_step([weights], optimizer, scheduler, 1.0, runs.new_progress(), 20)
     assert norm.item() == pytest.approx(5.0)
     assert weights.detach().tolist() == pytest.approx([-0.6, -0.8])
 

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 import data
 import model
 import runs
+import training
 import train_pretrain
 import train_probe
 from model import ProbeConfig, ProbeHead
@@ -137,7 +138,7 @@ def test_cutmix_on_signals_feeds_the_encoder_mixed_signals_of_trimmed_labels(shh
     cfg = train_probe.config.load(train_probe.Config, "configs/probe_tiny.yaml", [
         "--data.root", str(shhs_nights), "--data.window_s", "1800", "--data.stride_s", "1800", *switches])
     nights = train_probe.labelled_nights(cfg, "train")
-    first = runs.epoch_order(len(nights), 0, 0, 0, 1, 4)[:4]
+    first = training.epoch_order(len(nights), 0, 0, 0, 1, 4)[:4]
     items = [nights[i] for i in first]
     original = torch.stack([item["signals"] for item in items]).float()                 # [4, 7, L]
     trimmed = torch.stack([data.WAKE_TRIMS["first5"](item["stages"]) for item in items])     # [4, E]
@@ -166,7 +167,7 @@ def test_cutmix_on_an_unknown_value_is_one_line(shhs_nights, encoder_run, tmp_pa
 
 def test_validation_points_are_evenly_spaced_optimiser_steps():
     def points(steps_per_epoch, n):
-        return [s for s in range(1, steps_per_epoch + 1) if runs.validation_point(s, steps_per_epoch, n)]
+        return [s for s in range(1, steps_per_epoch + 1) if training.validation_point(s, steps_per_epoch, n)]
     assert points(3, 2) == [2, 3]                     # 1.5 rounds up
     assert points(6, 4) == [2, 3, 5, 6]               # 1.5, 3, 4.5, 6
     assert points(65, 2) == [33, 65]                  # upstream, 65 steps × 8: micro-batches 260 (step 33) and 520
