@@ -8,7 +8,7 @@ path of `python -m prepare edf` (channel aliases or --channels map.yaml, unit co
 resampling to 125 Hz), unlabelled. Channel labels: the built-in alias table, or the NSRR dataset's own (SHHS, MESA,
 MrOS, APPLES, WSC: detected from the labels, or --dataset). A night without EEG, EOG or EMG (the AASM staging slots)
 fails with one line naming the labels it saw; --allow-missing stages it anyway, those slots fed as zeros, with a
-warning that quotes what a missing slot cost on the synthetic benchmark (README "Channel dropout"). Any other missing
+warning that quotes what a missing slot cost on the synthetic benchmark (docs/benchmarks.md "Channel dropout"). Any other missing
 slot (or flat, all-NaN, in unknown units) is fed as zeros, with a warning; --require-all fails the night instead. The
 night is staged whole by stage.stage_night: windows of the run's data.window_s every --stride-s (default half a
 window), an epoch's probabilities averaged over the windows that saw it; a night shorter than one window is
@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # before torch loads OpenMP: README "Threads"
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # before torch loads OpenMP: docs/benchmarks.md "Threads"
 
 import argparse
 import csv

@@ -215,7 +215,7 @@ def plot_hypnogram(path, probs: np.ndarray, title: str, truth: np.ndarray | None
 CHANNEL_TABLES = {"edf": generic.CHANNELS, "shhs": shhs.CHANNELS, "mesa": mesa.CHANNELS, "mros": mros.CHANNELS,
                   "apples": apples.CHANNELS, "wsc": wsc.CHANNELS}
 STAGING_SLOTS = DEFAULT_REQUIRED                           # EEG, EOG, EMG: what AASM staging reads
-# κ with one slot absent (fed as zeros) on the synthetic benchmark, bench/channel_dropout.py (README "Channel
+# κ with one slot absent (fed as zeros) on the synthetic benchmark, bench/channel_dropout.py (docs/benchmarks.md "Channel
 # dropout"): (trained without channel dropout, encoder + probe trained with train.channel_dropout 0.2); "none": all
 ABSENT_KAPPA = {"none": (0.803, 0.701), "ECG": (0.731, 0.707), "EOG": (0.640, 0.472), "EMG": (0.799, 0.692),
                 "EEG": (0.296, 0.532), "SPO2": (0.782, 0.657), "THOR": (0.640, 0.781), "ABDO": (0.602, 0.757)}
@@ -464,7 +464,7 @@ def absent_warning(absent: list[str], reasons: list[str]) -> str:
     costs = ", ".join(f"{slot} {ABSENT_KAPPA[slot][0]:.2f} ({ABSENT_KAPPA[slot][1]:.2f})" for slot in absent)
     every, every_dropout = ABSENT_KAPPA["none"]
     return (f"absent slots {', '.join(absent)} (fed as zeros): {'; '.join(reasons)}. What a missing slot costs, κ on "
-            f"the synthetic benchmark (README 'Channel dropout'): {costs}, against {every:.2f} ({every_dropout:.2f}) "
+            f"the synthetic benchmark (docs/benchmarks.md 'Channel dropout'): {costs}, against {every:.2f} ({every_dropout:.2f}) "
             f"with every slot; in brackets a model trained with train.channel_dropout 0.2")
 
 

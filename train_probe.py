@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # before torch loads OpenMP: README "Threads"
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # before torch loads OpenMP: docs/benchmarks.md "Threads"
 
 import argparse
 import hashlib
@@ -72,7 +72,7 @@ class TrainConfig:
                                          # cache_embeddings serves validation only (one printed line says so)
     channel_dropout: float = 0.0         # replace each present channel of a window by an absent one with this probability
     cache_embeddings: bool = True        # compute the frozen encoder's embeddings once (float16 zarr) and reuse them
-    cpu_threads: int = 1                 # torch threads on CPU once the embeddings are cached (0: torch's default; README "Threads")
+    cpu_threads: int = 1                 # torch threads on CPU once the embeddings are cached (0: torch's default; docs/benchmarks.md "Threads")
     keep_best: bool = False              # also keep ckpt_best.pt (best best_metric), which then is the run's model
     best_metric: str = "val_loss"        # what "best" means: "val_loss" (upstream) | "val_kappa"
     patience: int = 0                    # stop after this many validations without a better best_metric (0 = off;

@@ -3,7 +3,7 @@
 Shared machines are the norm (a cluster node, a laptop doing other work, DataLoader workers beside the compute
 threads). OpenMP threads that spin while they wait for work steal the cores another job needs; the scripts therefore
 default to OMP_WAIT_POLICY=PASSIVE, and train_probe.py to one thread once the embeddings are cached
-(train.cpu_threads; README "Threads"). This runs one step kind in a child process alone, then two children at once,
+(train.cpu_threads; docs/benchmarks.md "Threads"). This runs one step kind in a child process alone, then two children at once,
 each timing steps for --seconds, and prints the median step time of each and the slowdown (two jobs / alone).
 
     python bench/contention.py [--step probe|pretrain] [--threads N] [--wait-policy PASSIVE|ACTIVE|default]

@@ -10,7 +10,7 @@ MKL's, the geometric mean over the products. Below 1 (an Intel CPU may be one) m
 """
 import os
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # as predict.py: README "Threads"
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # as predict.py: docs/benchmarks.md "Threads"
 
 import argparse
 import math

@@ -60,7 +60,7 @@ compile  The resume check's uninterrupted run, without dropout and corruption (c
 """
 import os
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # as the scripts (README "Threads"), before torch loads OpenMP
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # as the scripts (docs/benchmarks.md "Threads"), before torch loads OpenMP
 
 import argparse
 import math

@@ -1,7 +1,7 @@
-"""The paper's protocol end to end on CPU: the README's "Reproducing the paper's table" commands, for both recipes.
+"""The paper's protocol end to end on CPU: docs/reproduce.md's commands for the paper's table, for both recipes.
 
 Builds a small synthetic cohort of all five datasets in their native NSRR layouts (MrOS with visits 1 and 2), prepares
-it with `python -m prepare`, then runs exactly the README's commands (torchrun with 2 gloo processes, `train_pretrain.py`,
+it with `python -m prepare`, then runs exactly docs/reproduce.md's commands (torchrun with 2 gloo processes, `train_pretrain.py`,
 `train_probe.py`, `evaluate.py`) for configs/*_paper.yaml and configs/*_upstream.yaml, with tiny model widths and 1-h
 windows (TINY below) so that it fits a CPU. Writes one results.md: the paper's four rows and "MESA in the probe", ours
 beside the paper's κ. Synthetic nights say nothing about sleep: the table shows that the protocol runs and which
@@ -96,7 +96,7 @@ def main():
             kappas[recipe, name] = (pooled["kappa"], pooled["n_nights"], " ".join(selection))
     lines = ["# The paper's protocol on a synthetic cohort", "",
              f"{args.nights} synthetic nights of {args.hours:g} h per dataset (MrOS visits 1 and 2), tiny widths, 1-h "
-             "windows; the commands of the README's \"Reproducing the paper's table\" for both recipes. Synthetic "
+             "windows; the commands of docs/reproduce.md for both recipes. Synthetic "
              "nights say nothing about sleep: compare the rows with each other, not with the paper.", "",
              "| row | paper κ | `_paper` recipe κ (nights; selection) | `_upstream` recipe κ (nights; selection) |",
              "|---|---|---|---|"]

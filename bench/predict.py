@@ -19,7 +19,7 @@ night while the current one is staged) and prints nights per hour, the figure a 
 """
 import os
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # as predict.py: README "Threads"
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # as predict.py: docs/benchmarks.md "Threads"
 
 import argparse
 import json
@@ -30,8 +30,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-TARGET = "targets: <= 15 s, <= 1.3 GB (issue 15); <= 10 s, <= 2 GB (docs/design.md §10)"
-sys.path.insert(0, str(ROOT))
+TARGET = "targets: <= 15 s, <= 1.3 GB on 2 CPU cores; <= 10 s, <= 2 GB (docs/design.md §10)"
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+
+import machine  # noqa: E402  (bench/machine.py)
 
 
 def child(hours: float, threads: int, check: bool) -> None:
@@ -90,14 +92,14 @@ def main():
         done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout, check=True)
     except subprocess.TimeoutExpired:
         raise SystemExit(f"predict: gave up after {args.timeout:g} s per {args.hours:g}-h night "
-                         f"(paper config, cpu, {args.threads} threads); {TARGET}")
+                         f"(paper config, cpu, {args.threads} threads; {machine.cpu()}); {TARGET}")
     except subprocess.CalledProcessError as err:
         raise SystemExit(f"the staging child failed:\n{err.stderr}")
     result = json.loads(done.stdout.strip().splitlines()[-1])
     peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024      # Linux: kB
     print(f"staged {result['epochs']} epochs")
     print(f"predict: {result['seconds']:.1f} s, {peak_mb:.0f} MB peak RSS per {args.hours:g}-h night "
-          f"(paper config, cpu, {args.threads} threads); {TARGET}")
+          f"(paper config, cpu, {args.threads} threads; {machine.cpu()}); {TARGET}")
     if args.check:      # the peak above then includes the reference run's
         print(f"largest probability difference from the reference paths: {result['max_difference']:.2e}")
     if args.folder:

@@ -2,9 +2,9 @@
 
 A synthetic night (`python -m synthetic edf`) is rewritten as EDF+ with `Lights off` and `Lights on` events, staged by
 `predict.py` and by `stage.stage_edf` (the two must write identical files), and the hypnogram CSV is loaded into
-`yasa.Hypnogram` with its probabilities by the README's one-liner. YASA's `sleep_statistics()` and
+`yasa.Hypnogram` with its probabilities by docs/outputs.md's one-liner. YASA's `sleep_statistics()` and
 `transition_matrix()` on the lights-off..lights-on part of that hypnogram (YASA expects it cropped) are compared with
-ours (README "Outputs": the table of definitions; SE and SME rounded to YASA's 4 decimals). Prints each pair and the
+ours (docs/outputs.md "Sleep statistics": the definitions; SE and SME rounded to YASA's 4 decimals). Prints each pair and the
 largest absolute difference, where our null and YASA's NaN agree.
 
     pip install yasa             # not one of our dependencies (it pulls MNE, LightGBM and more); 0.8.1 checked
@@ -109,7 +109,7 @@ def main():
                 raise SystemExit(f"yasa_agreement: predict.py and stage.stage_edf wrote different {name}")
         table = pd.read_csv(tmp / "cli" / f"{edf.stem}.hypnogram.csv")
         ours = json.loads((tmp / "cli" / f"{edf.stem}.stats.json").read_text())
-    # the README's one-liner: the stage letters as they are, the probabilities under YASA's labels
+    # docs/outputs.md's one-liner: the stage letters as they are, the probabilities under YASA's labels
     hypnogram = yasa.Hypnogram(table["stage"].tolist(),
                                proba=table.filter(like="p_").set_axis(list(YASA_STAGES.values()), axis=1))
     print(f"{edf.name}: {len(table)} epochs, lights off {off:g} s (epoch {ours['lights_off_epoch']}), lights on "

@@ -1,12 +1,12 @@
 """python -m prepare: turn NSRR downloads (or any EDFs) into night stores.
 
-See `python -m prepare --help` and README.md ("Preparing data").
+See `python -m prepare --help` and README.md ("Preparing data") and docs/reproduce.md.
 """
 from __future__ import annotations
 
 import os
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # before torch loads OpenMP: README "Threads"
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # before torch loads OpenMP: docs/benchmarks.md "Threads"
 
 import argparse
 import sys

@@ -3,7 +3,7 @@ random weights written by runs.py (as a trained run is), and one prepared synthe
 Test modules take these as fixtures, never by import."""
 import os
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # as the scripts (README "Threads"), before torch is imported
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # as the scripts (docs/benchmarks.md "Threads"), before torch is imported
 
 import datetime as dt
 import signal

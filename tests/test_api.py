@@ -136,7 +136,7 @@ def test_an_nsrr_edf_just_works(tmp_path, tiny_probe_run, edf_writer, capsys):
     assert predict.main([str(edf), "--run", str(tiny_probe_run), "--out", str(out), "--dataset", "edf"]) == 1
     error, = capsys.readouterr().err.strip().splitlines()
     assert error.startswith(f"error: {edf}: no EEG among the EDF's labels (")
-    # --allow-missing stages it, and says what a missing EEG costs (README "Channel dropout")
+    # --allow-missing stages it, and says what a missing EEG costs (docs/benchmarks.md "Channel dropout")
     assert predict.main([str(edf), "--run", str(tiny_probe_run), "--out", str(out), "--dataset", "edf",
                          "--allow-missing"]) == 0
     warning, = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:")]

@@ -1,4 +1,4 @@
-"""Bad annotations (issue 14): a malformed EDF+ TAL is one line naming the file, data record and byte; stage labels
+"""Bad annotations: a malformed EDF+ TAL is one line naming the file, data record and byte; stage labels
 we do not know are counted and reported (a few: left unscored with a note; too many, or any in a closed vocabulary:
 the file fails), and events that are not stages are never counted as unknown stages."""
 import re

@@ -1,4 +1,4 @@
-"""Bad EDFs (issue 14): a header that disagrees with the file, ambiguous labels, channels that cannot carry their
+"""Bad EDFs: a header that disagrees with the file, ambiguous labels, channels that cannot carry their
 slot, EDF+D gaps, non-finite or negative header numbers. Each is one line naming the file and the field, signal or
 record; prepare lists the night in failed.csv and still writes the good nights of the batch."""
 import re

@@ -37,7 +37,7 @@ def pretrain_args(nights, run, *extra):
 
 def test_resume_survives_a_torn_metrics_line_and_extends_a_finished_run(shhs_nights, tmp_path, one_line_exit):
     """A finished 2-step run, its metrics.jsonl torn mid-line by a kill, continued to 4 steps: the LR from step 3 on
-    is the 4-step plan's (README: "Continuing a run for longer")."""
+    is the 4-step plan's (docs/bad-input.md: "Continuing a run for longer")."""
     extended, planned = tmp_path / "extended", tmp_path / "planned"
     train_pretrain.main(pretrain_args(shhs_nights, extended, "--train.max_steps", 2))
     with open(extended / runs.METRICS, "a") as f:

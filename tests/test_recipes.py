@@ -1,6 +1,6 @@
 """The two recipes end to end on a synthetic cohort of all five datasets: the nights each training stage used
 (RUN/cohorts.json) are exactly the recipe's. configs/*_paper.yaml follow the paper's text, configs/*_upstream.yaml
-what upstream's code ran (README, "Paper text vs upstream code"). Tiny widths, no optimiser step: only the cohorts
+what upstream's code ran (docs/reproduce.md, "Paper text vs upstream code"). Tiny widths, no optimiser step: only the cohorts
 are under test here."""
 import pytest
 

@@ -1,5 +1,5 @@
-"""The upstream recipe (configs/*_upstream.yaml) against upstream's code (benmfox/PFTSleep @31f33c1, README "Paper text
-vs upstream code"): every switch set as the table says, and the switches of data.py and runs.py against hand-computed
+"""The upstream recipe (configs/*_upstream.yaml) against upstream's code (benmfox/PFTSleep @31f33c1, docs/reproduce.md
+"Paper text vs upstream code"): every switch set as the table says, and the switches of data.py and runs.py against hand-computed
 values: gradient clipping, the label lag of upstream's hypnogram reader, the exclusions, WSC's EEG."""
 from pathlib import Path
 
@@ -25,7 +25,7 @@ def load(script, name: str):
 
 
 def test_the_upstream_configs_set_what_upstream_ran():
-    """One assertion per row of the README table (upstream file:line in the config's comments)."""
+    """One assertion per row of the table in docs/reproduce.md (upstream file:line in the config's comments)."""
     pretrain, probe = load(train_pretrain, "pretrain_upstream.yaml"), load(train_probe, "probe_upstream.yaml")
     for cfg in (pretrain, probe):
         t, d = cfg.train, cfg.data

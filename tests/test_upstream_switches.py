@@ -1,4 +1,4 @@
-"""Three switches that reproduce upstream's training code (issue 23 D, F, K), each against hand-computed values:
+"""Three switches that reproduce upstream's training code, each against hand-computed values:
 train.trim_validation (the probe's validation scored without the trimmed wake), train.cutmix_on signals (CutMix of the
 raw 30-s signal segments of every position before the frozen encoder) and train.evals_per_epoch (validation at evenly
 spaced optimiser steps of each epoch, in both training scripts)."""
