@@ -81,18 +81,19 @@ def read_config(run_dir: str | Path) -> dict:
 def read_run(run_dir: str | Path, latest: bool = False) -> Run:
     """The config and checkpoint of a run folder; FileNotFoundError (one line) if it is not one. The checkpoint is
     ckpt_best.pt for a run trained with train.keep_best or train.patience (the best validation score, upstream's
-    choice), else ckpt_final.pt. A run without one (still training, or killed) is refused unless `latest`: then its
-    ckpt.pt (evaluate.py and predict.py --latest)."""
+    choice), else ckpt_final.pt. A run without ckpt_final.pt (still training, or killed: its ckpt_best.pt is only the
+    best so far) is refused unless `latest`: then its ckpt_best.pt or ckpt.pt (evaluate.py and predict.py --latest)."""
     run_dir = Path(run_dir)
     if not (run_dir / CONFIG).exists():
         raise FileNotFoundError(f"{run_dir}: not a run folder (needs {CONFIG} and {FINAL})")
     config = read_config(run_dir)
     train = config.get("train") or {}
-    names = ((BEST,) if train.get("keep_best") or train.get("patience") else ()) + (FINAL,) + ((LATEST,) if latest else ())
-    ckpt = next((run_dir / name for name in names if (run_dir / name).exists()), None)
-    if ckpt is None and (run_dir / LATEST).exists():
+    unfinished = not (run_dir / FINAL).exists() and any((run_dir / name).exists() for name in (LATEST, BEST))
+    if unfinished and not latest:
         raise FileNotFoundError(f"{run_dir}: no final checkpoint ({FINAL}): the run is still training or was killed "
                                 f"(resume it with --resume), or pass --latest to use its {LATEST}")
+    names = ((BEST,) if train.get("keep_best") or train.get("patience") else ()) + (FINAL,) + ((LATEST,) if latest else ())
+    ckpt = next((run_dir / name for name in names if (run_dir / name).exists()), None)
     if ckpt is None:
         raise FileNotFoundError(f"{run_dir}: not a run folder (needs {CONFIG} and {FINAL})")
     return Run(run_dir, config, load_checkpoint(ckpt, "cpu"))

@@ -40,12 +40,9 @@ import metrics
 import durable
 import runs
 import training
-from data import WAKE_TRIMS, DataConfig, NightDataset, drop_channels, padding_to
+from data import N_CLASSES, WAKE_TRIMS, DataConfig, NightDataset, drop_channels, padding_to
 from model import ModelConfig, ProbeConfig, ProbeHead
-from prepare.annotations import STAGES
 from prepare.store import DamagedStore, OpenLimit
-
-N_CLASSES = len(STAGES)
 
 
 @dataclass

@@ -533,15 +533,20 @@ _MAX_SHIFT_S = 12 * 3600
 _UNKNOWN_STAGE = -2   # _edf_stage: a 'Sleep stage …' annotation whose stage we do not know
 
 
+# Text that reads like a stage but is not the vocabulary above ("Sleep_stage_2", "Stage 2 sleep", "SLEEP-S2"): the word
+# "stage", or "sleep" followed by a stage's code. Not "Sleep spindle" or "Sleep apnea", which are events.
+_STAGE_LIKE = re.compile(r"(?i)(?<![a-z])stage(?![a-z])|(?<![a-z])sleep[\s_-]*(s[0-4]|n[1-4]|r|rem|w|wake)(?![a-z0-9])")
+
+
 def _edf_stage(description: str) -> int | None:
-    """'Sleep stage 2' → 2, 'Movement time' → -1, 'Sleep stage X' → _UNKNOWN_STAGE; None for events that are not
-    stages."""
+    """'Sleep stage 2' → 2, 'Movement time' → -1, 'Sleep stage X' and other text that reads like a stage
+    (_STAGE_LIKE) → _UNKNOWN_STAGE; None for events that are not stages."""
     text = description.split("@@")[0].strip()  # HMC appends '@@<channel>' to some events
     if text.lower() == "movement time":
         return UNSCORED
     m = re.match(r"(?i)^sleep stage\s+(\S+)$", text)
     if not m:
-        return None
+        return _UNKNOWN_STAGE if _STAGE_LIKE.search(text) else None
     return _EDF_STAGES.get(m[1].upper(), _UNKNOWN_STAGE)
 
 

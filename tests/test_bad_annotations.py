@@ -167,6 +167,18 @@ def test_edf_plus_unknown_stages_are_counted_and_markers_ignored(tmp_path):
         read_hypnogram(path)
 
 
+@pytest.mark.parametrize("label", ["Sleep_stage_2", "Stage 2 sleep", "SLEEP-S2", "Sleep-REM"])
+def test_edf_plus_text_that_reads_like_a_stage_is_an_unknown_stage_not_an_event(tmp_path, label):
+    """Outside the vocabulary ('Sleep stage …'), text that reads like a stage is counted as an unknown stage label and
+    fails the closed vocabulary, never ignored (its epochs would be unscored with no word); events stay events."""
+    tals = b"".join(f"+{30 * i}\x1530\x14{text}\x14\x00".encode() for i, text in enumerate(
+        ["Sleep stage W", label, "Sleep spindle", "Sleep apnea", "Sleep stage 2", label]))
+    path = write_annotation_edf(tmp_path / "h.edf", [b"+0\x14\x14\x00" + tals])
+    with pytest.raises(AnnotationError, match=rf"^{re.escape(str(path))}: unknown stage annotation {re.escape(repr(label))} "
+                                              rf"\(2 annotations with unknown stage labels: {re.escape(repr(label))} 2\)$"):
+        read_hypnogram(path)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # A batch: notes reach the store and the summary; a night over the share fails alone
 

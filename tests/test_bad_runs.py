@@ -92,6 +92,25 @@ def test_evaluate_refuses_a_run_without_a_final_checkpoint_unless_latest(tiny_pr
     assert stage.load_model(killed, latest=True).config["probe"]["hidden_size"] == 8
 
 
+def test_a_killed_keep_best_run_is_refused_unless_latest(tiny_probe_run, tmp_path, one_line_exit):
+    """A run trained with train.keep_best (or patience) that was killed keeps a best-so-far ckpt_best.pt but no
+    ckpt_final.pt: it is not finished, so it is refused as any unfinished run; --latest takes its best so far."""
+    import predict
+    import yaml
+    killed = tmp_path / "killed"
+    shutil.copytree(tiny_probe_run, killed)
+    config = yaml.safe_load((killed / runs.CONFIG).read_text())
+    (killed / runs.CONFIG).write_text(yaml.safe_dump({**config, "train": {"keep_best": True}}))
+    runs.save_checkpoint(killed / runs.BEST, {**runs.load_checkpoint(killed / runs.FINAL, "cpu"), "step": 7})
+    (killed / runs.FINAL).rename(killed / runs.LATEST)
+    with pytest.raises(FileNotFoundError, match="no final checkpoint"):
+        runs.read_run(killed)
+    edf = tmp_path / "n.edf"
+    message = one_line_exit(lambda: predict.main([str(edf), "--run", str(killed), "--out", str(tmp_path / "out")]))
+    assert str(killed) in message and "--latest" in message
+    assert runs.read_run(killed, latest=True).checkpoint["step"] == 7                  # its best so far
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # configs and command lines: one line, nothing written
 
