@@ -192,8 +192,9 @@ class NightDataset(torch.utils.data.Dataset):
         if label_lag not in LABEL_LAGS:
             raise ValueError(f"data.label_lag must be none or upstream (got {label_lag!r})")
         read = [(Path(store), *read_stages(store)) for store in stores]          # (store, stages, attrs) per night
-        self.left_out = [store for store, _, attrs in read if complete_only and not complete(attrs)]   # in order
-        read = [night for night in read if not complete_only or complete(night[2])]
+        kept = [not complete_only or complete(attrs) for _, _, attrs in read]
+        self.left_out = [night[0] for night, keep in zip(read, kept) if not keep]                # in order
+        read = [night for night, keep in zip(read, kept) if keep]
         self.stores = [store for store, _, _ in read]
         self.window_epochs = int(round(window_s / 30))
         self.window_samples = self.window_epochs * EPOCH_SAMPLES

@@ -33,3 +33,17 @@ def test_recipe_switches_with_unknown_values_are_one_line_errors(tmp_path):
     with pytest.raises(SystemExit, match="train.best_metric must be val_loss or val_kappa, got 'kappa'"):
         train_probe.main([*base, "--train.best_metric", "kappa"])
     assert not (tmp_path / "r").exists()                                        # nothing written
+
+
+def test_the_gpu_and_recipe_fields_with_wrong_values_are_one_line_errors():
+    import train_pretrain
+    for override, message in ((["--model.attention_kernels", "flashy"],
+                               "config: model.attention_kernels must be one of no_cudnn, torch, efficient, math, got 'flashy'"),
+                              (["--model.attention", "fast"], "config: model.attention must be one of sdpa, math, got 'fast'"),
+                              (["--data.label_lag", "2"], "config: data.label_lag must be str, got 2"),
+                              (["--data.label_lag", "two"], "config: data.label_lag must be none or upstream (got 'two')"),
+                              (["--data.max_open_nights", "0"], "config: data.max_open_nights must be at least 1 (got 0)"),
+                              (["--train.max_nonfinite_steps", "0"], "config: train.max_nonfinite_steps must be above 0, got 0")):
+        with pytest.raises(SystemExit) as exit_info:
+            config.load(train_pretrain.Config, "configs/pretrain_tiny.yaml", override)
+        assert str(exit_info.value) == message, (override, str(exit_info.value))
