@@ -52,6 +52,7 @@ bench: setup
 	$(PY) bench/pretrain.py --config tiny --hours 1
 	$(PY) bench/gemm.py
 	$(PY) bench/predict.py
+	$(PY) bench/vs_yasa.py
 
 clean:
 	rm -rf $(VENV) $(DEMO) .pytest_cache

@@ -41,7 +41,8 @@ def describe(config_cls) -> str:
 # Fields that must be above zero, and fractions (probabilities, shares), wherever they appear; every other number
 # must not be negative. Checked when the config is built, so a mistake is one line and nothing has been written.
 POSITIVE = {"batch_size", "grad_accum", "max_lr", "log_every", "ckpt_every", "window_s", "stride_s", "n_channels",
-            "max_nonfinite_steps", "patch_len", "max_patches", "d_model", "n_heads", "d_ff", "hidden_size", "n_classes", "patches_per_epoch"}
+            "max_nonfinite_steps", "patch_len", "max_patches", "d_model", "n_layers", "n_heads", "d_ff", "hidden_size",
+            "n_classes", "patches_per_epoch", "revin_eps"}
 FRACTIONS = {"dropout", "linear_dropout", "p_zero", "p_jitter", "mask_ratio", "cutmix_p", "channel_dropout",
              "pct_start"}
 

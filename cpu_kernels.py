@@ -5,8 +5,8 @@ tests/test_model.py compares the two). Eval mode and torch.inference_mode() only
 
 - linear: the fp32 products through oneDNN rather than MKL: on AMD CPUs MKL keeps to its AVX2 kernels, oneDNN uses
   AVX-512 where the CPU has it (bench/gemm.py: about twice as fast there, about the same with AVX2 only);
-- attention: SelfAttention's sdpa function (residual attention as concatenated queries and keys) a block of
-  QUERY_BLOCK queries of one head at a time, so that no [N, N] scores exist for the whole night;
+- attention: SelfAttention's function a block of QUERY_BLOCK queries of one head at a time, residual attention by
+  adding each layer's scores to the last layer's, kept (a quarter fewer products than concatenated queries and keys);
 - feed_forward: FF_ROWS patches at a time, so the [S, N, d_ff] hidden layer is never whole;
 - bidirectional_gru: each GRU layer's input gates for the whole night in one product, then its two directions'
   recurrences side by side in two threads (a recurrent step is a matrix-vector product bound by memory);
@@ -15,7 +15,10 @@ tests/test_model.py compares the two). Eval mode and torch.inference_mode() only
 from __future__ import annotations
 
 import itertools
+import math
+import mmap
 import platform
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -25,6 +28,8 @@ from torch import Tensor
 QUERY_BLOCK = 480                        # attention's queries per product (bench/predict.py; 4800 = 10 · 480)
 FF_ROWS = 600                            # the feed-forward layer's patches per product
 SEQUENCES_PER_PASS = 1                   # channel sequences per pass of the encoder's layers
+NEG_INF = torch.tensor(float("-inf"))         # a padded key's score
+WORKSPACE = threading.local()            # per thread: buffers reused from pass to pass (kept_scores)
 # oneDNN rather than MKL for the fp32 products, on x86, where it was measured (bench/gemm.py)
 ONEDNN = (platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
           and hasattr(torch.ops.mkldnn, "_linear_pointwise"))     # registered by every x86 build since torch 2.0
@@ -38,26 +43,54 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     return F.linear(x, weight, bias)
 
 
-def attention(attn, q: Tensor, k: Tensor, v: Tensor, key_padding: Tensor | None, prev_qk):
-    """model.SelfAttention.sdpa_attention's function for module `attn`: the same concatenated queries and keys are
-    handed on, but each head's scores are made for QUERY_BLOCK queries at a time and at once multiplied by v.
-    q, k, v [S, H, N, d], key_padding [S, N] or None -> (out [S, H, N, d], carry). Padding as math_attention."""
-    q, k = (t.contiguous() for t in attn.widened(q, k, prev_qk))                    # [S, H, N, ℓ·d] each
+def attention(attn, q: Tensor, k: Tensor, v: Tensor, key_padding: Tensor | None, prev_scores: Tensor | None):
+    """model.SelfAttention's function for module `attn`, QUERY_BLOCK queries of one head at a time, so that no [N, N]
+    product is made whole. Residual attention keeps the pre-softmax scores [S, H, N, N] (fp32) and adds the next
+    layer's s·q·kᵀ to them: one product of head width d per layer, where the sdpa path's concatenated queries and keys
+    cost ℓ·d at layer ℓ (a quarter of an 8-h night's products). q, k, v [S, H, N, d], key_padding [S, N] or None,
+    prev_scores: the last layer's carry -> (out [S, H, N, d], carry: the scores). Padding as math_attention."""
     S, H, N, _ = q.shape
+    q, k = (q * attn.scale).contiguous(), k.contiguous()                             # [S, H, N, d] each
     v_rows = v.transpose(-2, -1).contiguous()                       # [S, H, d, N]: weights·v as a linear map of weights
     out = torch.empty_like(v)                                                        # [S, H, N, d]
+    scores = kept_scores(S, H, N, N) if prev_scores is None else prev_scores         # [S, H, N, N]
+    weights = q.new_empty(min(QUERY_BLOCK, N), N)                                    # [b, N], reused
     for s in range(S):
         padded = None if key_padding is None or not key_padding[s].any() else key_padding[s]   # [N]
         if padded is not None and padded.all():
             out[s] = 0                                                 # an all-padded sequence: output 0, as upstream
             continue
         for h, i in itertools.product(range(H), range(0, N, QUERY_BLOCK)):
-            scores = linear(q[s, h, i:i + QUERY_BLOCK], k[s, h])                         # [b, N]
-            if padded is not None:
-                scores.masked_fill_(padded, float("-inf"))
-            weights = torch.softmax(scores, dim=-1, out=scores)                          # [b, N]
-            out[s, h, i:i + QUERY_BLOCK] = linear(weights, v_rows[s, h])                 # [b, d]
-    return out, (q, k)
+            block = scores[s, h, i:i + QUERY_BLOCK]                                      # [b, N], kept for the next layer
+            fresh = linear(q[s, h, i:i + QUERY_BLOCK], k[s, h])                          # [b, N]
+            block.copy_(fresh) if prev_scores is None else block.add_(fresh)
+            w = weights[:len(block)]
+            masked = block if padded is None else torch.where(padded, NEG_INF, block, out=w)
+            out[s, h, i:i + QUERY_BLOCK] = linear(torch.softmax(masked, dim=-1, out=w), v_rows[s, h])   # [b, d]
+    return out, scores
+
+
+def kept_scores(*shape: int) -> Tensor:
+    """This thread's buffer for attention's kept scores, float32 of `shape`, uninitialised: one [S, H, N, N] buffer
+    (368 MB for a channel sequence of 8 h) reused by every pass until release(), since fresh memory costs as much to
+    touch as the products save; in anonymous memory that Linux may back with 2-MB pages (MADV_HUGEPAGE)."""
+    size = math.prod(shape)
+    buffer = getattr(WORKSPACE, "scores", None)
+    if buffer is None or buffer.numel() < size:
+        WORKSPACE.scores = None                                                      # the old one freed first
+        if hasattr(mmap, "MADV_HUGEPAGE"):                   # Linux; private, as shared memory gets no 2-MB pages
+            area = mmap.mmap(-1, size * 4, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            area.madvise(mmap.MADV_HUGEPAGE)
+            buffer = torch.frombuffer(area, dtype=torch.float32)                    # holds the map while in use
+        else:
+            buffer = torch.empty(size)
+        WORKSPACE.scores = buffer
+    return buffer[:size].view(shape)
+
+
+def release() -> None:
+    """Frees this thread's buffers (kept_scores): stage.stage_night calls it after each window's encoder."""
+    WORKSPACE.scores = None
 
 
 def feed_forward(layer, x: Tensor) -> Tensor:

@@ -5,8 +5,9 @@
     python evaluate.py --run runs/probe --protocol upstream --label-lag 1 --out runs/probe/eval_upstream_lag1
 
 --protocol decides which epochs of a night are staged and scored (`stage.stage_night` stages them either way):
-  night      (default) every night whole: windows of --window-s (default: the run's data.window_s) every --stride-s
-             (default: half a window), the stage probabilities of an epoch averaged over the windows that saw it
+  night      (default) every night whole: the fewest windows of at most --window-s (default: the run's
+             data.window_s), of equal length, back to back (stage.staging_windows, as predict.py); with --stride-s,
+             one every stride, the stage probabilities of an epoch averaged over the windows that saw it
   upstream   the hours upstream's window covers (docs/upstream.md §11 item 7; our reading, as upstream publishes no
              scoring code, and without its other label handling: §11 items 8, 17, 18): only the first --window-s seconds of
              each night (8 h in the paper), cropped before staging and staged with exactly one window from epoch 0
@@ -19,6 +20,9 @@ MrOS, APPLES and WSC labels one epoch late (docs/upstream.md §11 item 8): what 
 (bench/label_lag.py). |K| must be less than the shortest selected night (under `upstream`: than the scored window).
 The lag applies to the whole night, before an `upstream` crop.
 Epochs the technologists left unscored (stage -1: movement, artefact, no annotation) are excluded everywhere.
+A selected night whose store is missing (deleted or moved since manifest.csv listed it) or damaged is skipped with one
+line naming the night and the store; the rest are scored, and results.json ("skipped"), results.md and the last lines
+printed list what was skipped. If no night can be read, that is one line and nothing is written.
 --absent EEG (or THOR,ABDO) zeroes those slots in every night first, as predict.py feeds a slot an EDF lacks: the
 κ a user gets without them (bench/channel_dropout.py tabulates it per slot).
 
@@ -44,7 +48,8 @@ per statistic the Bland–Altman bias (mean of predicted − technologist over n
 latency) left out of that statistic.
 
 Writes into --out (docs/design.md §11), each file atomically:
-  results.json      {"pooled": {...}, "datasets": {name: {...}}, "settings": {"protocol": …, "label_lag": K}}:
+  results.json      {"pooled": {...}, "datasets": {name: {...}}, "settings": {"protocol": …, "label_lag": K},
+                    "skipped": [{night_id, dataset, path, reason}, …]}:
                     kappa, accuracy, macro_f1, f1_per_class, auroc, auprc, confusion, n_nights, n_epochs (scored
                     epochs), classes, and the *_ci intervals; per-class values are {"W": …, "N1": …, …}; undefined
                     values (e.g. κ when p_e = 1) are null; agreement: {statistic: {n, bias, sd, loa: [lo, hi],
@@ -85,12 +90,11 @@ from metrics import K, accuracy, auroc, average_precision, bootstrap_ci, confusi
 from metrics import bland_altman
 from prepare.annotations import AASM_LETTERS, STAGES
 from prepare.signals import EPOCH_SAMPLES, SLOTS
-from prepare.store import read_manifest, read_night
+from prepare.store import DamagedStore, OpenLimit, read_manifest, read_night
 
 PAPER_RESULTS = Path(__file__).resolve().parent / "configs" / "paper_results.yaml"
 PROTOCOLS = {   # name -> what results.md says about it
-    "night": "every night staged whole: windows of {window_s:g} s every {stride_s:g} s, probabilities averaged where "
-             "windows overlap",
+    "night": "every night staged whole: windows of {window_s:g} s {windows}",
     "upstream": "only the first {window_s:g} s of each night, staged with one window from its start (the hours "
                 "upstream's 8-h window covers; our reading: upstream publishes no scoring code); later epochs are not "
                 "scored",
@@ -106,7 +110,7 @@ def select_nights(root: Path, split: str, datasets: list | None, split_fractions
     if not (root / "manifest.csv").exists():
         raise SystemExit(f"evaluate.py: {root}/manifest.csv not found (--data.root must be a prepare output folder)")
     nights = read_manifest(root, None if split == "all" else split, datasets, split_fractions,
-                           mesa_holdout=mesa_holdout, resplit_seed=resplit_seed)
+                           mesa_holdout=mesa_holdout, resplit_seed=resplit_seed, field="--datasets")
     if nights.empty:
         raise SystemExit(f"evaluate.py: no night in {root}/manifest.csv matches split={split} "
                          f"datasets={','.join(datasets) if datasets else 'all'}")
@@ -122,20 +126,35 @@ def lag_labels(stages: np.ndarray, lag: int) -> np.ndarray:
     return lagged
 
 
-def stage_all(nights: pd.DataFrame, root: Path, encoder, probe, window_s: float, stride_s: float,
+def stage_all(nights: pd.DataFrame, root: Path, encoder, probe, window_s: float, stride_s: float | None,
               batch_size: int, device: str, absent: tuple[str, ...] = (), first_epochs: int | None = None,
-              label_lag: int = 0) -> list[dict]:
+              label_lag: int = 0, skipped: list | None = None) -> list[dict]:
     """Per night: {night_id, dataset, visit, start_time, stages [E] int64 (-1 unscored), probs [E, K] float32,
     stats_true, stats_pred (night_statistics)}. Slots named in `absent` are zeroed, as predict.py feeds a channel
     missing from an EDF. The stages are shifted `label_lag` epochs later (lag_labels); with `first_epochs` only that
     many epochs from the start of the night are staged and scored (signals and stages cropped before staging: the
-    upstream protocol)."""
+    upstream protocol). A night whose store is missing (deleted or moved since manifest.csv listed it) or damaged is
+    reported in one line naming the night and the store, appended to `skipped` ({night_id, dataset, path, reason})
+    and left out; the others are staged."""
     window = int(round(window_s / 30)) * EPOCH_SAMPLES
-    stride = int(round(stride_s / 30)) * EPOCH_SAMPLES
+    stride = None if stride_s is None else int(round(stride_s / 30)) * EPOCH_SAMPLES
     encoder, probe = encoder.to(device), probe.to(device)
     staged = []
     for row in tqdm(nights.itertuples(), total=len(nights), desc="staging nights", unit="night"):
-        channels, stages, attrs = read_night(root / row.path)
+        path = root / row.path
+        try:
+            if not path.exists():
+                raise DamagedStore(f"{path}: night store not found (manifest.csv lists it: deleted or moved since; "
+                                   f"prepare the night again)")
+            channels, stages, attrs = read_night(path)
+        except DamagedStore as err:
+            tqdm.write(f"skipped {row.night_id}: {err}", file=sys.stderr)
+            if skipped is not None:
+                skipped.append({"night_id": str(row.night_id), "dataset": row.dataset, "path": str(path),
+                                "reason": str(err)})
+            continue
+        except OpenLimit as err:                    # the store is sound: the process or system ran out of a limit
+            raise SystemExit(f"evaluate.py: {err}") from None
         stages = lag_labels(stages, label_lag)
         if first_epochs is not None:
             channels, stages = [c[:first_epochs * EPOCH_SAMPLES] for c in channels], stages[:first_epochs]
@@ -289,7 +308,9 @@ def results_markdown(results: dict, nights: list[dict], paper: dict, settings: d
                 f"{'first' if lag > 0 else 'last'} {abs(lag)} of each night unscored)")
     lines = ["# Sleep staging results", "",
              "Settings: " + ", ".join(f"{k} `{v}`" for k, v in settings.items()), "",
-             f"Protocol `{settings['protocol']}`: " + PROTOCOLS[settings["protocol"]].format(**settings) + ".  ",
+             f"Protocol `{settings['protocol']}`: " + PROTOCOLS[settings["protocol"]].format(**settings, windows=(
+                 "back to back from its start, the fewest of equal length" if settings["stride_s"] is None else
+                 f"every {settings['stride_s']:g} s, probabilities averaged where windows overlap")) + ".  ",
              f"Label lag: {lag_text}.  ",
              f"recipe: {'not recorded' if recipe is None else recipe}", "",
              "| | nights | epochs | κ (95 % CI) | paper κ | accuracy (95 % CI) | macro-F1 (95 % CI) |",
@@ -428,7 +449,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "also the part of each night that is scored")
     parser.add_argument("--stride-s", dest="stride_s", type=config.positive(float),
                         help="hop between windows in seconds, at least 30; overlapping epochs average their "
-                             "probabilities (default: half a window; not with --protocol upstream)")
+                             "probabilities (default: none, the fewest equal windows back to back, as predict.py; "
+                             "not with --protocol upstream)")
     parser.add_argument("--absent", default="",
                         help="comma-separated slots to zero in every night, e.g. EEG or THOR,ABDO: how the model does "
                              f"when an EDF lacks them (slots: {', '.join(SLOTS)}; default: none)")
@@ -458,12 +480,12 @@ def main(argv=None) -> dict:
         raise SystemExit(f"evaluate.py: --protocol {args.protocol}: unknown (protocols: {', '.join(PROTOCOLS)})")
     if args.protocol == "upstream" and args.stride_s:
         raise SystemExit("evaluate.py: --stride-s does not apply to --protocol upstream (one window per night)")
-    stride_s = window_s if args.protocol == "upstream" else args.stride_s or window_s / 2
+    stride_s = window_s if args.protocol == "upstream" else args.stride_s               # None: back to back
     try:
         label_lag = int(args.label_lag)
     except ValueError:
         raise SystemExit(f"evaluate.py: --label-lag {args.label_lag}: not a whole number of epochs") from None
-    if window_s < 30 or stride_s < 30:
+    if window_s < 30 or (stride_s or window_s) < 30:
         raise SystemExit(f"evaluate.py: --window-s ({window_s}) and --stride-s ({stride_s}) must be at least 30")
     datasets = [d.strip() for d in args.datasets.split(",") if d.strip()] if args.datasets else None
     absent = tuple(slot.strip().upper() for slot in args.absent.split(",") if slot.strip())
@@ -481,12 +503,17 @@ def main(argv=None) -> dict:
         raise SystemExit(f"evaluate.py: --label-lag {label_lag}: |K| must be less than the shortest selected night "
                          f"({shortest}: {scored_epochs.min()} epochs{' in the window' if first_epochs else ''})")
 
+    skipped = []
     nights = stage_all(selected, root, encoder, probe, window_s, stride_s, args.batch_size, args.device, absent,
-                       first_epochs, label_lag)
+                       first_epochs, label_lag, skipped)
+    if not nights:
+        raise SystemExit(f"evaluate.py: none of the {len(selected)} selected nights could be read; the first: "
+                         f"{skipped[0]['night_id']}: {skipped[0]['reason']}")
     results = {"pooled": score(nights, args.bootstrap, args.seed), "datasets": {}}
     for name in sorted({n["dataset"] for n in nights}):
         results["datasets"][name] = score([n for n in nights if n["dataset"] == name], args.bootstrap, args.seed)
-    results = to_json({**results, "settings": {"protocol": args.protocol, "label_lag": label_lag}})
+    results = to_json({**results, "settings": {"protocol": args.protocol, "label_lag": label_lag},
+                       "skipped": skipped})
 
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -499,6 +526,9 @@ def main(argv=None) -> dict:
                 "protocol": args.protocol, "window_s": window_s, "stride_s": stride_s, "label_lag": label_lag,
                 "absent": ",".join(absent) or "none", "bootstrap": args.bootstrap, "seed": args.seed}
     report = results_markdown(results, nights, paper, settings, (run_config.get("train") or {}).get("recipe"))
+    if skipped:
+        report += (f"\nSkipped {len(skipped)} of the {len(selected)} selected nights (not scored, not in any number "
+                   f"above):\n\n" + "".join(f"- {s['night_id']}: {s['reason']}\n" for s in skipped))
     durable.write_atomic(out / "results.md", lambda temp: temp.write_text(report))
     figures = write_figures(out, results, nights, args.png_nights)
 
@@ -506,6 +536,8 @@ def main(argv=None) -> dict:
     for path in figures:
         print(path)
     print(f"wrote {out}/results.json, per_night.csv, predictions.csv, sleep_statistics.csv, results.md")
+    for s in skipped:
+        print(f"  skipped {s['night_id']}: {s['reason']}")
     return results
 
 

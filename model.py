@@ -89,10 +89,8 @@ class SelfAttention(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.n_heads = cfg.n_heads
-        self.head_dim = cfg.d_model // cfg.n_heads
+        self.n_heads, self.head_dim, self.path = cfg.n_heads, cfg.d_model // cfg.n_heads, cfg.attention
         self.scale = self.head_dim ** -0.5
-        self.path = cfg.attention
         self.backends = ATTENTION_KERNELS[cfg.attention_kernels]
         self.residual_attention = cfg.residual_attention
         self.query, self.key, self.value, self.out = (nn.Linear(cfg.d_model, cfg.d_model) for _ in range(4))
@@ -116,8 +114,7 @@ class SelfAttention(nn.Module):
     def math_attention(self, q, k, v, key_padding, prev_scores):
         """The reference: explicit scores, as upstream. Hands on the accumulated, masked pre-softmax scores."""
         scores = (q @ k.transpose(-2, -1)) * self.scale                                  # [S, H, N, N]
-        if prev_scores is not None:
-            scores = scores + prev_scores
+        scores = scores if prev_scores is None else scores + prev_scores
         if key_padding is not None:
             # an all-padded sequence gets no -inf, so softmax stays finite; zeroed below (output 0, as upstream)
             ignored = key_padding & ~key_padding.all(-1, keepdim=True)                   # [S, N]
@@ -130,9 +127,7 @@ class SelfAttention(nn.Module):
     def widened(self, q, k, prev_qk):
         """The sdpa path's carry: this layer's scaled queries and keys [S, H, N, d] after the earlier ones' [.., ℓ·d]"""
         q = q * self.scale
-        if prev_qk is None:
-            return q, k
-        return torch.cat([prev_qk[0], q], dim=-1), torch.cat([prev_qk[1], k], dim=-1)
+        return (q, k) if prev_qk is None else (torch.cat([prev_qk[0], q], dim=-1), torch.cat([prev_qk[1], k], dim=-1))
 
     def sdpa_attention(self, q, k, v, key_padding, prev_qk):
         """Fused attention; residual attention through query/key concatenation (class docstring)."""
@@ -173,8 +168,7 @@ class EncoderLayer(nn.Module):
         super().__init__()
         self.attn = SelfAttention(cfg)
         self.norm_attn = nn.BatchNorm1d(cfg.d_model)
-        self.ff_in = nn.Linear(cfg.d_model, cfg.d_ff)
-        self.ff_out = nn.Linear(cfg.d_ff, cfg.d_model)
+        self.ff_in, self.ff_out = nn.Linear(cfg.d_model, cfg.d_ff), nn.Linear(cfg.d_ff, cfg.d_model)
         self.norm_ff = nn.BatchNorm1d(cfg.d_model)
         self.dropout = nn.Dropout(cfg.dropout)
 
@@ -192,10 +186,15 @@ class EncoderLayer(nn.Module):
         return linear(self.dropout(hidden), self.ff_out.weight, self.ff_out.bias)
 
 
-def revin_statistics(signals: Tensor, valid: Tensor | None, eps: float) -> tuple[Tensor, Tensor]:
+def revin_statistics(signals: Tensor, valid: Tensor | None, eps: float, length: int = 0) -> tuple[Tensor, Tensor]:
     """Per night and channel mean and population std + eps (eps added to the std, not under the root), detached.
-    signals [B, C, T], valid [B, 1, T] bool or None (None: over the whole window) -> mean, std [B, C, 1]."""
+    signals [B, C, T], valid [B, 1, T] bool or None (None: over the whole window; length > T: as if zero-padded to
+    `length` samples, stage.py's truncated windows) -> mean, std [B, C, 1]."""
     signals = signals.detach()
+    if valid is None and length > signals.shape[-1]:                  # the zeros add (length - T)·mean² to the squares
+        mean = signals.sum(dim=-1, keepdim=True) / length
+        squares = ((signals - mean) ** 2).sum(dim=-1, keepdim=True) + (length - signals.shape[-1]) * mean ** 2
+        return mean, (squares / length).sqrt() + eps
     if valid is None:
         mean = signals.mean(dim=-1, keepdim=True)
         std = signals.std(dim=-1, keepdim=True, correction=0)
@@ -224,9 +223,10 @@ class Encoder(nn.Module):
         init_stacked_linear(self.patch_weight, self.patch_bias, fan_in=P)
         nn.init.uniform_(self.pos_embed, -0.02, 0.02)                                   # as upstream
 
-    def patchify(self, signals: Tensor, padding_mask: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    def patchify(self, signals: Tensor, padding_mask: Tensor | None = None, window: int = 0) -> tuple[Tensor, Tensor | None]:
         """signals [B, C, T] float32, padding_mask [B, T] bool (True = padded) or None -> normalised patches
-        [B, C, N, P] (N = T // P; the reconstruction target), key_padding [B, N] bool (True = fully padded) or None."""
+        [B, C, N, P] (N = T // P; the reconstruction target), key_padding [B, N] bool (True = fully padded) or None.
+        window > T: windows zero-padded to `window` samples, the padded patches left out (exact in eval mode)."""
         B, C, T = signals.shape
         P = self.cfg.patch_len
         # upstream cuts inputs longer than its window to max_patches patches (after taking the statistics)
@@ -234,7 +234,8 @@ class Encoder(nn.Module):
         if N == 0:
             raise ValueError(f"input of {T} samples is shorter than one patch ({P})")
         valid = None if padding_mask is None or self.cfg.revin_stats == "window" else ~padding_mask[:, None, :]  # [B, 1, T]
-        mean, std = revin_statistics(signals, valid, self.cfg.revin_eps)                 # [B, C, 1] each
+        length = window if self.cfg.revin_stats == "window" else 0
+        mean, std = revin_statistics(signals, valid, self.cfg.revin_eps, length)         # [B, C, 1] each
         # (x - mean) / std · weight + bias, as one new [B, C, T] tensor: a night's signals are large
         x = (signals - mean).mul_(self.revin_weight[:, None] / std).add_(self.revin_bias[:, None])   # [B, C, T]
         if valid is not None:
@@ -301,8 +302,7 @@ class ProbeHead(nn.Module):
 
     def __init__(self, cfg: ProbeConfig = ProbeConfig()):
         super().__init__()
-        self.cfg = cfg
-        H = cfg.hidden_size
+        self.cfg, H = cfg, cfg.hidden_size
         self.channel_weight = nn.Parameter(torch.ones(cfg.n_channels))
         self.channel_bias = nn.Parameter(torch.zeros(cfg.n_channels))
         assert cfg.kind in ("gru", "linear"), cfg.kind

@@ -10,11 +10,16 @@ MrOS, APPLES, WSC: detected from the labels, or --dataset). A night without EEG,
 fails with one line naming the labels it saw; --allow-missing stages it anyway, those slots fed as zeros, with a
 warning that quotes what a missing slot cost on the synthetic benchmark (docs/benchmarks.md "Channel dropout"). Any other missing
 slot (or flat, all-NaN, in unknown units) is fed as zeros, with a warning; --require-all fails the night instead. The
-night is staged whole by stage.stage_night: windows of the run's data.window_s every --stride-s (default half a
-window), an epoch's probabilities averaged over the windows that saw it; a night shorter than one window is
-zero-padded and masked. Only full 30-s epochs are staged.
+night is staged whole by stage.stage_night: the fewest windows of at most the run's data.window_s, of equal length,
+back to back (9.5 h: two of 4.75 h), each computed over its own length (its masked zero padding left out: exact), so
+that a night costs what its length does; with --stride-s, windows every stride, an epoch's probabilities averaged over
+the windows that saw it (more time, docs/design.md "Staging windows"). Only full 30-s epochs are staged.
 
-Per night <stem> (the EDF's name without .edf), written to a temporary name and renamed when complete:
+Per night <stem> (the EDF's name without .edf), in --out or beside the EDF; all of a night's files or none (each
+written to a temporary name, all renamed when every one is complete; a target that is a folder fails the night in one
+line). Two EDFs of the same name that would write into one folder (a/night.edf and b/night.edf with one --out, or
+night.edf beside NIGHT.EDF) are refused before any night is staged, in one line naming them: stage them into
+separate --out folders, or rename one. The same file given twice (itself and its folder) is staged once.
   <stem>.hypnogram.csv   epoch, onset_s, date (YYYY-MM-DD) and clock_time (HH:MM:SS) from the EDF start (empty if the
                          header has none), stage (W/N1/N2/N3/R, the most probable), p_W, p_N1, p_N2, p_N3, p_REM
                          (5 decimals, every row summing to exactly 1)
@@ -55,7 +60,7 @@ import csv
 import sys
 import time
 from collections import deque
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
 import config
@@ -81,6 +86,28 @@ def check_writable(folders: list[Path]) -> None:
             probe.unlink()
         except OSError as err:
             raise SystemExit(f"predict.py: cannot write to the output folder {folder}: {err.strerror or err}")
+
+
+def distinct_edfs(edfs: list[Path], out: Path | None) -> list[Path]:
+    """Each file once (the same file given twice is staged once, with a note); SystemExit (one line naming them)
+    for EDFs whose outputs would be the same files: <stem>.* in one folder, the name compared regardless of case
+    (a case-insensitive disk, as macOS's, holds night.* and NIGHT.* as one file)."""
+    unique, seen = [], set()
+    for edf in edfs:
+        if edf.resolve() in seen:
+            print(f"note: {edf} is given twice: staged once")
+            continue
+        seen.add(edf.resolve())
+        unique.append(edf)
+    by_output: dict[str, list[Path]] = {}
+    for edf in unique:
+        by_output.setdefault(str((out or edf.parent).resolve() / edf.stem).casefold(), []).append(edf)
+    if clashes := [group for group in by_output.values() if len(group) > 1]:
+        named = "; ".join(f"{' and '.join(map(str, group))} would both write {(out or group[0].parent) / group[0].stem}.*"
+                          for group in clashes)
+        raise SystemExit(f"predict.py: EDFs of the same name: {named}: stage them into separate --out folders, or "
+                         f"rename one")
+    return unique
 
 
 def summary_row(edf: Path, result: stage.NightResult | None = None, reason: str = "") -> dict:
@@ -139,6 +166,14 @@ def read_nights(edfs: list[Path], args):
             yield edf_done, future.result()
 
 
+def load_run(args) -> tuple[stage.Model, object]:
+    """The run's model and matplotlib.pyplot (None without matplotlib); a run that cannot stage is SystemExit."""
+    try:
+        return stage.load_model(args.run, args.device, args.latest), stage.pyplot()
+    except stage.StagingError as err:
+        raise SystemExit(f"predict.py: {err}") from None
+
+
 def stage_one(edf: Path, night: stage.PreparedNight, model: stage.Model, args, plt):
     """Stage one read night and write its files (the API's result writes them); raises stage.StagingError."""
     result = stage.stage_prepared(night, model, args.lights_off, args.lights_on, stride_s=args.stride_s,
@@ -192,15 +227,19 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="also write <stem>.embeddings.npy: float16 [epochs, 7 slots, d_model], per 30-s epoch "
                              "and slot the mean of the encoder's 5 patch embeddings (numpy.load reads it)")
     parser.add_argument("--lights-off", metavar="TIME",
-                        help="lights-off for the statistics of every night: HH:MM[:SS] (the first such time after "
-                             "the recording start), an ISO date-time or seconds after the start (default: the EDF+ "
-                             "annotation 'Lights off', else the recording start)")
+                        help="lights-off for the statistics of every night: HH:MM[:SS] (the first such time at or "
+                             "after the recording start: the next day when earlier on the clock), an ISO date-time or "
+                             "seconds after the start (default: the EDF+ annotation 'Lights off', else the recording "
+                             "start). A time more than 30 s outside a night's recording fails that night in one line "
+                             "naming the recording's start and end; it is never moved into it")
     parser.add_argument("--lights-on", metavar="TIME", help="lights-on, as --lights-off (default: the recording end)")
     parser.add_argument("--strict", action="store_true",
                         help="fail a night whose EDF holds fewer data records than its header says (default: stage "
                              "the records that are there and say so in a warning)")
     parser.add_argument("--stride-s", dest="stride_s", type=config.positive(float), default=None,
-                        help="seconds between window starts (default: half the run's data.window_s)")
+                        help="seconds between window starts, windows overlapping and averaged (default: none, the "
+                             "fewest equal windows back to back; half the run's data.window_s costs about twice the "
+                             "time)")
     parser.add_argument("--zero-phase", action="store_true",
                         help="zero-phase filters, as `python -m prepare --zero-phase`: only for a run trained on "
                              "nights prepared that way (default: the paper's causal filters)")
@@ -238,30 +277,33 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     # the channel map is checked exactly as `python -m prepare` checks it, once for the batch
     args.channel_map = make_options(args.channels).channel_map
+    args.edfs = distinct_edfs(args.edfs, args.out)
     folders = output_folders(args)
     check_writable(folders)
-    try:
-        model = stage.load_model(args.run, args.device, args.latest)            # once for every night
-    except stage.StagingError as err:
-        raise SystemExit(f"predict.py: {err}") from None
     summary = (args.out or Path(os.path.commonpath([folder.resolve() for folder in folders]))) / "summary.csv"
-    plt = stage.pyplot()
-    rows, failures, started = [], [], time.time()
-    for edf, night in read_nights(args.edfs, args):
-        try:
-            if isinstance(night, stage.StagingError):
-                raise night
-            result, written = stage_one(edf, night, model, args, plt)
-            rows.append(summary_row(edf, result))
-            print(f"{edf}: wrote {', '.join(p.name for p in written)}")
-        except stage.StagingError as err:
-            failures.append((edf, str(err)))
-        except Exception as err:          # a bug must not sink the batch, but must be visible as one
-            failures.append((edf, f"internal error ({type(err).__name__}): {err}".replace("\n", " ")))
-        if failures and failures[-1][0] == edf:
-            print(f"error: {edf}: {failures[-1][1]}", file=sys.stderr)
-            rows.append(summary_row(edf, reason=failures[-1][1]))
-        write_summary(summary, rows)
+    if summary.is_dir():
+        raise SystemExit(f"predict.py: {summary} is a folder: the batch's summary.csv cannot be written there "
+                         f"(move or rename the folder)")
+    started = time.time()
+    with ThreadPoolExecutor(1) as loader:      # the run loads while the first night is read: their C parts overlap
+        loading = loader.submit(load_run, args)
+        rows, failures = [], []
+        for edf, night in read_nights(args.edfs, args):
+            model, plt = loading.result()                                # once for every night; SystemExit if bad
+            try:
+                if isinstance(night, stage.StagingError):
+                    raise night
+                result, written = stage_one(edf, night, model, args, plt)
+                rows.append(summary_row(edf, result))
+                print(f"{edf}: wrote {', '.join(p.name for p in written)}")
+            except stage.StagingError as err:
+                failures.append((edf, str(err)))
+            except Exception as err:          # a bug must not sink the batch, but must be visible as one
+                failures.append((edf, f"internal error ({type(err).__name__}): {err}".replace("\n", " ")))
+            if failures and failures[-1][0] == edf:
+                print(f"error: {edf}: {failures[-1][1]}", file=sys.stderr)
+                rows.append(summary_row(edf, reason=failures[-1][1]))
+            write_summary(summary, rows)
     n_ok = len(args.edfs) - len(failures)
     print(f"{n_ok} of {len(args.edfs)} nights staged in {time.time() - started:.1f} s, {len(failures)} failed "
           f"(summary: {summary})")

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,8 +32,10 @@ import torch
 import torch.distributed as dist
 import yaml
 
+import config as config_module
+from data import DataConfig
 from durable import write_atomic
-from model import Encoder, ModelConfig, ProbeConfig, ProbeHead
+from model import Encoder, ModelConfig, PretrainConfig, ProbeConfig, ProbeHead
 
 CONFIG, LATEST, FINAL, BEST, METRICS = "config.yaml", "ckpt.pt", "ckpt_final.pt", "ckpt_best.pt", "metrics.jsonl"
 PREVIOUS = "ckpt_prev.pt"
@@ -56,37 +59,94 @@ class Run:
 
     def encoder(self) -> Encoder:
         """The run's encoder in eval mode: `encoder.embed(signals, padding_mask)`."""
-        encoder = Encoder(ModelConfig(**self.config["model"]))
-        encoder.load_state_dict(self.state("encoder"))
-        return encoder.eval()
+        return self._load(Encoder(ModelConfig(**self.config["model"])), "encoder")
 
     def probe(self) -> ProbeHead:
         """The run's probe in eval mode: `probe(embeddings, padding_mask) -> logits [B, E, 5]`."""
-        probe = ProbeHead(ProbeConfig(**self.config["probe"]))
-        probe.load_state_dict(self.state("probe"))
-        return probe.eval()
+        return self._load(ProbeHead(ProbeConfig(**self.config["probe"])), "probe")
+
+    def _load(self, module: torch.nn.Module, prefix: str):
+        """`module` with the checkpoint's `prefix.` weights, in eval mode; RunFormatError for weights this version's
+        module does not have (a newer version's run)."""
+        state = self.state(prefix)
+        if unknown := sorted(set(state) - set(module.state_dict())):
+            shown = ", ".join(f"{prefix}.{key}" for key in unknown[:3]) + (f" and {len(unknown) - 3} more"
+                                                                             if len(unknown) > 3 else "")
+            raise RunFormatError(f"{self.path}: its checkpoint holds weights this version does not know: {shown}: "
+                                 f"{NEWER}")
+        module.load_state_dict(state)
+        return module.eval()
+
+
+NEWER = "written by a newer version of pftsleep? Read it with that version"
+# config.yaml's sections and the dataclass of each one's fields (train: the training script's, not checked here)
+SECTIONS = {"model": ModelConfig, "pretrain": PretrainConfig, "probe": ProbeConfig, "data": DataConfig, "train": None}
+VERSION_KEYS = ("format_version", "version", "format")       # none written today: a run that has one is newer
+
+
+class RunFormatError(ValueError):
+    """A run folder's file this version cannot read: config.yaml not YAML, fields or weights it does not know (a
+    newer version's run), a value of the wrong type. The message is one line naming the file."""
 
 
 def read_config(run_dir: str | Path) -> dict:
+    """RUN/config.yaml as a dict; RunFormatError (one line naming the file) when it is not a YAML mapping."""
     path = Path(run_dir) / CONFIG
     try:
-        config = yaml.safe_load(path.read_text())
+        config = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise RunFormatError(f"{path}: not YAML (not UTF-8 text: byte 0x{err.object[err.start]:02x} at offset "
+                             f"{err.start})") from None
+    except OSError as err:
+        raise RunFormatError(f"{path}: cannot read the config ({err.strerror or err})") from None
     except yaml.YAMLError as err:
-        raise ValueError(f"{path}: not YAML ({getattr(err, 'problem', None) or type(err).__name__})") from None
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        cause = getattr(err, "problem", None) or (str(err).splitlines() or [type(err).__name__])[0]
+        raise RunFormatError(f"{path}: not YAML{where} ({cause})") from None
     if not isinstance(config, dict):
-        raise ValueError(f"{path}: not a config (a YAML mapping of sections)")
+        raise RunFormatError(f"{path}: not a config (a YAML mapping of sections: model:, probe:, data:, …)")
     return config
+
+
+def check_config(path: Path, config: dict) -> None:
+    """RunFormatError (one line naming `path`) for sections or fields this version does not know, as a newer
+    version's run has, or a field whose value has the wrong type; the train: section's fields are the training
+    script's and are not checked."""
+    unknown = [str(section) for section in config if section not in SECTIONS]
+    for section, cls in SECTIONS.items():
+        values = config.get(section)
+        if values is not None and not isinstance(values, dict):
+            raise RunFormatError(f"{path}: section {section}: must be a mapping of fields, got {values!r}")
+        if cls is not None and values:
+            fields = {f.name for f in dataclasses.fields(cls)}
+            unknown += [f"{section}.{key}" for key in values if key not in fields]
+    if unknown:
+        versions = [f"{key} {config[key]!r}" for key in VERSION_KEYS if key in config]
+        said = f" (it says {', '.join(versions)}; this version writes none)" if versions else ""
+        raise RunFormatError(f"{path} has fields this version does not know: {', '.join(unknown)}{said}: {NEWER}")
+    for section, cls in SECTIONS.items():
+        types = {f.name: str(f.type) for f in dataclasses.fields(cls)} if cls is not None else {}
+        for key, value in (config.get(section) or {}).items() if cls is not None else ():
+            try:
+                config_module._coerce(value, types[key], f"{section}.{key}")
+            except SystemExit as err:
+                raise RunFormatError(f"{path}: {str(err.code).removeprefix('config: ')}") from None
 
 
 def read_run(run_dir: str | Path, latest: bool = False) -> Run:
     """The config and checkpoint of a run folder; FileNotFoundError (one line) if it is not one. The checkpoint is
     ckpt_best.pt for a run trained with train.keep_best or train.patience (the best validation score, upstream's
     choice), else ckpt_final.pt. A run without ckpt_final.pt (still training, or killed: its ckpt_best.pt is only the
-    best so far) is refused unless `latest`: then its ckpt_best.pt or ckpt.pt (evaluate.py and predict.py --latest)."""
+    best so far) is refused unless `latest`: then its ckpt_best.pt or ckpt.pt (evaluate.py and predict.py --latest).
+    RunFormatError (one line naming the file) for a config.yaml that is not YAML, has sections or fields this version
+    does not know (a newer version's run: no version number is recorded, so unknown fields are how one shows) or
+    values of the wrong type, and for a checkpoint that carries a format version."""
     run_dir = Path(run_dir)
     if not (run_dir / CONFIG).exists():
         raise FileNotFoundError(f"{run_dir}: not a run folder (needs {CONFIG} and {FINAL})")
     config = read_config(run_dir)
+    check_config(run_dir / CONFIG, config)
     train = config.get("train") or {}
     unfinished = not (run_dir / FINAL).exists() and any((run_dir / name).exists() for name in (LATEST, BEST))
     if unfinished and not latest:
@@ -96,7 +156,11 @@ def read_run(run_dir: str | Path, latest: bool = False) -> Run:
     ckpt = next((run_dir / name for name in names if (run_dir / name).exists()), None)
     if ckpt is None:
         raise FileNotFoundError(f"{run_dir}: not a run folder (needs {CONFIG} and {FINAL})")
-    return Run(run_dir, config, load_checkpoint(ckpt, "cpu"))
+    checkpoint = load_checkpoint(ckpt, "cpu")
+    if isinstance(checkpoint, dict) and (versions := [f"{key} {checkpoint[key]!r}" for key in VERSION_KEYS
+                                                      if key in checkpoint]):
+        raise RunFormatError(f"{ckpt}: it says {', '.join(versions)}; this version writes none: {NEWER}")
+    return Run(run_dir, config, checkpoint)
 
 
 def load_checkpoint(path: Path, device) -> dict:
@@ -144,12 +208,43 @@ def write_random_run(run_dir, model_cfg: ModelConfig, probe_cfg: ProbeConfig, da
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
-    """Atomically; ckpt.pt keeps its predecessor as ckpt_prev.pt. A full disk is one line, the old files intact."""
+    """Atomically; ckpt.pt keeps its predecessor as ckpt_prev.pt. A full disk is one line, the old files intact and
+    no temporary left (write_atomic)."""
+    path = Path(path)
     previous = path.with_name(PREVIOUS) if path.name == LATEST else None
     try:
         write_atomic(path, lambda temp: torch.save(state, temp), previous)
-    except OSError as err:
-        raise SystemExit(f"{path}: cannot write the checkpoint ({err.strerror or err}); the previous one is kept")
+    except (OSError, RuntimeError) as err:   # torch.save's zip writer raises RuntimeError on a full disk, errno lost
+        kept = "the previous one is kept" if path.exists() else "nothing was written"
+        raise SystemExit(f"{path}: cannot write the checkpoint ({write_failure(err, path, state)}); {kept}") from None
+
+
+def write_failure(err: Exception, path: Path, state: dict) -> str:
+    """The cause of a failed checkpoint write, in words. torch.save's writer reports a full disk as "PytorchStreamWriter
+    failed writing file …" (a RuntimeError without errno): when the disk now has less room than the checkpoint's
+    tensors need, that is the cause."""
+    if isinstance(err, OSError):
+        return err.strerror or str(err)
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        free = None
+    need = sum(t.nbytes for t in _tensors(state))
+    if free is not None and free < need:
+        return f"no space left on device: the checkpoint needs {need / 2**20:.1f} MiB, {free / 2**20:.1f} MiB are free"
+    return f"torch.save: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
+
+
+def _tensors(value):
+    """Every tensor in a nested checkpoint dict (or list)."""
+    if torch.is_tensor(value):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _tensors(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _tensors(item)
 
 
 def load_latest(run_dir: Path, device) -> dict | None:

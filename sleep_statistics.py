@@ -29,7 +29,8 @@ lights-off..lights-on part of the hypnogram) except where named:
   transitions      {from: {to: count}} over consecutive epoch pairs within TIB, both scored, W N1 N2 N3 R (rows:
                    from; the diagonal counts staying in a stage), as YASA's transition_matrix on scored epochs
 lights_epochs turns lights-off/on given as clock times ("23:10", past midnight when earlier than the start), datetimes
-or seconds after the start (EDF+ annotations: lights_from_annotations) into those epoch indices.
+or seconds after the start (EDF+ annotations: lights_from_annotations) into those epoch indices; a time outside the
+recording (by more than one epoch) is an error, never moved to its start or end.
 """
 from __future__ import annotations
 
@@ -146,28 +147,50 @@ def seconds_after_start(when, start_time) -> float:
     return (when - start).total_seconds()
 
 
+LIGHTS_TOLERANCE_S = EPOCH_S    # a lights time at most this far outside the recording is its start or end (an
+                                # annotation in the last, partial epoch); one farther outside is an error
+
+
 def lights_epochs(n_epochs: int, lights_off=None, lights_on=None, start_time=None,
                   epoch_s: float = EPOCH_S) -> tuple[int, int]:
     """(lights_off, lights_on) epoch indices for sleep_statistics from times given as seconds after the recording
-    start (an EDF+ annotation's onset), clock times "HH:MM[:SS]" or datetimes (seconds_after_start; these need
-    start_time). Only whole epochs in between are in bed: lights-off rounds up to the next epoch start, lights-on
-    down; None is the start or the end of the recording. Raises ValueError when lights-on comes first or lights-off
-    is not inside the recording."""
+    start (an EDF+ annotation's onset), clock times "HH:MM[:SS]" (the first such time at or after the start: the next
+    day when earlier on the clock) or datetimes (seconds_after_start; these need start_time). Only whole epochs in
+    between are in bed: lights-off rounds up to the next epoch start, lights-on down; None is the start or the end of
+    the recording. A time is never moved into the recording: one more than LIGHTS_TOLERANCE_S (one epoch) before its
+    start or after its end, a lights-off at or after its end, or a lights-on not after lights-off is a ValueError
+    (one line naming the value, the recording's start and end)."""
     def seconds(when) -> float:
         return float(when) if isinstance(when, (int, float, np.number)) else seconds_after_start(when, start_time)
     end_s = n_epochs * epoch_s
     off_s = 0.0 if lights_off is None else seconds(lights_off)
     on_s = end_s if lights_on is None else seconds(lights_on)
-    if lights_off is not None and off_s >= end_s:
-        raise ValueError(f"lights-off {lights_off} is {off_s / 3600:.2f} h after the recording start, after its end "
-                         f"({end_s / 3600:.2f} h; a clock time earlier than the start is the next day: give a "
-                         f"date-time for one before the start)")
+    for name, value, at in (("lights-off", lights_off, off_s), ("lights-on", lights_on, on_s)):
+        if value is not None and (at < -LIGHTS_TOLERANCE_S or at > end_s + LIGHTS_TOLERANCE_S
+                                  or (name == "lights-off" and at >= end_s)):
+            raise ValueError(_outside(name, value, at, end_s, start_time))
     if on_s <= off_s:
         raise ValueError(f"lights-on {lights_on} ({on_s / 60:.1f} min after the recording start) is not after "
                          f"lights-off {lights_off} ({off_s / 60:.1f} min)")
     off = min(max(math.ceil(off_s / epoch_s - 1e-9), 0), n_epochs)
     on = max(min(math.floor(on_s / epoch_s + 1e-9), n_epochs), off)  # both inside one epoch: no whole epoch in bed
     return off, on
+
+
+def _outside(name: str, value, at_s: float, end_s: float, start_time) -> str:
+    """One line: lights time `value` (`at_s` s after the start) is outside the recording [0, end_s]."""
+    start = dt.datetime.fromisoformat(start_time) if isinstance(start_time, str) else start_time
+    span = (f"the recording runs from {start:%Y-%m-%d %H:%M:%S} to {start + dt.timedelta(seconds=end_s):%Y-%m-%d %H:%M:%S}"
+            if start else "the recording has no start time")
+    span += f" ({end_s / 3600:.2f} h of whole epochs)"
+    given = f"{value:g} s" if isinstance(value, (int, float, np.number)) else value
+    if at_s < 0:
+        return f"{name} {given} is {-at_s / 60:.1f} min before the recording start: {span}"
+    clock = isinstance(value, str) and _CLOCK.fullmatch(value.strip())
+    hint = ("; a clock time is read as its first occurrence at or after the start (the next day when earlier on the "
+            "clock)" if clock else "")
+    return (f"{name} {given} is {at_s / 3600:.2f} h after the recording start, "
+            f"{'at' if at_s == end_s else 'after'} its end: {span}{hint}")
 
 
 def lights_from_annotations(annotations) -> tuple[float | None, float | None]:

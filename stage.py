@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,48 +51,75 @@ HYPNOGRAM_COLUMNS = ("epoch", "onset_s", "date", "clock_time", "stage", *PROB_CO
 PROB_DECIMALS = 5
 
 
+def staging_windows(n_epochs: int, window_epochs: int, stride_epochs: int | None = None) -> list[tuple[int, int]]:
+    """(first epoch, epochs) of each window that stages a night of n_epochs. stride_epochs None (the default): the
+    fewest windows that cover the night, of equal length (within an epoch), back to back: a night up to 8 h is one
+    window, a 9.5-h night two of 4.75 h. Each epoch is seen once, with at least half a window of context, and the night
+    costs what its length does (stage_night computes a short window over its own length). With a stride:
+    data.window_starts' windows (one every stride, the last aligned to the night's end), each the whole window or the
+    whole night, averaged where they overlap. What each costs and scores: docs/design.md "Staging windows"."""
+    if stride_epochs is None:
+        k = -(-n_epochs // window_epochs)                                              # ceil: how many windows
+        edges = [i * n_epochs // k for i in range(k + 1)] if n_epochs else []
+        return list(zip(edges, (end - first for first, end in zip(edges, edges[1:]))))
+    return [(first, min(window_epochs, n_epochs - first))
+            for first in window_starts(0, n_epochs, window_epochs, stride_epochs)] if n_epochs else []
+
+
 @torch.inference_mode()
 def stage_night(encoder, probe, signals, window_samples: int, stride_samples: int | None = None,
                 batch_size: int = 4, device="cpu", embeddings: bool = False, reference: bool = False):
     """signals [C, T] (float32 array or tensor) -> stage probabilities per full 30-s epoch [T // 3750, classes];
     with embeddings=True, (probabilities, embeddings [E, C, D]): the encoder's output per epoch and channel, the mean
-    of the epoch's 5 patch embeddings, averaged like the probabilities over the windows that saw the epoch. On the CPU
-    the encoder and probe run cpu_kernels' kernels (the same function, less time and memory) unless `reference`."""
+    of the epoch's 5 patch embeddings, averaged like the probabilities over the windows that saw the epoch.
+    Windows: staging_windows. A window shorter than `window_samples` is what the model saw in training, a window
+    zero-padded to that length and masked, but its padded patches are never computed: the encoder and probe run over
+    its own length (Encoder.patchify(window=): exact in eval mode), a batch holding windows of one length. On the
+    CPU the encoder and probe run cpu_kernels' kernels (the same function, less time and memory). reference=True:
+    model.py's own paths over whole padded windows, as in training (the check that the rest is exact)."""
     kernels = cpu_kernels if torch.device(device).type == "cpu" and not reference else None
     patches_per_epoch = probe.cfg.patches_per_epoch
     epoch_samples = patches_per_epoch * encoder.cfg.patch_len                           # 3750
     signals = torch.as_tensor(signals, dtype=torch.float32)
     C, T = signals.shape
     n_epochs = T // epoch_samples
-    window_epochs = window_samples // epoch_samples
-    starts = window_starts(0, n_epochs, window_epochs, (stride_samples or window_samples) // epoch_samples)
+    stride_epochs = None if stride_samples is None else max(1, stride_samples // epoch_samples)
+    windows = staging_windows(n_epochs, window_samples // epoch_samples, stride_epochs)
     total = torch.zeros(n_epochs, probe.cfg.n_classes)                                  # [E, classes]
     total_embedded = torch.zeros(n_epochs, C, encoder.cfg.d_model) if embeddings else None    # [E, C, D]
     seen = torch.zeros(n_epochs, 1)
-    for i in range(0, len(starts), batch_size):
-        batch_starts = starts[i:i + batch_size]
-        windows = torch.zeros(len(batch_starts), C, window_samples)                     # [b, C, L]
-        padding = torch.ones(len(batch_starts), window_samples, dtype=torch.bool)       # [b, L]
-        for j, start in enumerate(batch_starts):
-            n = min(window_epochs, n_epochs - start) * epoch_samples
-            windows[j, :, :n] = signals[:, start * epoch_samples: start * epoch_samples + n]
-            padding[j, :n] = False
-        windows, padding = windows.to(device), padding.to(device)
-        patches, key_padding = encoder.patchify(windows, padding)                       # [b, C, N, P], [b, N]
-        tokens = encoder.tokens(patches)                                                # [b, C, N, D]
-        del windows, patches                                # a night's samples are not held while the encoder runs
-        embedded = encoder.contextualise(tokens, key_padding, kernels)                  # [b, C, N, D]
-        probs = probe(embedded, padding, kernels).softmax(dim=-1).cpu()                 # [b, E_w, classes]
-        if embeddings:                            # [b, C, N, D] -> the mean of each epoch's patches [b, E_w, C, D]
-            b, _, N, D = embedded.shape
-            embedded = embedded.reshape(b, C, N // patches_per_epoch, patches_per_epoch, D).mean(3)
-            embedded = embedded.transpose(1, 2).float().cpu()
-        for j, start in enumerate(batch_starts):
-            n = min(window_epochs, n_epochs - start)
-            total[start:start + n] += probs[j, :n]
-            seen[start:start + n] += 1
-            if embeddings:
-                total_embedded[start:start + n] += embedded[j, :n]
+    batches = []                                      # up to batch_size windows of one length: none padded to another
+    for window in windows:
+        if batches and len(batches[-1]) < batch_size and batches[-1][-1][1] == window[1]:
+            batches[-1].append(window)
+        else:
+            batches.append([window])
+    try:
+        for batch in batches:
+            L = window_samples if reference else batch[0][1] * epoch_samples
+            x = torch.zeros(len(batch), C, L)                                               # [b, C, L]
+            padding = torch.ones(len(batch), L, dtype=torch.bool)                           # [b, L]
+            for j, (first, n) in enumerate(batch):
+                x[j, :, :n * epoch_samples] = signals[:, first * epoch_samples:(first + n) * epoch_samples]
+                padding[j, :n * epoch_samples] = False
+            x, padding = x.to(device), (padding.to(device) if padding.any() else None)
+            patches, key_padding = encoder.patchify(x, padding, window_samples)             # [b, C, N, P], [b, N]
+            tokens = encoder.tokens(patches)                                                # [b, C, N, D]
+            del x, patches                                      # a night's samples are not held while the encoder runs
+            embedded = encoder.contextualise(tokens, key_padding, kernels)                  # [b, C, N, D]
+            cpu_kernels.release()                                 # attention's kept scores, before the probe runs
+            probs = probe(embedded, padding, kernels).softmax(dim=-1).cpu()                 # [b, E_w, classes]
+            if embeddings:                            # [b, C, N, D] -> the mean of each epoch's patches [b, E_w, C, D]
+                b, _, N, D = embedded.shape
+                embedded = embedded.reshape(b, C, N // patches_per_epoch, patches_per_epoch, D).mean(3)
+                embedded = embedded.transpose(1, 2).float().cpu()
+            for j, (first, n) in enumerate(batch):
+                total[first:first + n] += probs[j, :n]
+                seen[first:first + n] += 1
+                if embeddings:
+                    total_embedded[first:first + n] += embedded[j, :n]
+    finally:
+        cpu_kernels.release()                                # also when staging fails
     if embeddings:
         return total / seen.clamp_min(1), total_embedded / seen[:, :, None].clamp_min(1)
     return total / seen.clamp_min(1)
@@ -244,6 +273,7 @@ def load_model(run, device: str = "auto", latest: bool = False) -> Model:
     (runs.read_run). StagingError (one line) for a folder that is not a usable probe run."""
     if isinstance(run, Model):
         return run
+    _refuse_encoder_only(run)      # a pretraining run: that cause in one line, before any weights are read
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     where = run.path if isinstance(run, runs.Run) else run
@@ -252,7 +282,8 @@ def load_model(run, device: str = "auto", latest: bool = False) -> Model:
         if "probe" not in run.config or "model" not in run.config:
             raise KeyError("no probe: section in config.yaml")
         encoder, probe = run.encoder().to(device), run.probe().to(device)
-    except (OSError, runs.CorruptCheckpoint) as err:     # no folder; no final checkpoint (its line names --latest)
+    except (OSError, runs.CorruptCheckpoint, runs.RunFormatError) as err:   # no folder; no final checkpoint (its
+        # line names --latest); a config.yaml that is not YAML, or a newer version's run: each its own cause
         raise StagingError(str(err).splitlines()[0]) from None
     except (ValueError, KeyError, TypeError, RuntimeError) as err:   # weights or config that do not fit a probe run
         raise StagingError(f"{where} is not a probe run (needs config.yaml with model: and probe: sections, and "
@@ -276,7 +307,7 @@ class NightResult:
     source_labels: dict             # slot -> EDF label or derivation 'A - B'
     source_units: dict              # slot -> the unit the EDF (or the caller) declared, before conversion to µV
     window_s: float
-    stride_s: float
+    stride_s: float | None          # None: stage.staging_windows' default (no overlap)
     embeddings: np.ndarray | None = None    # [E, 7, D] float32, with embeddings=True
 
     @property
@@ -292,32 +323,51 @@ class NightResult:
                 "source_units": self.source_units, "warnings": self.warnings}
 
     def write(self, stem, exports=(), embeddings: bool = False, plot: bool = True, plt=None) -> list[Path]:
-        """predict.py's files for this night, each written atomically; returns their paths. <stem>.hypnogram.csv,
-        <stem>.stats.json, <stem>.stages.<ext> per export format (EXPORTS), <stem>.embeddings.npy (float16 [E, 7, D])
-        with embeddings=True, <stem>.png with plot=True (and matplotlib installed)."""
+        """predict.py's files for this night; returns their paths. <stem>.hypnogram.csv, <stem>.stats.json,
+        <stem>.stages.<ext> per export format (EXPORTS), <stem>.embeddings.npy (float16 [E, 7, D]) with
+        embeddings=True, <stem>.png with plot=True (and matplotlib installed). All or none: each is written under a
+        hidden temporary name beside it and renamed once all are complete. StagingError (one line naming the path)
+        when a target is a folder or cannot be written; none of the night's files is then left (nor a temporary)."""
         stem = Path(stem)
-        stem.parent.mkdir(parents=True, exist_ok=True)
-
-        def named(suffix: str) -> Path:
-            return stem.with_name(stem.name + suffix)
-        written = [named(".hypnogram.csv"), named(".stats.json")]
-        write_hypnogram_csv(written[0], self.table)
-        write_atomic(written[1], lambda temp: temp.write_text(json.dumps(self.record(), indent=2) + "\n"))
-        for fmt in exports:
-            written.append(named(EXPORTS[fmt]))
-            write_stages(written[-1], fmt, self.stages, self.start_time)
-        if embeddings:
-            if self.embeddings is None:
-                raise ValueError("no embeddings to write: stage the night with embeddings=True")
-            written.append(named(".embeddings.npy"))
-            write_atomic(written[-1], lambda temp: _save_npy(temp, self.embeddings.astype(np.float16)))
+        if embeddings and self.embeddings is None:
+            raise ValueError("no embeddings to write: stage the night with embeddings=True")
         plt = (plt or pyplot()) if plot else None
+        title = Path(self.source).name if self.source else stem.name
+        writers = {".hypnogram.csv": lambda path: write_hypnogram_csv(path, self.table),
+                   ".stats.json": lambda path: write_atomic(
+                       path, lambda temp: temp.write_text(json.dumps(self.record(), indent=2) + "\n"))}
+        for fmt in dict.fromkeys(exports):
+            writers[EXPORTS[fmt]] = lambda path, fmt=fmt: write_stages(path, fmt, self.stages, self.start_time)
+        if embeddings:
+            writers[".embeddings.npy"] = lambda path: write_atomic(
+                path, lambda temp: _save_npy(temp, self.embeddings.astype(np.float16)))
         if plt is not None:
-            written.append(named(".png"))
-            plot_hypnogram(written[-1], self.probs, Path(self.source).name if self.source else stem.name, plt=plt,
-                           start_time=self.start_time, lights_off=self.stats.get("lights_off_epoch"),
-                           lights_on=self.stats.get("lights_on_epoch"))
-        return written
+            writers[".png"] = lambda path: plot_hypnogram(
+                path, self.probs, title, plt=plt, start_time=self.start_time,
+                lights_off=self.stats.get("lights_off_epoch"), lights_on=self.stats.get("lights_on_epoch"))
+        targets = {stem.with_name(stem.name + suffix): write for suffix, write in writers.items()}
+        for target in targets:
+            if target.is_dir():
+                raise StagingError(f"{target} is a folder: the night's {target.name} cannot be written there "
+                                   f"(move or rename the folder); none of the night's files was written")
+        parts = {target: target.with_name(f".{target.name}.part-{os.getpid()}") for target in targets}
+        renamed, target = [], stem.parent
+        try:
+            stem.parent.mkdir(parents=True, exist_ok=True)
+            for target, write in targets.items():
+                write(parts[target])
+            for target, part in parts.items():
+                os.replace(part, target)
+                renamed.append(target)
+        except OSError as err:
+            for path in renamed:                  # all or none: a night is never left with some of its files
+                path.unlink(missing_ok=True)
+            cause = "is a folder" if target.is_dir() else f"cannot be written ({err.strerror or err})"
+            raise StagingError(f"{target} {cause}; none of the night's files was written") from None
+        finally:
+            for part in parts.values():
+                part.unlink(missing_ok=True)
+        return list(targets)
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
@@ -428,8 +478,16 @@ def stage_prepared(night: PreparedNight, model: Model, lights_off=None, lights_o
                    stride_s: float | None = None, batch_size: int = 4, embeddings: bool = False) -> NightResult:
     """Stage a night read by read_edf_night (lights-off/on given here beat the EDF's own annotations)."""
     file_off, file_on = night.lights
-    return _stage(model, night.signals, night.attrs, file_off if lights_off is None else lights_off,
-                  file_on if lights_on is None else lights_on, stride_s, batch_size, embeddings, str(night.path),
+    off, on = (file_off if lights_off is None else lights_off), (file_on if lights_on is None else lights_on)
+    try:                                                      # before staging: a lights time outside the night
+        lights_epochs(night.signals.shape[1] // EPOCH_SAMPLES, off, on, night.attrs["start_time"])
+    except ValueError as err:
+        from_file = [f"{name} at {found:g} s" for name, given, found in
+                     (("lights-off", lights_off, file_off), ("lights-on", lights_on, file_on))
+                     if given is None and found is not None]
+        raise StagingError(str(err) + (f" (from the EDF+ annotations: {', '.join(from_file)})" if from_file else "")
+                           ) from None
+    return _stage(model, night.signals, night.attrs, off, on, stride_s, batch_size, embeddings, str(night.path),
                   night.table_name)
 
 
@@ -438,14 +496,20 @@ def stage_signals(signals: dict, run, start_time=None, lights_off=None, lights_o
                   batch_size: int = 4, device: str = "auto", embeddings: bool = False,
                   latest: bool = False) -> NightResult:
     """Stage a night held in memory: `signals` maps slots (SLOTS: ECG, EOG, EMG, EEG, SPO2, THOR, ABDO) to
-    (samples, fs in Hz, unit), unit as an EDF would declare it (V, mV or uV for ECG/EOG/EMG/EEG; % for SPO2). The
+    (samples, fs in Hz, unit), unit as an EDF would declare it (V, mV, uV or nV for ECG/EOG/EMG/EEG; % for SPO2). The
     same units, checks, filters and resampling as stage_edf (prepare.night.prepare_arrays); start_time (datetime or
-    ISO text) gives clock times. Other arguments as stage_edf."""
+    ISO text with a time of day; a date alone is refused) gives clock times. Every slot must cover the same night
+    (durations samples / fs within one 30-s epoch). Other arguments as stage_edf. Raises StagingError (one line,
+    naming the slot and field) for signals that cannot be staged."""
     opts = staging_options(None, allow_missing, require_all, False, zero_phase)
-    model = load_model(run, device, latest)
+    if not isinstance(signals, Mapping):
+        raise StagingError(f"signals: expected a dict of slot -> (samples, fs, unit), got {type(signals).__name__}")
+    given = [slot for slot, spec in signals.items() if spec is not None]      # a slot given as None is not given
     if missing := [slot for slot in opts.required if signals.get(slot) is None]:
-        raise StagingError(f"signals: no {', '.join(missing)} (given: {', '.join(signals) or 'nothing'})"
+        raise StagingError(f"signals: no {', '.join(missing)} (given: {', '.join(given) or 'nothing'})"
                            + ("" if require_all else "; stage without them with allow_missing=True"))
+    _refuse_encoder_only(run)
+    model = load_model(run, device, latest)
     try:
         prepared, attrs = prepare_arrays(signals, opts, start_time)
     except NIGHT_ERRORS as err:
@@ -455,8 +519,29 @@ def stage_signals(signals: dict, run, start_time=None, lights_off=None, lights_o
 
 def embed_edf(path, run, **options) -> np.ndarray:
     """Per-epoch embeddings of an EDF [E, 7, D] float32: for each full 30-s epoch and slot (SLOTS order), the mean of
-    the encoder's 5 patch embeddings (6 s each), averaged over the windows that saw the epoch. Options as stage_edf."""
+    the encoder's 5 patch embeddings (6 s each), averaged over the windows that saw the epoch. Options as stage_edf.
+    The run must be a probe run (its windows are staged): a pretraining run is a StagingError that says so."""
+    _refuse_encoder_only(run)
     return stage_edf(path, run, embeddings=True, **options).embeddings
+
+
+def _refuse_encoder_only(run) -> None:
+    """A run folder (or runs.Run) with an encoder and no probe (train_pretrain.py's, or an encoder-only import)
+    stages nothing: one line that names that cause, read from its config.yaml before any weights. Anything else
+    wrong with the run (a config.yaml this version cannot read, a newer version's fields) is load_model's line."""
+    if isinstance(run, Model):
+        return
+    try:
+        config = run.config if isinstance(run, runs.Run) else runs.read_config(run)
+        if not isinstance(run, runs.Run):                 # a runs.Run's config was checked when it was read
+            runs.check_config(Path(run) / runs.CONFIG, config)
+    except (OSError, ValueError, TypeError):
+        return
+    where = run.path if isinstance(run, runs.Run) else run
+    if isinstance(config, dict) and "model" in config and "probe" not in config:
+        raise StagingError(f"{where} is a pretraining run (an encoder, no probe: section in its config.yaml): staging "
+                           f"and embed_edf need a probe run, e.g. one trained on it with train_probe.py --encoder "
+                           f"{where}")
 
 
 def absent_warning(absent: list[str], reasons: list[str]) -> str:
@@ -475,7 +560,7 @@ def _stage(model: Model, signals: np.ndarray, attrs: dict, lights_off, lights_on
     if len(absent) == len(SLOTS):
         raise StagingError(f"no usable channel: {'; '.join(attrs['warnings'])}")
     window = int(round(model.window_s / EPOCH_S)) * EPOCH_SAMPLES
-    stride = max(int(round((stride_s or model.window_s / 2) / EPOCH_S)) * EPOCH_SAMPLES, EPOCH_SAMPLES)
+    stride = None if stride_s is None else max(int(round(stride_s / EPOCH_S)) * EPOCH_SAMPLES, EPOCH_SAMPLES)
     staged = stage_night(model.encoder, model.probe, signals.astype(np.float32), window, stride, batch_size,
                          model.device, embeddings=embeddings)
     probs, embedded = (staged[0].numpy(), staged[1].numpy()) if embeddings else (staged.numpy(), None)   # [E, 5]
@@ -491,5 +576,6 @@ def _stage(model: Model, signals: np.ndarray, attrs: dict, lights_off, lights_on
                        stats=sleep_statistics(probs.argmax(axis=1), lights_off=off, lights_on=on),
                        warnings=warnings, absent=absent, start_time=attrs["start_time"], source=source,
                        run=str(model.path), channel_table=table_name, source_labels=attrs["source_labels"],
-                       source_units=attrs["declared_units"], window_s=model.window_s, stride_s=stride / FS,
+                       source_units=attrs["declared_units"], window_s=model.window_s,
+                       stride_s=None if stride is None else stride / FS,
                        embeddings=embedded)

@@ -113,6 +113,9 @@ def main(argv=None) -> None:
     torch.manual_seed(tc.seed * 1000 + rank)            # dropout and corruption differ between processes
     training.set_matmul_precision(device, tc.matmul_precision)
     training.check_window(cfg.data.window_s, cfg.model)
+    ckpt = runs.load_latest(args.run, device) if args.resume else None
+    if ckpt is not None:                                 # before anything is read or written
+        training.check_resume_config(ckpt, cfg, args.run)
 
     try:
         train_set = NightDataset.from_config(cfg.data, cfg.data.train_split)
@@ -127,7 +130,6 @@ def main(argv=None) -> None:
     model = Pretrainer(cfg.model, cfg.pretrain).to(device)
     optimizer, scheduler = training.one_cycle(model.parameters(), tc, total_steps, len(train_set))
     progress = runs.new_progress()
-    ckpt = runs.load_latest(args.run, device) if args.resume else None
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         progress = training.resume(ckpt, optimizer, scheduler, rank, world, per_step, device)
@@ -210,6 +212,7 @@ def main(argv=None) -> None:
         losses = [m["loss"] for m in runs.read_metrics(args.run) if "loss" in m]
         summary = f", training loss {losses[0]:.4f} (first log) → {losses[-1]:.4f} (last)" if losses else ""
         print(f"done: {progress['step']} steps{summary}; run folder {args.run}")
+    del model                                                # the DDP wrapper, before its process group
     training.teardown_distributed()
 
 

@@ -345,6 +345,17 @@ def validate(probe, encoder, dataset, cfg: Config, rank, world, device, autocast
             "val_kappa": float(metrics.kappa(confusion))}
 
 
+def check_resume_encoder(ckpt: dict, encoder_run, encoder_dir: Path, run_dir: Path) -> None:
+    """One line when --encoder is not the encoder the resumed probe run was trained on (its checkpoint holds that
+    encoder's weights): the probe's inputs would change under it."""
+    saved = {k.removeprefix("encoder."): v for k, v in ckpt["model"].items() if k.startswith("encoder.")}
+    now = encoder_run.state("encoder")
+    if saved and (saved.keys() != now.keys() or any(not torch.equal(saved[k], now[k]) for k in now)):
+        raise SystemExit(f"--resume: --encoder {encoder_dir} has other weights than the encoder {run_dir} was trained "
+                         f"on: a resumed run keeps the model and data it was started with; start a new run "
+                         f"(another --run-dir)")
+
+
 def main(argv=None) -> None:
     args, cfg = parse_args(argv)
     rank, world, device = training.setup_distributed()
@@ -370,6 +381,10 @@ def main(argv=None) -> None:
     cfg.probe.n_channels, cfg.probe.d_model = cfg.model.n_channels, cfg.model.d_model
     encoder = encoder_run.encoder().to(device).requires_grad_(False)                    # frozen, eval mode
     training.check_window(cfg.data.window_s, cfg.model)
+    ckpt = runs.load_latest(args.run, device) if args.resume else None
+    if ckpt is not None:                                 # before any embedding is computed or file written
+        training.check_resume_config(ckpt, cfg, args.run)
+        check_resume_encoder(ckpt, encoder_run, args.encoder, args.run)
     try:
         train_nights, val_nights = labelled_nights(cfg, cfg.data.train_split), labelled_nights(cfg, cfg.data.val_split)
     except (DamagedStore, OpenLimit) as err:
@@ -402,7 +417,6 @@ def main(argv=None) -> None:
     probe = ProbeHead(cfg.probe).to(device)
     optimizer, scheduler = training.one_cycle(probe.parameters(), tc, total_steps, len(train_set))
     progress = runs.new_progress()
-    ckpt = runs.load_latest(args.run, device) if args.resume else None
     if ckpt is not None:
         probe.load_state_dict({k.removeprefix("probe."): v for k, v in ckpt["model"].items() if k.startswith("probe.")})
         progress = training.resume(ckpt, optimizer, scheduler, rank, world, per_step, device)
@@ -484,6 +498,7 @@ def main(argv=None) -> None:
                 if progress["best"] is not None else "")
         print(f"done: {progress['step']} steps{why}{best}; run folder {args.run}")
     torch.set_num_threads(threads)                   # the caller's (tests run many scripts in one process)
+    del model                                                # the DDP wrapper, before its process group
     training.teardown_distributed()
 
 

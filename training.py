@@ -7,6 +7,7 @@ files are runs.py's.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import math
 import os
 import warnings
@@ -40,6 +41,9 @@ def setup_distributed() -> tuple[int, int, torch.device]:
 
 
 def teardown_distributed() -> None:
+    """Ends the process group. Call it after `del` of the DDP wrapper: its reducer holds the group, and freed after the
+    group (at the script's exit) gloo's destructor can deadlock, leaving a process that never exits."""
+    gc.collect()                                                     # a wrapper let go of but held in a cycle
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
@@ -257,6 +261,8 @@ def restore_rng(ckpt: dict, rank: int, world: int, device) -> None:
     torch.set_rng_state(ckpt["rng_cpu"][rank].to("cpu", torch.uint8))
     if device.type == "cuda" and "rng_cuda" in ckpt:
         torch.cuda.set_rng_state(ckpt["rng_cuda"][rank].to("cpu", torch.uint8), device)
+
+
 def save_training_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler, cfg, progress: dict,
                              device, master: bool) -> None:
     """A training checkpoint (module docstring) from every process's RNG state (a collective: all processes call
@@ -268,37 +274,85 @@ def save_training_checkpoint(path: Path, model: torch.nn.Module, optimizer, sche
                                "config": dataclasses.asdict(cfg)})
 
 
+# --resume with a config that differs from the checkpoint's (docs/bad-input.md "Resuming with another config"): every
+# train.* field is applied from the resumed step (resume() rebuilds the schedule for the new train.max_lr, pct_start,
+# weight_decay, epochs, max_steps, batch_size, grad_accum); these fields of the other sections change nothing that is
+# trained and are allowed too (where the data lie, how they are read, which attention kernel computes the same
+# function); a change of any other field of model, pretrain, probe or data is refused.
+RESUME_ALLOWED = {"model.attention", "model.attention_kernels", "data.root", "data.num_workers",
+                  "data.max_open_nights"}
+
+
+def check_resume_config(ckpt: dict, cfg, run_dir) -> None:
+    """One line naming every field of `cfg` (the resumed run's config, as resolved now) outside train.* and
+    RESUME_ALLOWED whose value differs from the checkpoint's config: the weights, the objective and the data order
+    are the checkpoint's, and a run that changed them would neither load (another width) nor be the run it says it
+    is. Fields the checkpoint does not record (written before they existed) are not compared."""
+    saved, now = ckpt.get("config") or {}, dataclasses.asdict(cfg)
+    changed = [f"{section}.{name} is {old!r} in {run_dir}, {now[section][name]!r} now"
+               for section, fields in saved.items() if section != "train" and isinstance(fields, dict)
+               for name, old in fields.items()
+               if name in now.get(section, {}) and f"{section}.{name}" not in RESUME_ALLOWED
+               and now[section][name] != old]
+    if changed:
+        raise SystemExit(f"--resume: {'; '.join(changed)}: a resumed run keeps the model and data it was started "
+                         f"with; start a new run (another --run-dir)")
+
+
+# the optimiser's per-group settings that one_cycle derives from train.*: the one-cycle bounds and the weight decay
+PLANNED = ("initial_lr", "max_lr", "min_lr", "weight_decay")
+
+
 def resume(ckpt: dict, optimizer, scheduler, rank: int, world: int, per_step: int, device) -> dict:
     """Restore optimiser, scheduler and RNG from a training checkpoint (the caller loads the weights, whose key
-    prefix it knows); returns the progress counters.
+    prefix it knows); returns the progress counters. `optimizer` and `scheduler` are one_cycle's for the config as
+    resolved now.
 
-    A run continued for longer or shorter than it was planned (`--resume --train.max_steps 8` on a finished 6-step
-    run) keeps its weights, optimiser state and step, and takes the schedule of the new plan at its current step: the
-    LR from then on is what a run planned for the new total from the start would have at those steps. A run resumed
-    on another number of processes goes on from the same place in the epoch's order (epoch_order deals one shuffle
-    common to all processes), rounded down to a whole optimiser step of the new size; its processes draw from fresh
-    seeds (restore_rng), and its global batch is the new one."""
+    A run continued with another plan (`--resume --train.max_steps 8` on a finished 6-step run; another
+    train.max_lr, pct_start, weight_decay, epochs) keeps its weights, optimiser moments and step, and takes the
+    schedule and settings of the new plan at its current step: the LR from then on is what a run planned that way
+    from the start would have at those steps. An unchanged plan restores the scheduler as it was. A run resumed on
+    another number of processes or with another train.batch_size × grad_accum goes on from the same place in the
+    epoch's order (epoch_order deals one shuffle common to all processes), rounded down to a whole optimiser step of
+    the new size; on another number of processes its processes draw from fresh seeds (restore_rng), and its global
+    batch is the new one."""
+    planned = [{key: group[key] for key in PLANNED if key in group} for group in optimizer.param_groups]
     optimizer.load_state_dict(ckpt["optimizer"])
-    if ckpt["scheduler"]["total_steps"] == scheduler.total_steps:
-        scheduler.load_state_dict(ckpt["scheduler"])
+    saved = ckpt["scheduler"]
+    same_plan = (saved["total_steps"] == scheduler.total_steps
+                 and saved.get("_schedule_phases", scheduler._schedule_phases) == scheduler._schedule_phases
+                 and all(group.get(key) == value for group, new in zip(optimizer.param_groups, planned)
+                         for key, value in new.items()))
+    if same_plan:
+        scheduler.load_state_dict(saved)
     else:
-        scheduler.last_epoch = ckpt["step"] - 1
+        was = {key: optimizer.param_groups[0].get(key) for key in ("max_lr", "weight_decay")}
+        for group, new in zip(optimizer.param_groups, planned):
+            group.update(new)                   # the new plan's bounds and weight decay; the moments stay
+        scheduler.last_epoch = min(ckpt["step"], scheduler.total_steps) - 1
         with warnings.catch_warnings():         # "scheduler.step() before optimizer.step()": here on purpose
             warnings.simplefilter("ignore", UserWarning)
             scheduler.step()                    # sets every group's LR for the current step of the new cycle
         if rank == 0:
-            print(f"resumed at step {ckpt['step']} with a schedule of {scheduler.total_steps} steps (the checkpoint's "
-                  f"planned {ckpt['scheduler']['total_steps']}): LR {scheduler.get_last_lr()[0]:.3g} from here")
+            print(f"resumed at step {ckpt['step']} with a new schedule: {scheduler.total_steps} steps to max_lr "
+                  f"{planned[0]['max_lr']:.3g}, weight decay {planned[0]['weight_decay']:.3g} (the checkpoint's: "
+                  f"{saved['total_steps']} steps to {was['max_lr']:.3g}, {was['weight_decay']:.3g}): LR "
+                  f"{scheduler.get_last_lr()[0]:.3g} from here")
     restore_rng(ckpt, rank, world, device)
     progress = {key: ckpt.get(key, default) for key, default in runs.new_progress().items()}
     written_by = len(ckpt["rng_cpu"])
-    if written_by != world:
-        position = progress["step_in_epoch"] * per_step * written_by         # windows of the epoch already used
+    saved_train = (ckpt.get("config") or {}).get("train") or {}
+    saved_per_step = saved_train.get("batch_size", 0) * saved_train.get("grad_accum", 0) or per_step
+    if written_by != world or saved_per_step != per_step:
+        position = progress["step_in_epoch"] * saved_per_step * written_by   # windows of the epoch already used
         progress["step_in_epoch"] = position // (per_step * world)
         if rank == 0:
-            print(f"resumed on {world} processes a run written by {written_by}: epoch {progress['epoch']} goes on "
-                  f"from window {progress['step_in_epoch'] * per_step * world} of its order (the checkpoint stopped "
-                  f"at {position}); {world} × {per_step} windows per optimiser step from here, fresh random seeds")
+            who = (f"resumed on {world} processes a run written by {written_by}" if written_by != world else
+                   f"resumed with train.batch_size × grad_accum {per_step} (the checkpoint's {saved_per_step})")
+            window = progress["step_in_epoch"] * per_step * world
+            print(f"{who}: epoch {progress['epoch']} goes on from window {window} of its order (the checkpoint "
+                  f"stopped at {position}); {world} × {per_step} windows per optimiser step from here"
+                  + (", fresh random seeds" if written_by != world else ""))
     return progress
 
 

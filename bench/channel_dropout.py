@@ -22,7 +22,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+import machine  # noqa: E402  (bench/machine.py)
 from prepare.signals import SLOTS  # noqa: E402
 
 
@@ -96,11 +97,12 @@ def main():
              "|---|---|---|---|"]
     for slot in ("none", *SLOTS):
         lines.append(f"| {slot} | " + " | ".join(f"{table[name][slot]:.3f}" for name in runs) + " |")
+    lines += ["", f"Trained and scored on {machine.describe('auto')}."]
     report = "\n".join(lines)
     (out / "channel_dropout.md").write_text(report + "\n")
     print(report)
     print(f"channel dropout: κ with EEG absent {table['none']['EEG']:.3f} (no dropout) vs {table['both']['EEG']:.3f} "
-          f"(p={args.p:g}); table in {out / 'channel_dropout.md'}")
+          f"(p={args.p:g}; {machine.describe('auto')}); table in {out / 'channel_dropout.md'}")
 
 
 if __name__ == "__main__":

@@ -20,10 +20,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+import machine  # noqa: E402  (bench/machine.py)
 
 
 def child(step: str, threads: int, seconds: float) -> None:
-    sys.path.insert(0, str(ROOT))
     import torch
     from model import ModelConfig, Pretrainer, ProbeConfig, ProbeHead
     if threads:
@@ -73,7 +74,8 @@ def main():
         return child(args.step, args.threads, args.seconds)
     alone, = run(1, args)
     together = run(2, args)
-    print(f"contention ({args.step} step, threads {args.threads or 'default'}, OMP_WAIT_POLICY {args.wait_policy}): "
+    print(f"contention ({args.step} step, threads {args.threads or 'default'}, OMP_WAIT_POLICY {args.wait_policy}; "
+          f"{machine.describe()}): "
           f"alone {alone * 1000:.0f} ms, two jobs {' / '.join(f'{t * 1000:.0f}' for t in together)} ms per step, "
           f"slowdown {max(together) / alone:.1f}x")
 

@@ -22,8 +22,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 import cpu_kernels  # noqa: E402
+import machine  # noqa: E402  (bench/machine.py)
 
 # (what, rows of x, weight [out, in]) at the paper config: N = 4800 patches, D = 512, d_ff 2048, 4 heads of 128,
 # cpu_kernels.QUERY_BLOCK queries per block, the probe's GRU (input 7 · 512, hidden 1024)
@@ -69,7 +71,7 @@ def main():
               f"{mkl * 1e3:8.2f} ms {gflop / mkl:4.0f} GF/s {onednn * 1e3:8.2f} ms {gflop / onednn:4.0f} GF/s")
     mean = math.exp(sum(map(math.log, ratios)) / len(ratios))
     print(f"gemm: oneDNN {mean:.2f}× MKL's speed (geometric mean of {len(ratios)} products, fp32, "
-          f"{args.threads} threads; cpu_kernels.ONEDNN = {cpu_kernels.ONEDNN})")
+          f"{args.threads} threads; cpu_kernels.ONEDNN = {cpu_kernels.ONEDNN}; {machine.describe()})")
 
 
 if __name__ == "__main__":

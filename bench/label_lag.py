@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+import machine  # noqa: E402  (bench/machine.py)
 LAGS = (0, 1, 2)
 
 
@@ -72,7 +74,7 @@ def main():
           ", ".join(f"{lag}: [{', '.join(f'{x:.3f}' if x is not None else '—' for x in p['kappa_ci'] or [None] * 2)}]"
                     for lag, p in pooled.items()))
     print("label lag: κ " + ", ".join(f"{p['kappa']:.3f} ({lag}{' epochs' if lag == LAGS[0] else ''})"
-                                      for lag, p in pooled.items()))
+                                      for lag, p in pooled.items()) + f"; {machine.describe('auto')}")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,9 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+import machine  # noqa: E402  (bench/machine.py)
 from data import NightDataset  # noqa: E402
 from prepare import store  # noqa: E402
 
@@ -78,7 +80,8 @@ def main():
         results = {name: rate(fn, len(dataset), args.seconds) for name, fn in variants.items()}
         for name, value in results.items():
             print(f"  {name:42s} {value:7.1f} windows/s")
-        print(f"loader: {results['memmap, 1 raw chunk per channel (ours)']:.1f} 8-h windows/s/core (target >= 10)")
+        print(f"loader: {results['memmap, 1 raw chunk per channel (ours)']:.1f} 8-h windows/s/core "
+              f"(target >= 10; {machine.describe()})")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,11 @@ def cpu() -> str:
 
 
 def describe(device: str = "cpu") -> str:
-    """The GPU's name for device "cuda", else the CPU (cpu())."""
+    """The GPU's name for device "cuda", else the CPU (cpu()). "auto": the GPU when there is one, as the training
+    scripts (training.setup_distributed) and evaluate.py's --device pick it."""
+    if device == "auto":
+        import torch
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
         import torch
         return f"GPU {torch.cuda.get_device_name()}"

@@ -18,7 +18,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+import machine  # noqa: E402  (bench/machine.py)
 from prepare.store import read_manifest  # noqa: E402
 from runs import read_config  # noqa: E402
 DATASETS = ("shhs", "wsc", "mros", "mesa", "apples")
@@ -104,7 +105,7 @@ def main():
         cells = [f"{kappas[r, name][0]:.3f} ({kappas[r, name][1]}; `{kappas[r, name][2]}`)"
                  if kappas[r, name][0] is not None else f"— ({kappas[r, name][1]})" for r in ("paper", "upstream")]
         lines.append(f"| {name} | {paper:.2f} | {cells[0]} | {cells[1]} |")
-    lines += ["", f"Wall time: {(time.time() - started) / 60:.1f} min."]
+    lines += ["", f"Wall time: {(time.time() - started) / 60:.1f} min on {machine.describe('auto')}."]
     (out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

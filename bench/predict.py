@@ -2,11 +2,13 @@
 per 8-h night).
 
 Random weights at the paper config (Encoder(ModelConfig()), ProbeHead(ProbeConfig())), input [7, hours × 3600 × 125]
-noise, staged by stage.stage_night with the paper's 8-h window (so an 8-h night is one window). The staging runs in
-a child process so that its peak RSS is its own (it includes importing torch and building the model, as a real
-`predict.py` run would); only the stage_night call is timed. On the CPU stage_night runs cpu_kernels.py: one channel
-sequence at a time, attention a block of queries at a time, the probe's GRU with each layer's two directions side by
-side, the products through oneDNN (bench/gemm.py). EDF reading and filtering are `bench/prepare.py`'s.
+noise, staged by stage.stage_night with the paper's 8-h window and its default windows (stage.staging_windows: an
+8-h night is one window, a 9.5-h night one of 8 h and one of 1.5 h). The staging runs in a child process so that its
+peak RSS is its own (it includes importing torch and building the model, as a real `predict.py` run would); only the
+stage_night call is timed. On the CPU stage_night runs cpu_kernels.py: one channel sequence at a time, attention a
+block of queries at a time with the scores kept from layer to layer, the probe's GRU with each layer's two directions
+side by side, the products through oneDNN (bench/gemm.py). EDF reading and filtering are `bench/prepare.py`'s; the
+whole predict.py process against YASA's is `bench/vs_yasa.py`'s.
 
     python bench/predict.py [--hours 8] [--threads 2] [--timeout 300] [--check] [--folder N] [--workers W]
 
@@ -46,11 +48,10 @@ def child(hours: float, threads: int, check: bool) -> None:
     window = encoder.cfg.max_patches * encoder.cfg.patch_len                      # 8 h = 3,600,000 samples
     signals = torch.randn(encoder.cfg.n_channels, int(hours * 3600 * 125))        # [7, T]
     start = time.perf_counter()
-    probs = stage_night(encoder, probe, signals, window, window // 2, batch_size=1, device="cpu")
+    probs = stage_night(encoder, probe, signals, window, batch_size=1, device="cpu")
     result = {"seconds": time.perf_counter() - start, "epochs": len(probs)}
     if check:
-        reference = stage_night(encoder, probe, signals, window, window // 2, batch_size=1, device="cpu",
-                                reference=True)
+        reference = stage_night(encoder, probe, signals, window, batch_size=1, device="cpu", reference=True)
         result["max_difference"] = (probs - reference).abs().max().item()
     print(json.dumps(result))
 

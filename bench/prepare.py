@@ -13,7 +13,9 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+import machine  # noqa: E402  (bench/machine.py)
 import synthetic  # noqa: E402
 from prepare import store  # noqa: E402
 from prepare.night import Options, prepare_night  # noqa: E402
@@ -39,7 +41,7 @@ def main():
         best = min(timings)
         print(f"{args.dataset}: {len(nights)} nights of {args.hours:g} h, seconds per night: "
               + ", ".join(f"{t:.2f}" for t in timings))
-        print(f"prepare: {args.hours / best:.2f} h of PSG/s/core (target >= 0.5)")
+        print(f"prepare: {args.hours / best:.2f} h of PSG/s/core (target >= 0.5; {machine.describe()})")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+import machine  # noqa: E402  (bench/machine.py)
 
 
 def run(*command) -> None:
@@ -54,11 +56,12 @@ def main():
             kappas[encoder, kind] = json.loads((probe / "eval" / "results.json").read_text())["pooled"]["kappa"]
     lines = ["| encoder | linear probe κ | GRU probe κ |", "|---|---|---|"]
     lines += [f"| {e} | {kappas[e, 'linear']:.3f} | {kappas[e, 'gru']:.3f} |" for e in encoders]
+    lines += ["", f"Trained and scored on {machine.describe('auto')}."]
     (out / "pretraining_gain.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     gap = kappas["pretrained", "linear"] - kappas["untrained", "linear"]
     print(f"pretraining gain: linear-probe κ {kappas['pretrained', 'linear']:.3f} pretrained vs "
-          f"{kappas['untrained', 'linear']:.3f} untrained (gap {gap:+.3f}; goal >= +0.10)")
+          f"{kappas['untrained', 'linear']:.3f} untrained (gap {gap:+.3f}; goal >= +0.10; {machine.describe('auto')})")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,8 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+import machine  # noqa: E402  (bench/machine.py)
 
 OURS_AND_YASAS = [("TIB_min", "TIB"), ("SOL_min", "SOL"), ("SPT_min", "SPT"), ("TST_min", "TST"),
                   ("WASO_min", "WASO"), ("SE_pct", "SE"), ("SME_pct", "SME"), ("Lat_REM_min", "Lat_REM")]
@@ -119,7 +120,8 @@ def main():
     for name, mine, theirs in pairs:
         print(f"  {name:24s} ours {mine!s:>20}   yasa {theirs!s:>20}")
     worst = max(difference(mine, theirs) for _, mine, theirs in pairs)
-    print(f"yasa_agreement: largest difference from YASA over {len(pairs)} statistics: {worst:.2g}")
+    print(f"yasa_agreement: largest difference from YASA over {len(pairs)} statistics: {worst:.2g} "
+          f"(staged on {machine.describe()})")
 
 
 if __name__ == "__main__":

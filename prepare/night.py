@@ -3,15 +3,20 @@
 Rules that apply to every dataset (the dataset modules only say where files are and what the
 channels are called):
 - A slot in `required` (default EEG, EOG, EMG: the AASM staging montage) that is missing, flat,
-  all-NaN or in unknown units fails the night. Any other slot with such a problem is stored as
-  zeros, marked absent in attrs['present'], and the reason is kept in attrs['warnings'].
+  all- or mostly NaN (more than signals.MAX_NAN_SHARE) or in unknown units fails the night. Any
+  other slot with such a problem is stored as zeros, marked absent in attrs['present'], and the
+  reason is kept in attrs['warnings'].
+- An EEG, EOG or EMG that is mains hum only (signals.mains_hum) is kept, with a warning.
 - Stages come from the first annotation candidate that exists (NSRR XML before Profusion XML);
   none existing fails the night unless the dataset allows unlabelled nights (`edf`).
-- Partial NaNs are interpolated and counted; values beyond float16's range are clipped and counted.
+- NaNs up to that share are interpolated and counted; values beyond float16's range are clipped and counted.
 """
 from __future__ import annotations
 
 import datetime as dt
+import math
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +29,7 @@ from .signals import FS, EPOCH_SAMPLES, SLOTS, SlotError, SlotSignal
 
 SCHEMA = "pftsleep-night/1"
 DEFAULT_REQUIRED = ("EEG", "EOG", "EMG")
+SLOT_THREADS = 2                       # slots read and filtered at once (condition_slots)
 FLOAT16_MAX = 65000.0
 
 
@@ -186,26 +192,23 @@ def prepare_night(night: Night, table: dict, opts: Options,
 def condition_slots(read, n_samples: int, opts: Options, warnings: list[str]) -> tuple[np.ndarray, list[bool], dict]:
     """The 7 slots, each from read(slot) -> SlotSignal (SlotError: unusable), filtered and resampled as the paper
     does into ([7, n_samples] float16 at 125 Hz, present flags, per-slot meta). An unusable required slot fails the
-    night; any other is zeros, marked absent, its reason appended to `warnings`. EDFs and arrays share this."""
+    night; any other is zeros, marked absent, its reason appended to `warnings`. EDFs and arrays share this. Slots
+    are read and filtered SLOT_THREADS at a time (numpy's and scipy's loops release the GIL), then taken in order."""
     night_signals = np.zeros((len(SLOTS), n_samples), np.float16)   # [7, T]
     meta = {key: {} for key in ("source_labels", "source_fs", "source_units", "declared_units", "nan_samples",
                                 "clipped_samples")}
     present = []
-    for i, slot in enumerate(SLOTS):
-        try:
-            slot_signal = read(slot)
-        except SlotError as err:
+    with ThreadPoolExecutor(SLOT_THREADS) as pool:
+        conditioned = list(pool.map(lambda slot: condition_slot(read, slot, opts), SLOTS))
+    for i, (slot, result) in enumerate(zip(SLOTS, conditioned)):
+        if isinstance(result, SlotError):
             if slot in opts.required:
-                raise PrepareError(f"required {err}") from None
-            warnings.append(str(err))
+                raise PrepareError(f"required {result}") from None
+            warnings.append(str(result))
             present.append(False)
             continue
-        values = slot_signal.values
-        if slot == "SPO2" and opts.clean_spo2:
-            values, n_cleaned = signals.clean_spo2(values)
-            if n_cleaned:
-                warnings.append(f"slot SPO2: {n_cleaned} samples outside 50-100 % interpolated")
-        values = signals.condition(values, slot_signal.fs, slot, opts.zero_phase)
+        slot_signal, values, notes = result
+        warnings.extend(notes)
         values = _fit_length(values, n_samples)
         clipped = int(np.count_nonzero(np.abs(values) > FLOAT16_MAX))
         night_signals[i] = np.clip(values, -FLOAT16_MAX, FLOAT16_MAX)
@@ -219,27 +222,45 @@ def condition_slots(read, n_samples: int, opts: Options, warnings: list[str]) ->
     return night_signals, present, meta
 
 
+def condition_slot(read, slot: str, opts: Options) -> tuple[SlotSignal, np.ndarray, list[str]] | SlotError:
+    """One slot for condition_slots: (its SlotSignal, its samples filtered at 125 Hz, warnings), or its SlotError."""
+    try:
+        slot_signal = read(slot)
+    except SlotError as err:
+        return err
+    values, notes = slot_signal.values, []
+    if slot in signals.MAINS_SLOTS and (hum := signals.mains_hum(values, slot_signal.fs)):  # raw: before filters
+        notes.append(f"slot {slot}: signal {slot_signal.label!r} is mains hum only ({hum[0]:g} Hz and its "
+                     f"harmonics carry {hum[1]:.0%} of the power above 0.3 Hz): electrode off?")
+    if slot == "SPO2" and opts.clean_spo2:
+        values, n_cleaned = signals.clean_spo2(values)
+        if n_cleaned:
+            notes.append(f"slot SPO2: {n_cleaned} samples outside 50-100 % interpolated")
+    return slot_signal, signals.condition(values, slot_signal.fs, slot, opts.zero_phase), notes
+
+
 def prepare_arrays(arrays: dict, opts: Options, start_time=None) -> tuple[np.ndarray, dict]:
     """In-memory signals → what prepare_night makes of an EDF, unlabelled: ([7, T] float16 at 125 Hz, attrs).
     `arrays` maps slots to (samples, fs in Hz, unit); a slot left out or None is absent. Units are EDF physical
-    dimensions: V, mV or uV for the voltage slots (converted to µV), % for SPO2. The same checks, filters and
-    resampling as an EDF's signals (checked_slot, condition_slots); T is the longest signal's duration × 125."""
+    dimensions: nV, uV, mV or V for the voltage slots (converted to µV), % for SPO2. The same checks, filters and
+    resampling as an EDF's signals (check_rate, checked_slot, condition_slots). Every slot must cover the same night:
+    durations (samples / fs) that differ by more than MAX_DURATION_SPREAD_S fail (a wrong fs is the usual cause);
+    within it T is the shortest duration × 125 (a warning above 1 s). start_time: parse_start_time."""
+    if not isinstance(arrays, Mapping):
+        raise PrepareError(f"signals: expected a dict of slot -> (samples, fs, unit), got {type(arrays).__name__}")
     if unknown := set(arrays) - set(SLOTS):
         raise PrepareError(f"signals: unknown slots {sorted(unknown)}; slots are {', '.join(SLOTS)}")
-    given = {}
-    for slot, spec in arrays.items():
-        if spec is None:
-            continue
-        if not (isinstance(spec, (tuple, list)) and len(spec) == 3):
-            raise PrepareError(f"signals[{slot!r}]: expected (samples, fs, unit), got {type(spec).__name__}")
-        values, fs, unit = np.asarray(spec[0], dtype=np.float64), float(spec[1]), str(spec[2])
-        if values.ndim != 1 or len(values) == 0 or not fs > 0:
-            raise PrepareError(f"signals[{slot!r}]: expected a non-empty 1-d array and fs > 0, got shape "
-                               f"{values.shape} at {fs:g} Hz")
-        given[slot] = (values, fs, unit)
+    start_time = parse_start_time(start_time)
+    given = {slot: array_spec(slot, spec) for slot, spec in arrays.items() if spec is not None}
     if not given:
         raise PrepareError("signals: no slot given")
-    duration_s = max(len(values) / fs for values, fs, _ in given.values())
+    durations = {slot: len(values) / fs for slot, (values, fs, _) in given.items()}
+    duration_s, spread = min(durations.values()), max(durations.values()) - min(durations.values())
+    shown = ", ".join(f"{slot} {durations[slot]:.1f} s ({len(values)} samples at fs {fs:g} Hz)"
+                      for slot, (values, fs, _) in given.items())
+    if spread > MAX_DURATION_SPREAD_S:
+        raise PrepareError(f"signals: slots differ in duration (samples / fs): {shown}: every slot must cover the "
+                           f"same night, to within one {MAX_DURATION_SPREAD_S:g}-s epoch; is a slot's fs wrong?")
     n_samples = int(round(duration_s * FS))
     if n_samples // EPOCH_SAMPLES == 0:
         raise PrepareError(f"signals are {duration_s:g} s long, shorter than one 30-s epoch")
@@ -248,18 +269,76 @@ def prepare_arrays(arrays: dict, opts: Options, start_time=None) -> tuple[np.nda
         if slot not in given:
             raise SlotError(f"slot {slot}: not given")
         values, fs, unit = given[slot]
+        signals.check_rate(fs, slot, slot)
         if slot in signals.VOLTAGE_SLOTS:
             values = values * signals.microvolt_factor(unit, slot, slot)
         return checked_slot(values, fs, slot, slot, unit)
     warnings = []
+    if spread > 1.0:
+        warnings.append(f"signals: slots differ in duration by {spread:.1f} s ({shown}): staged over the shortest, "
+                        f"{duration_s:.1f} s")
     night_signals, present, meta = condition_slots(read, n_samples, opts, warnings)
-    if isinstance(start_time, dt.datetime):
-        start_time = start_time.replace(tzinfo=None).isoformat()
+    for slot, n_nan in meta["nan_samples"].items():              # an EDF's NaNs are its EDF+D gaps, reported as such
+        if n_nan:
+            warnings.append(f"slot {slot}: {n_nan} NaN samples ({n_nan / len(given[slot][0]):.1%}) interpolated")
     attrs = {"fs": FS, "epoch_s": signals.EPOCH_S, "channels": list(SLOTS), "present": present, **meta,
-             "filters": signals.filters_description(opts.zero_phase), "edf": None,
-             "start_time": dt.datetime.fromisoformat(start_time).isoformat() if start_time else None,
+             "filters": signals.filters_description(opts.zero_phase), "edf": None, "start_time": start_time,
              "duration_s": duration_s, "warnings": warnings}
     return night_signals, attrs
+
+
+# in-memory slots (prepare_arrays) may differ in duration by up to one epoch (an EDF's last record, rounding);
+# beyond that a slot does not cover the night the others do, or its fs is wrong
+MAX_DURATION_SPREAD_S = float(signals.EPOCH_S)
+START_TIME_FORMS = "a datetime or ISO date-time text such as '2001-02-03T23:59:45' (or None: no clock times)"
+
+
+def array_spec(slot: str, spec) -> tuple[np.ndarray, float, str]:
+    """One in-memory slot (samples, fs in Hz, unit) checked: (float64 samples, fs, unit); PrepareError naming the
+    slot and the field otherwise."""
+    if not (isinstance(spec, (tuple, list)) and len(spec) == 3):
+        raise PrepareError(f"signals[{slot!r}]: expected (samples, fs, unit), got {type(spec).__name__}")
+    samples, fs, unit = spec
+    try:
+        rate = math.nan if isinstance(fs, (str, bytes, bool)) or np.ndim(fs) != 0 else float(fs)
+    except (TypeError, ValueError):
+        rate = math.nan
+    if not (math.isfinite(rate) and rate > 0):
+        raise PrepareError(f"signals[{slot!r}]: fs must be the sampling rate in Hz, a finite number above 0, got "
+                           f"{fs!r}")
+    try:
+        values = np.asarray(samples, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise PrepareError(f"signals[{slot!r}]: samples must be numbers, got {type(samples).__name__}") from None
+    if values.ndim != 1 or len(values) == 0:
+        raise PrepareError(f"signals[{slot!r}]: expected a non-empty 1-d array of samples, got shape {values.shape}")
+    return values, rate, str(unit)
+
+
+def parse_start_time(start_time) -> str | None:
+    """A recording's start for clock times -> ISO text (naive), or None: a datetime (its wall clock; a time zone is
+    dropped, as an EDF's start has none) or ISO date-time text. A date without a time of day (date, '2001-02-03')
+    is refused: it would start the night at midnight. PrepareError naming start_time otherwise."""
+    if start_time is None:
+        return None
+    if isinstance(start_time, dt.datetime):
+        return start_time.replace(tzinfo=None).isoformat()
+    text = start_time.strip() if isinstance(start_time, str) else None
+    if isinstance(start_time, dt.date) or text is not None and _is_iso_date(text):
+        raise PrepareError(f"start_time: {start_time!s} is a date without a time of day: give {START_TIME_FORMS}")
+    try:
+        return dt.datetime.fromisoformat(text).replace(tzinfo=None).isoformat()
+    except (TypeError, ValueError):
+        raise PrepareError(f"start_time: expected {START_TIME_FORMS}, got {start_time!r} "
+                           f"({type(start_time).__name__})") from None
+
+
+def _is_iso_date(text: str) -> bool:
+    try:
+        dt.date.fromisoformat(text)
+    except ValueError:
+        return False
+    return True
 
 
 def unknown_label_report(out: Path, nights: list[Night]) -> list[str]:

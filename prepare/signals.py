@@ -34,10 +34,12 @@ BAND = {  # (btype, cut-off Hz); docs/formats.md §5 table 'cut-offs'
     "ABDO": ("lowpass", 0.5),
 }
 # Physical dimension → factor to µV. Anything else on a voltage slot is an error, not a guess.
-MICROVOLTS_PER = {"uv": 1.0, "µv": 1.0, "μv": 1.0, "microv": 1.0, "mv": 1e3, "millivolt": 1e3, "v": 1e6, "volt": 1e6}
+MICROVOLTS_PER = {"nv": 1e-3, "nanovolt": 1e-3, "uv": 1.0, "µv": 1.0, "μv": 1.0, "microv": 1.0, "mv": 1e3,
+                  "millivolt": 1e3, "v": 1e6, "volt": 1e6}
 # A voltage slot whose robust amplitude (99th percentile of |x - median|, in µV) lies outside this
 # range is mislabelled (e.g. an EEG in V written as 'uV', or an ECG in mV written as 'uV').
 PLAUSIBLE_UV = (2.0, 1e5)
+PLAUSIBLE_RUNS = 64                     # check_plausible's contiguous runs over a long signal
 SPO2_RANGE = (50.0, 100.0)    # clean-up: values outside are sensor drop-outs (optional, off in the paper)
 # Lowest rate (Hz) at which an electrode slot still carries what staging reads; below it the channel is not present.
 # Not 2 × 30 Hz (the band-pass's top): SHHS-1 records EOG at 50 Hz and the published model was trained on it
@@ -45,6 +47,18 @@ SPO2_RANGE = (50.0, 100.0)    # clean-up: values outside are sensor drop-outs (o
 # EEG's staging content (alpha, spindles, K-complexes, delta); below it, e.g. Sleep-EDF's 1-Hz chin-EMG
 # envelope, the channel is a different quantity under the same name.
 MIN_FS = {"EOG": 50.0, "EMG": 50.0, "EEG": 50.0}
+# A signal with more NaN (non-finite) samples than this share is unusable, like an all-NaN one: EDF+D gaps and an
+# array's NaNs up to it are interpolated (and counted), beyond it most of the slot would be straight lines.
+MAX_NAN_SHARE = 0.5
+# An electrode slot (MAINS_SLOTS) whose raw power above 0.3 Hz lies for more than MAINS_SHARE within ±MAINS_HALF_WIDTH_HZ
+# of 50 or 60 Hz and their harmonics carries mains hum only (an electrode off or unplugged): a warning, computed on
+# MAINS_SEGMENTS segments of MAINS_SEGMENT_S spread over the night (cheap on an 8-h night at 512 Hz).
+MAINS_SLOTS = ("EOG", "EMG", "EEG")
+MAINS_HZ = (50.0, 60.0)
+MAINS_SHARE = 0.9
+MAINS_HALF_WIDTH_HZ = 1.0
+MAINS_SEGMENTS = 16
+MAINS_SEGMENT_S = 4.0
 
 
 class SlotError(ValueError):
@@ -139,9 +153,7 @@ def describe(source: tuple[str, str | None] | None) -> str | None:
 def check_source(sig, slot: str) -> None:
     """A signal (prepare.edf.EdfSignalHeader) that cannot carry `slot`: too slow for its band, or an empty or
     inverted digital range / empty physical range (the gain would be infinite or a guess)."""
-    if sig.fs < MIN_FS.get(slot, 0.0):
-        raise SlotError(f"slot {slot}: signal {sig.label!r} is sampled at {sig.fs:g} Hz, below the "
-                        f"{MIN_FS[slot]:g} Hz its {BAND[slot][1][0]:g}-{BAND[slot][1][1]:g} Hz band needs")
+    check_rate(sig.fs, slot, sig.label)
     if sig.dig_min >= sig.dig_max:
         raise SlotError(f"slot {slot}: signal {sig.label!r} has digital minimum {sig.dig_min} >= digital maximum "
                         f"{sig.dig_max}")
@@ -149,17 +161,56 @@ def check_source(sig, slot: str) -> None:
         raise SlotError(f"slot {slot}: signal {sig.label!r} has physical minimum = physical maximum ({sig.phys_min:g})")
 
 
+def check_rate(fs: float, slot: str, label: str) -> None:
+    """An electrode slot sampled too slowly for its band (MIN_FS) cannot carry it: an EDF's signal or an array."""
+    if fs < MIN_FS.get(slot, 0.0):
+        raise SlotError(f"slot {slot}: signal {label!r} is sampled at {fs:g} Hz, below the "
+                        f"{MIN_FS[slot]:g} Hz its {BAND[slot][1][0]:g}-{BAND[slot][1][1]:g} Hz band needs")
+
+
+def mains_hum(signal: np.ndarray, fs: float) -> tuple[float, float] | None:
+    """(mains frequency, its share of the power above 0.3 Hz) when a raw signal is mains hum only: more than
+    MAINS_SHARE of that power within ±MAINS_HALF_WIDTH_HZ of 50 or 60 Hz and their harmonics up to Nyquist; else
+    None. Periodograms (Hann) of MAINS_SEGMENTS segments of MAINS_SEGMENT_S spread evenly over the night, averaged:
+    a few thousand samples whatever the night's length. A rate that cannot show 50 Hz, or a night shorter than one
+    segment, is not judged."""
+    n = int(fs * MAINS_SEGMENT_S)
+    if len(signal) < n or fs / 2 < MAINS_HZ[0] - MAINS_HALF_WIDTH_HZ:
+        return None
+    starts = np.linspace(0, len(signal) - n, min(MAINS_SEGMENTS, len(signal) // n)).astype(int)
+    freqs, power = scipy.signal.periodogram(np.stack([signal[s:s + n] for s in starts]), fs, window="hann",
+                                            detrend="linear", axis=-1)
+    power = power.mean(axis=0)
+    band = freqs >= 0.3
+    total = power[band].sum()
+    if not total > 0:
+        return None
+    shares = {}
+    for mains in MAINS_HZ:
+        harmonics = np.arange(mains, fs / 2 + MAINS_HALF_WIDTH_HZ, mains)
+        near = band & (np.abs(freqs[:, None] - harmonics[None, :]) <= MAINS_HALF_WIDTH_HZ).any(axis=1)
+        shares[mains] = float(power[near].sum() / total) if len(harmonics) else 0.0
+    mains = max(shares, key=shares.get)
+    return (mains, shares[mains]) if shares[mains] > MAINS_SHARE else None
+
+
 def microvolt_factor(dimension: str, slot: str, label: str) -> float:
     key = dimension.strip().lower().replace(" ", "")
     if key not in MICROVOLTS_PER:
-        raise SlotError(f"slot {slot}: signal {label!r} has physical dimension {dimension!r}, not a voltage (uV, mV, V)")
+        raise SlotError(f"slot {slot}: signal {label!r} has physical dimension {dimension!r}, not a voltage "
+                        f"(nV, uV, mV, V)")
     return MICROVOLTS_PER[key]
 
 
 def check_plausible(signal: np.ndarray, slot: str, label: str) -> None:
-    """Catch wrong units that the header does not admit to (V written as 'uV' and the like)."""
+    """Catch wrong units that the header does not admit to (V written as 'uV' and the like). On a long signal the
+    amplitude is taken over PLAUSIBLE_RUNS contiguous runs spread over it, 1/16 of its samples (a night's 99th
+    percentile moves far less than the unit factors this tells apart, 1000; contiguous, as a stride could alias)."""
     if slot in VOLTAGE_SLOTS:
-        amplitude = np.percentile(np.abs(signal - np.median(signal)), 99)
+        run = len(signal) // (16 * PLAUSIBLE_RUNS)
+        sample = signal if run < 125 else np.concatenate(
+            [signal[first:first + run] for first in np.linspace(0, len(signal) - run, PLAUSIBLE_RUNS).astype(int)])
+        amplitude = np.percentile(np.abs(sample - np.median(sample)), 99)
         low, high = PLAUSIBLE_UV
         if not low <= amplitude <= high:
             raise SlotError(f"slot {slot}: signal {label!r} has amplitude {amplitude:.3g} uV after unit conversion, "
@@ -171,11 +222,15 @@ def check_plausible(signal: np.ndarray, slot: str, label: str) -> None:
 
 
 def fill_nans(signal: np.ndarray, slot: str, label: str) -> tuple[np.ndarray, int]:
-    """Linear interpolation over NaNs (edges held); an all-NaN or flat signal is unusable."""
+    """Linear interpolation over NaNs (edges held); an all-NaN, mostly-NaN (more than MAX_NAN_SHARE) or flat
+    signal is unusable: interpolating most of a night would stage straight lines."""
     bad = ~np.isfinite(signal)
     n_bad = int(bad.sum())
     if n_bad == len(signal):
         raise SlotError(f"slot {slot}: signal {label!r} is all NaN")
+    if n_bad > MAX_NAN_SHARE * len(signal):
+        raise SlotError(f"slot {slot}: signal {label!r} is {n_bad / len(signal):.0%} NaN ({n_bad} of {len(signal)} "
+                        f"samples), more than the {MAX_NAN_SHARE:.0%} that is interpolated")
     if n_bad:
         index = np.arange(len(signal))
         signal = signal.copy()

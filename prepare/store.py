@@ -26,7 +26,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import zarr
 
 from durable import write_atomic
 from .signals import SLOTS
@@ -78,6 +77,7 @@ def write_night(final: Path, signals: np.ndarray, stages: np.ndarray, attrs: dic
     clear_temporaries(final)
 
     def write(temp: Path) -> None:
+        import zarr                                  # here: staging and loading read raw chunks without it (0.1 s)
         group = zarr.open_group(temp, mode="w", zarr_format=3)
         group.create_array("signals", shape=signals.shape, chunks=(1, signals.shape[1]), dtype="float16",
                            compressors=None, fill_value=0.0)
@@ -160,6 +160,7 @@ def _read_night(store: Path) -> tuple[list, np.ndarray, dict]:
     attrs = read_attrs(store)
     chunks, n_samples = _signal_chunks(store)
     if chunks is None:
+        import zarr
         channels = list(zarr.open_array(store / "signals", mode="r")[:])
     else:
         channels = [np.memmap(chunk, dtype="<f2", mode="r", shape=(n_samples,)) if chunk.exists()
@@ -192,6 +193,7 @@ def _stages(store: Path) -> np.ndarray:
         _check_size(store, stages_chunk, n_epochs)
         stages = np.fromfile(stages_chunk, dtype=np.int8)
     else:
+        import zarr
         stages = zarr.open_array(store / "stages", mode="r")[:]
     return stages
 
@@ -291,7 +293,8 @@ def write_manifest(out: Path, damaged: list | None = None) -> list[dict]:
 
 
 def read_manifest(root: str | Path, split: str | None = None, datasets=None, split_fractions=None, *,
-                  mesa_holdout: int | None = None, resplit_seed: int | None = None) -> pd.DataFrame:
+                  mesa_holdout: int | None = None, resplit_seed: int | None = None,
+                  field: str = "data.datasets") -> pd.DataFrame:
     """Rows of `<root>/manifest.csv`, optionally one split and a selection of datasets ('shhs') or dataset visits
     ('mros:1'), so that the paper's cohorts (train on SHHS, WSC, MrOS visit 1; test on MESA, APPLES, MrOS visit 2)
     are configs, not code. The split column, in this order (each reader of a selection passes the run's data.*):
@@ -304,11 +307,14 @@ def read_manifest(root: str | Path, split: str | None = None, datasets=None, spl
       dataset's sorted unique subjects (the upstream probe's own split, train_classifier.py:102); test is unchanged.
       One dataset at a time, so a dataset's partition does not depend on what else is selected (evaluate.py's
       selection, the probe's "+ mesa" variant). MESA is left to mesa_holdout's rule when that is set (upstream's probe
-      repeats pretraining's MESA split, train_classifier.py:108-118)."""
+      repeats pretraining's MESA split, train_classifier.py:108-118).
+    A selector naming a dataset or visit the manifest does not hold is one line naming `field` (the option that gave
+    `datasets`) and what the manifest holds."""
     path = Path(root) / "manifest.csv"
     if not path.exists():
         raise SystemExit(f"{root}: no manifest.csv: data.root must be a `python -m prepare` output folder")
     manifest = pd.read_csv(path, dtype={"subject": str, "visit": str, "night_id": str})
+    check_selection(manifest, datasets or [], path, field)
     if split_fractions:
         fractions = tuple(zip(("train", "val", "test"), split_fractions))
         manifest["split"] = [split_of(d, s, fractions) for d, s in zip(manifest["dataset"], manifest["subject"])]
@@ -331,6 +337,20 @@ def read_manifest(root: str | Path, split: str | None = None, datasets=None, spl
             keep |= (manifest["dataset"] == name) & ((manifest["visit"] == visit) if visit else True)
         manifest = manifest[keep]
     return manifest.reset_index(drop=True)
+
+
+def check_selection(manifest: pd.DataFrame, datasets, path: Path, field: str) -> None:
+    """One line for a selector ('name' or 'name:visit') that no night of the manifest matches: a mistyped name would
+    select nothing, and the run stop later on too few windows for its batch."""
+    present = sorted(set(manifest["dataset"].dropna().astype(str)))
+    for selector in datasets:
+        name, _, visit = str(selector).partition(":")
+        if name not in present:
+            raise SystemExit(f"{field}: no dataset {name!r} in {path} (its datasets: {', '.join(present) or 'none'})")
+        visits = sorted(set(manifest.loc[manifest["dataset"] == name, "visit"].dropna().astype(str)))
+        if visit and visit not in visits:
+            raise SystemExit(f"{field}: {selector!r}: {name} has no visit {visit!r} in {path} "
+                             f"(its visits: {', '.join(visits) or 'none'})")
 
 
 def update_failed(out: Path, attempted: list[tuple[str, str]], failures: list[dict]) -> list[dict]:

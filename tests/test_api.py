@@ -86,6 +86,119 @@ def test_stage_signals_refuses_bad_input_in_one_line(tiny_probe_run, psg_writer,
     assert staged.absent == ["EEG"] and "EEG 0.30 (0.53)" in staged.warnings[-1]
 
 
+def one_line(call) -> str:
+    """The StagingError's message of call(); it must be one line."""
+    with pytest.raises(stage.StagingError) as failed:
+        call()
+    assert "\n" not in str(failed.value)
+    return str(failed.value)
+
+
+def test_stage_signals_refuses_slots_of_different_durations(tiny_probe_run, psg_writer, tmp_path):
+    arrays = edf_arrays(psg_writer(tmp_path / "night.edf", SECONDS))
+    eeg, fs, unit = arrays["EEG"]
+    # a 100-Hz EEG passed as 50 Hz: 727 s of samples read as 1454 s, where the other slots say 727 s
+    message = one_line(lambda: stage.stage_signals({**arrays, "EEG": (eeg, 50, unit)}, tiny_probe_run))
+    assert message.startswith("signals: slots differ in duration (samples / fs): ECG 727.0 s (72700 samples at fs "
+                              "100 Hz), EOG 727.0 s (72700 samples at fs 100 Hz), ")
+    assert "EEG 1454.0 s (72700 samples at fs 50 Hz)" in message and "SPO2 727.0 s (727 samples at fs 1 Hz)" in message
+    assert message.endswith(": every slot must cover the same night, to within one 30-s epoch; is a slot's fs wrong?")
+    # a slot 31 s short is refused; 10 s short (within one epoch) stages over the shortest, with a warning
+    with pytest.raises(stage.StagingError, match=r"EOG 696\.0 s \(69600 samples at fs 100 Hz\)"):
+        stage.stage_signals({**arrays, "EOG": (arrays["EOG"][0][:-3100], 100, "uV")}, tiny_probe_run)
+    short = stage.stage_signals({**arrays, "EOG": (arrays["EOG"][0][:-1000], 100, "uV")}, tiny_probe_run)
+    assert len(short.probs) == (SECONDS - 10) // 30 == 23
+    assert short.warnings == ["signals: slots differ in duration by 10.0 s (ECG 727.0 s (72700 samples at fs 100 Hz), "
+                              "EOG 717.0 s (71700 samples at fs 100 Hz), EMG 727.0 s (72700 samples at fs 100 Hz), "
+                              "EEG 727.0 s (72700 samples at fs 100 Hz), SPO2 727.0 s (727 samples at fs 1 Hz), "
+                              "THOR 727.0 s (7270 samples at fs 10 Hz), ABDO 727.0 s (7270 samples at fs 10 Hz)): "
+                              "staged over the shortest, 717.0 s"]
+    # half a second short (a record's rounding): no warning, the night as it is
+    whole = stage.stage_signals(arrays, tiny_probe_run)
+    rounded = stage.stage_signals({**arrays, "EOG": (arrays["EOG"][0][:-50], 100, "uV")}, tiny_probe_run)
+    assert rounded.warnings == [] and rounded.probs.shape == whole.probs.shape
+
+
+def test_stage_signals_refuses_a_mostly_nan_slot(tiny_probe_run, psg_writer, tmp_path):
+    arrays = edf_arrays(psg_writer(tmp_path / "night.edf", SECONDS))
+    eeg, thor = arrays["EEG"][0].copy(), arrays["THOR"][0].copy()
+    eeg[: int(0.8 * len(eeg))] = np.nan
+    thor[: int(0.8 * len(thor))] = np.nan
+    assert one_line(lambda: stage.stage_signals({**arrays, "EEG": (eeg, 100, "uV")}, tiny_probe_run)) == (
+        "required slot EEG: signal 'EEG' is 80% NaN (58160 of 72700 samples), more than the 50% that is interpolated")
+    # an optional slot is fed as zeros, with the same reason in the absent-slot warning
+    staged = stage.stage_signals({**arrays, "THOR": (thor, 10, "uV")}, tiny_probe_run)
+    assert staged.absent == ["THOR"] and "slot THOR: signal 'THOR' is 80% NaN (5816 of 7270 samples)" in staged.warnings[-1]
+    # a few NaNs are interpolated, and said
+    eeg = arrays["EEG"][0].copy()
+    eeg[1000:8270] = np.nan
+    staged = stage.stage_signals({**arrays, "EEG": (eeg, 100, "uV")}, tiny_probe_run)
+    assert staged.absent == [] and staged.warnings == ["slot EEG: 7270 NaN samples (10.0%) interpolated"]
+
+
+@pytest.mark.parametrize("fs", [float("inf"), float("nan"), 0, -100.0, "100", None, True, [100]])
+def test_stage_signals_refuses_a_bad_rate(tiny_probe_run, psg_writer, tmp_path, fs):
+    arrays = edf_arrays(psg_writer(tmp_path / "night.edf", 60))
+    message = one_line(lambda: stage.stage_signals({**arrays, "EEG": (arrays["EEG"][0], fs, "uV")}, tiny_probe_run))
+    assert message == f"signals['EEG']: fs must be the sampling rate in Hz, a finite number above 0, got {fs!r}"
+
+
+def test_stage_signals_start_time(tiny_probe_run, psg_writer, tmp_path):
+    import datetime as dt
+    arrays = edf_arrays(psg_writer(tmp_path / "night.edf", 60))
+    forms = "a datetime or ISO date-time text such as '2001-02-03T23:59:45' (or None: no clock times)"
+    for bad, shown in ((1234, "1234 (int)"), ("tonight", "'tonight' (str)"), ("23:59:45", "'23:59:45' (str)"),
+                       ("", "'' (str)"), (np.datetime64("2001-02-03T23:59:45"),
+                                          f"{np.datetime64('2001-02-03T23:59:45')!r} (datetime64)")):
+        assert one_line(lambda: stage.stage_signals(arrays, tiny_probe_run, start_time=bad)) == (
+            f"start_time: expected {forms}, got {shown}")
+    for date in (dt.date(2001, 2, 3), "2001-02-03", "20010203"):           # midnight would be a silently wrong clock
+        assert one_line(lambda: stage.stage_signals(arrays, tiny_probe_run, start_time=date)) == (
+            f"start_time: {date} is a date without a time of day: give {forms}")
+    by_datetime = stage.stage_signals(arrays, tiny_probe_run, start_time=dt.datetime(2001, 2, 3, 23, 59, 45))
+    assert by_datetime.table["clock_time"].tolist() == ["23:59:45", "00:00:15"]
+    for text in ("2001-02-03T23:59:45", "2001-02-03 23:59:45", "2001-02-03T23:59:45+01:00"):   # wall clock: zone dropped
+        staged = stage.stage_signals(arrays, tiny_probe_run, start_time=text)
+        assert staged.start_time == "2001-02-03T23:59:45" and staged.table.equals(by_datetime.table)
+
+
+def test_stage_signals_none_slots_are_not_given(tiny_probe_run, psg_writer, tmp_path):
+    arrays = edf_arrays(psg_writer(tmp_path / "night.edf", 60))
+    assert one_line(lambda: stage.stage_signals(dict.fromkeys(arrays), tiny_probe_run)) == (
+        "signals: no EEG, EOG, EMG (given: nothing); stage without them with allow_missing=True")
+    assert one_line(lambda: stage.stage_signals({**arrays, "EOG": None, "EMG": None}, tiny_probe_run)) == (
+        "signals: no EOG, EMG (given: ECG, EEG, SPO2, THOR, ABDO); stage without them with allow_missing=True")
+    assert one_line(lambda: stage.stage_signals([arrays["EEG"]], tiny_probe_run)) == (
+        "signals: expected a dict of slot -> (samples, fs, unit), got list")
+
+
+def test_nanovolts_stage_like_microvolts(tiny_probe_run, psg_writer, tmp_path):
+    arrays = edf_arrays(psg_writer(tmp_path / "night.edf", SECONDS))
+    in_nv = {slot: (values * 1e3, fs, "nV") if slot in ("EOG", "EMG", "EEG") else (values, fs, unit)
+             for slot, (values, fs, unit) in arrays.items()}                    # the µV slots, in nV
+    staged = stage.stage_signals(in_nv, tiny_probe_run)
+    assert staged.source_units == {**staged.source_units, "EOG": "nV", "EMG": "nV", "EEG": "nV", "ECG": "mV"}
+    assert staged.absent == [] and staged.warnings == []
+    assert np.allclose(staged.probs, stage.stage_signals(arrays, tiny_probe_run).probs, atol=1e-5)
+    from prepare.night import prepare_arrays
+    assert np.array_equal(prepare_arrays(in_nv, Options())[0], prepare_arrays(arrays, Options())[0])
+
+
+def test_a_pretraining_run_is_refused_in_one_line(tmp_path, psg_writer):
+    import dataclasses
+    from model import ModelConfig, Pretrainer
+    model_cfg = ModelConfig(d_model=16, n_layers=1, n_heads=2, d_ff=32, max_patches=50)
+    run = runs.write_run(tmp_path / "pretrain", {"model": dataclasses.asdict(model_cfg), "pretrain": {},
+                                                 "data": {"window_s": 300.0}, "train": {}},
+                         Pretrainer(model_cfg).state_dict())
+    edf = psg_writer(tmp_path / "night.edf", 60)
+    expected = (f"{run} is a pretraining run (an encoder, no probe: section in its config.yaml): staging and embed_edf "
+                f"need a probe run, e.g. one trained on it with train_probe.py --encoder {run}")
+    assert one_line(lambda: stage.embed_edf(edf, run)) == expected
+    assert one_line(lambda: stage.embed_edf(edf, runs.read_run(run))) == expected
+    assert one_line(lambda: stage.stage_signals(edf_arrays(edf), run)) == expected
+
+
 def test_embed_edf_is_the_mean_of_each_epochs_patches(tmp_path, tiny_probe_run, psg_writer):
     edf = psg_writer(tmp_path / "night.edf", 5 * 60)                          # exactly one window: no averaging
     embedded = stage.embed_edf(edf, tiny_probe_run)

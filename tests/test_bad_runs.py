@@ -237,3 +237,63 @@ def test_killing_prepare_leaves_no_worker_behind(tmp_path):
     while processes_with(marker) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert processes_with(marker) == []
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# run folders that are not this version's: their own cause in one line, never "not a probe run"
+
+
+@pytest.mark.parametrize("text, expected", [
+    (b"model: [16\n", "config.yaml: not YAML at line 2, column 1 (expected ',' or ']', but got '<stream end>')"),
+    (b"model:\n\t- 16\n", "config.yaml: not YAML at line 2, column 1 (found character '\\t' that cannot start any "
+                          "token)"),
+    (b"model: caf\xe9\n", "config.yaml: not YAML (not UTF-8 text: byte 0xe9 at offset 10)"),
+    (b"just words\n", "config.yaml: not a config (a YAML mapping of sections: model:, probe:, data:, \u2026)"),
+    (b"model: {d_model: 16}\ndata: [1]\n", "config.yaml: section data: must be a mapping of fields, got [1]"),
+])
+def test_a_config_that_is_not_yaml_is_one_line_naming_the_file(tiny_probe_run, tmp_path, text, expected,
+                                                              one_line_exit):
+    import predict
+    run = tmp_path / "run"
+    shutil.copytree(tiny_probe_run, run)
+    (run / runs.CONFIG).write_bytes(text)
+    out = tmp_path / "out"
+    message = one_line_exit(lambda: predict.main([str(tmp_path / "n.edf"), "--run", str(run), "--out", str(out)]))
+    assert message == f"predict.py: {run / expected}" and "not a probe run" not in message
+    message = one_line_exit(lambda: evaluate.main(["--run", str(run), "--out", str(tmp_path / "eval")]))
+    assert message == f"evaluate.py: {run / expected}"
+    assert not (tmp_path / "eval").exists() and not (out / "summary.csv").exists()
+
+
+def test_a_run_written_by_a_newer_version_says_so(tiny_probe_run, tmp_path, one_line_exit):
+    """No version number is recorded in a run folder: sections, fields or weights this version does not know are how
+    a newer version's run shows, and a version key if a newer version writes one."""
+    import predict
+    import yaml
+    run = tmp_path / "run"
+    shutil.copytree(tiny_probe_run, run)
+    config = yaml.safe_load((run / runs.CONFIG).read_text())
+
+    def staged() -> str:
+        return one_line_exit(lambda: predict.main([str(tmp_path / "n.edf"), "--run", str(run), "--out",
+                                                   str(tmp_path / "out")]))
+    (run / runs.CONFIG).write_text(yaml.safe_dump({**config, "model": {**config["model"], "rope": True},
+                                                   "calibration": {"temperature": 1.2}}))
+    assert staged() == (f"predict.py: {run / runs.CONFIG} has fields this version does not know: calibration, "
+                        f"model.rope: written by a newer version of pftsleep? Read it with that version")
+    (run / runs.CONFIG).write_text(yaml.safe_dump({**config, "format_version": 2}))
+    assert staged() == (f"predict.py: {run / runs.CONFIG} has fields this version does not know: format_version (it "
+                        f"says format_version 2; this version writes none): written by a newer version of pftsleep? "
+                        f"Read it with that version")
+    (run / runs.CONFIG).write_text(yaml.safe_dump({**config, "data": {"window_s": "eight hours"}}))
+    assert staged() == f"predict.py: {run / runs.CONFIG}: data.window_s must be float, got 'eight hours'"
+    (run / runs.CONFIG).write_text(yaml.safe_dump(config))
+    checkpoint = runs.load_checkpoint(run / runs.FINAL, "cpu")
+    runs.save_checkpoint(run / runs.FINAL, {**checkpoint, "model": {**checkpoint["model"],
+                                                                    "encoder.rope.inv_freq": torch.zeros(4)}})
+    assert staged() == (f"predict.py: {run}: its checkpoint holds weights this version does not know: "
+                        f"encoder.rope.inv_freq: written by a newer version of pftsleep? Read it with that version")
+    runs.save_checkpoint(run / runs.FINAL, {**checkpoint, "format_version": 3})
+    assert staged() == (f"predict.py: {run / runs.FINAL}: it says format_version 3; this version writes none: "
+                        f"written by a newer version of pftsleep? Read it with that version")
+    assert not (tmp_path / "out" / "summary.csv").exists()

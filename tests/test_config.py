@@ -47,3 +47,20 @@ def test_the_gpu_and_recipe_fields_with_wrong_values_are_one_line_errors():
         with pytest.raises(SystemExit) as exit_info:
             config.load(train_pretrain.Config, "configs/pretrain_tiny.yaml", override)
         assert str(exit_info.value) == message, (override, str(exit_info.value))
+
+
+@pytest.mark.parametrize("override, message", [
+    (["--model.n_layers", "0"], "config: model.n_layers must be above 0, got 0"),
+    (["--model.n_heads", "0"], "config: model.n_heads must be above 0, got 0"),
+    (["--model.d_model", "0"], "config: model.d_model must be above 0, got 0"),
+    (["--model.patch_len", "0"], "config: model.patch_len must be above 0, got 0"),
+    (["--model.revin_eps", "0"], "config: model.revin_eps must be above 0, got 0.0"),
+    (["--probe.n_layers", "0"], "config: probe.n_layers must be above 0, got 0"),
+])
+def test_zero_sizes_are_one_line_errors_when_the_config_is_built(override, message):
+    """A transformer of 0 layers (or a GRU of 0) would train as if nothing were wrong: refused with the config."""
+    import train_pretrain
+    script = train_probe if override[0].startswith("--probe") else train_pretrain
+    with pytest.raises(SystemExit) as exit_info:
+        config.load(script.Config, f"configs/{'probe' if script is train_probe else 'pretrain'}_tiny.yaml", override)
+    assert str(exit_info.value) == message

@@ -155,7 +155,8 @@ def evaluated(tmp_path_factory, probe_run_writer):
 def test_cli_writes_the_contract_files(evaluated):
     root, run, out, results = evaluated
     on_disk = json.loads((out / "results.json").read_text())
-    assert on_disk == results and set(on_disk) == {"pooled", "datasets", "settings"}
+    assert on_disk == results and set(on_disk) == {"pooled", "datasets", "settings", "skipped"}
+    assert on_disk["skipped"] == []
     assert set(on_disk["datasets"]) == {"shhs", "mesa"} and on_disk["settings"] == {"protocol": "night", "label_lag": 0}
     keys = {"kappa", "accuracy", "macro_f1", "f1_per_class", "auroc", "auprc", "confusion", "n_nights", "n_epochs",
             "kappa_ci", "accuracy_ci", "macro_f1_ci"}
@@ -169,7 +170,8 @@ def test_cli_writes_the_contract_files(evaluated):
     assert sorted(per_night["n_epochs"]) == [10, 23, 28]
     report = (out / "results.md").read_text()
     assert "0.60" in report and "Fox et al. 2025" in report          # MESA's paper κ beside ours
-    assert "Protocol `night`: every night staged whole: windows of 600 s every 300 s" in report
+    assert ("Protocol `night`: every night staged whole: windows of 600 s back to back from its start, the fewest "
+            "of equal length" in report)
     assert "Label lag: none" in report and "recipe: not recorded" in report
     for name in ["confusion.png", "bland_altman.png", "hypnogram_mesa-0003.png", "hypnogram_shhs1-0001.png"]:
         assert (out / name).stat().st_size > 0
@@ -234,7 +236,7 @@ def test_stitched_probabilities_are_stage_night(evaluated):
     root, run, out, results = evaluated
     channels, stages, _ = store.read_night(root / "shhs" / "shhs1-0001.zarr")
     probs = stage.stage_night(runs.read_run(run).encoder(), runs.read_run(run).probe(), np.stack([np.asarray(c, np.float32) for c in channels]),
-                        20 * EPOCH, 10 * EPOCH).numpy()
+                        20 * EPOCH).numpy()
     predictions = pd.read_csv(out / "predictions.csv")
     night = predictions[predictions["night_id"] == "shhs1-0001"]
     assert np.allclose(night[["p_W", "p_N1", "p_N2", "p_N3", "p_REM"]].to_numpy(), probs[night["epoch"]], atol=1e-5)
@@ -246,10 +248,14 @@ def test_cli_refuses_a_non_probe_run_and_an_empty_selection(evaluated, tmp_path)
     pretrain.mkdir()
     (pretrain / "config.yaml").write_text(yaml.safe_dump({"model": {}, "data": {}}))
     runs.save_checkpoint(pretrain / runs.FINAL, {"model": {}})                 # a pretraining run: no probe
-    with pytest.raises(SystemExit, match="not a probe run"):
+    with pytest.raises(SystemExit) as error:
         ev.main(["--run", str(pretrain), "--out", str(tmp_path / "o")])
-    with pytest.raises(SystemExit, match="no night"):
+    assert str(error.value) == (f"evaluate.py: {pretrain} is a pretraining run (an encoder, no probe: section in its "
+                                f"config.yaml): staging and embed_edf need a probe run, e.g. one trained on it with "
+                                f"train_probe.py --encoder {pretrain}")
+    with pytest.raises(SystemExit) as error:                               # the manifest holds shhs and mesa only
         ev.main(["--run", str(run), "--datasets", "apples", "--split", "all", "--out", str(tmp_path / "o")])
+    assert str(error.value) == f"--datasets: no dataset 'apples' in {root / 'manifest.csv'} (its datasets: mesa, shhs)"
 
 
 def test_absent_slot_is_zeroed_in_every_night(evaluated, tmp_path):
@@ -259,7 +265,7 @@ def test_absent_slot_is_zeroed_in_every_night(evaluated, tmp_path):
     channels, _, _ = store.read_night(root / "shhs" / "shhs1-0001.zarr")
     signals = np.stack([np.asarray(c, np.float32) for c in channels])
     signals[[3, 6]] = 0                                                  # EEG and ABDO
-    probs = stage.stage_night(runs.read_run(run).encoder(), runs.read_run(run).probe(), signals, 20 * EPOCH, 10 * EPOCH).numpy()
+    probs = stage.stage_night(runs.read_run(run).encoder(), runs.read_run(run).probe(), signals, 20 * EPOCH).numpy()
     predictions = pd.read_csv(tmp_path / "absent" / "predictions.csv")
     night = predictions[predictions["night_id"] == "shhs1-0001"]
     assert np.allclose(night[["p_W", "p_N1", "p_N2", "p_N3", "p_REM"]].to_numpy(), probs[night["epoch"]], atol=1e-5)
@@ -364,3 +370,33 @@ def test_bad_protocol_and_label_lag_are_one_line_errors(evaluated, tmp_path, fla
     with pytest.raises(SystemExit, match=message) as error:
         ev.main(["--run", str(run), "--split", "all", "--out", str(tmp_path / "o"), *flags])
     assert "\n" not in str(error.value) and not (tmp_path / "o").exists()
+
+
+def test_a_night_store_deleted_since_the_manifest_is_skipped_and_listed(evaluated, tmp_path, capsys):
+    """The batch rule: a night that cannot be read is one line naming it and its store, the others are scored, and
+    results.json, results.md and the last printed lines list what was skipped; nothing left: one line, no output."""
+    import shutil
+    root, run, out, results = evaluated
+    copy = tmp_path / "nights"
+    shutil.copytree(root, copy)
+    shutil.rmtree(copy / "shhs" / "shhs1-0002.zarr")
+    base = ["--run", str(run), "--data.root", str(copy), "--split", "all", "--bootstrap", "0", "--png-nights", "0"]
+    capsys.readouterr()
+    partial = ev.main([*base, "--out", str(tmp_path / "partial")])
+    reason = (f"{copy / 'shhs' / 'shhs1-0002.zarr'}: night store not found (manifest.csv lists it: deleted or moved "
+              f"since; prepare the night again)")
+    printed = capsys.readouterr()
+    assert f"skipped shhs1-0002: {reason}" in printed.err.splitlines()
+    assert printed.out.rstrip().splitlines()[-1] == f"  skipped shhs1-0002: {reason}"
+    assert partial["skipped"] == [{"night_id": "shhs1-0002", "dataset": "shhs",
+                                   "path": str(copy / "shhs" / "shhs1-0002.zarr"), "reason": reason}]
+    assert partial["pooled"]["n_nights"] == 2 and partial["datasets"]["shhs"]["n_nights"] == 1
+    assert json.loads((tmp_path / "partial" / "results.json").read_text())["skipped"] == partial["skipped"]
+    assert sorted(pd.read_csv(tmp_path / "partial" / "per_night.csv")["night_id"]) == ["mesa-0003", "shhs1-0001"]
+    assert f"- shhs1-0002: {reason}" in (tmp_path / "partial" / "results.md").read_text()
+    for store_path in (copy / "shhs" / "shhs1-0001.zarr", copy / "mesa" / "mesa-0003.zarr"):
+        shutil.rmtree(store_path)
+    with pytest.raises(SystemExit) as error:
+        ev.main([*base, "--out", str(tmp_path / "none")])
+    assert str(error.value).startswith("evaluate.py: none of the 3 selected nights could be read; the first: ")
+    assert "\n" not in str(error.value) and not (tmp_path / "none").exists()

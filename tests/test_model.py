@@ -7,7 +7,7 @@ import torch
 import cpu_kernels
 import model
 from model import (Encoder, ModelConfig, PretrainHead, ProbeConfig, ProbeHead, corrupt_values, mask_patches,
-                   reconstruction_loss)
+                   reconstruction_loss, revin_statistics)
 
 B, C, P, N, D = 2, 3, 25, 40, 32
 T = N * P
@@ -147,22 +147,28 @@ def test_cpu_kernels_attention_equals_the_math_path(attention, residual_attentio
     assert calls == [(1, 4, N, d)] * 3 * B * C                           # one sequence per pass, 3 layers each
 
 
-def test_cpu_kernels_attention_hands_on_the_widening_queries_and_keys(monkeypatch):
-    """With residual attention each layer's carry is the concatenated scaled queries and keys, as the sdpa path's."""
-    encoder = eval_encoder()
-    signals, _ = night_batch()
-    carries = []
-    real = cpu_kernels.attention
+def test_cpu_kernels_attention_carries_the_summed_scores(monkeypatch):
+    """With residual attention each layer's carry is its pre-softmax scores, the earlier layers' added: the same
+    [N, N] scores per head as the math path's carry (Σ_j s·q_j·k_jᵀ), made a block of queries at a time."""
+    carries = {}
+    for name, overrides, kernels in (("kernels", {}, cpu_kernels), ("math", {"attention": "math"}, None)):
+        encoder = eval_encoder(**overrides)
+        calls, attn = [], encoder.layers[0].attn
+        owner, function = (cpu_kernels, "attention") if kernels else (type(attn), "math_attention")
+        real = getattr(owner, function)
 
-    def recording(*args):
-        out, carry = real(*args)
-        carries.append(tuple(t.shape for t in carry))
-        return out, carry
-    monkeypatch.setattr(cpu_kernels, "attention", recording)
-    with torch.inference_mode():
-        encoder.embed(signals[:1, :, :T], kernels=cpu_kernels)
-    d = D // 4
-    assert carries[:3] == [((1, 4, N, width),) * 2 for width in (d, 2 * d, 3 * d)]
+        def recording(*args):
+            out, carry = real(*args)
+            calls.append(carry.clone())                  # cpu_kernels adds the next layer's scores to it in place
+            return out, carry
+        monkeypatch.setattr(owner, function, recording)
+        with torch.inference_mode():
+            encoder.embed(night_batch()[0][:1, :, :T], kernels=kernels)
+        carries[name] = calls
+        monkeypatch.undo()
+    assert len(carries["kernels"]) == 3 * C and len(carries["math"]) == 3   # per layer: each channel / all at once
+    for call, scores in enumerate(carries["kernels"]):                       # channel by channel, layer by layer
+        torch.testing.assert_close(scores[0], carries["math"][call % 3][call // 3], rtol=1e-5, atol=1e-4)   # [4, N, N]
 
 
 @pytest.mark.parametrize("onednn", [True, False])
@@ -262,6 +268,24 @@ def test_window_statistics_do_see_the_padding():
     valid.load_state_dict(encoder.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(valid.embed(signals[:1]), encoder.embed(signals[:1]), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("revin_stats", ["window", "valid"])
+def test_a_truncated_window_is_the_start_of_the_zero_padded_one(revin_stats):
+    """patchify(signals cut at the padding, window=T) gives the zero-padded window's first patches, RevIN's "window"
+    statistics counting the zeros never made (stage.stage_night's short windows); its RevIN statistics by hand."""
+    encoder = eval_encoder(revin_stats=revin_stats)
+    signals, padding_mask = night_batch()
+    padded, mask = signals[1:], padding_mask[1:]                                  # zeros from PADDED_FROM on
+    with torch.no_grad():
+        whole, key_padding = encoder.patchify(padded, mask)
+        cut, no_padding = encoder.patchify(padded[:, :, :PADDED_FROM], None, window=T)
+    assert no_padding is None and key_padding[0].tolist() == [False] * 28 + [True] * 12
+    torch.testing.assert_close(cut, whole[:, :, :28], atol=1e-5, rtol=1e-5)
+    mean, std = revin_statistics(padded[:, :, :PADDED_FROM], None, 1e-5, length=T)
+    x = padded[0, 0].double()                                                    # channel 0, zeros included
+    torch.testing.assert_close(mean[0, 0, 0].double(), x.mean(), atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(std[0, 0, 0].double(), x.std(correction=0) + 1e-5, atol=1e-5, rtol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -80,14 +80,52 @@ def test_end_to_end_outputs(tmp_path, tiny_probe_run, psg_writer, seconds, capsy
     assert not list(tmp_path.glob(".*tmp*"))                               # no temporaries left behind
 
 
-def test_stitching_averages_overlapping_windows(tmp_path, tiny_probe_run, psg_writer):
-    edf = psg_writer(tmp_path / "n.edf", 25 * 60)
-    out_a, out_b = tmp_path / "a", tmp_path / "b"
-    assert predict.main([str(edf), "--run", str(tiny_probe_run), "--out", str(out_a), "--device", "cpu"]) == 0
-    assert predict.main([str(edf), "--run", str(tiny_probe_run), "--out", str(out_b), "--stride-s", "300", "--device", "cpu"]) == 0
-    a, b = (pd.read_csv(o / "n.hypnogram.csv") for o in (out_a, out_b))
-    assert len(a) == len(b) == 50
-    assert not np.allclose(a[[c for c in stage.HYPNOGRAM_COLUMNS if c.startswith('p_')]], b[[c for c in stage.HYPNOGRAM_COLUMNS if c.startswith('p_')]])   # half vs no overlap
+def test_windows_back_to_back_by_default_and_averaged_with_a_stride(tmp_path, tiny_probe_run, psg_writer):
+    """By default a night is cut into the fewest equal windows, back to back (stage.staging_windows); --stride-s gives
+    windows every stride, the last aligned to the end, averaged where they overlap. A 27-min night, 5-min windows:
+    six of 9 epochs by default, the same probabilities as stage_night with those windows; other ones with a stride."""
+    edf = psg_writer(tmp_path / "n.edf", 27 * 60)
+    probs, strides = {}, {}
+    for name, extra in (("default", []), ("window", ["--stride-s", "300"]), ("half", ["--stride-s", "150"])):
+        assert predict.main([str(edf), "--run", str(tiny_probe_run), "--out", str(tmp_path / name), "--device", "cpu",
+                             *extra]) == 0
+        probs[name] = pd.read_csv(tmp_path / name / "n.hypnogram.csv")[list(stage.PROB_COLUMNS)].to_numpy()
+        strides[name] = json.loads((tmp_path / name / "n.stats.json").read_text())["stride_s"]
+    assert all(len(p) == 54 for p in probs.values())
+    model = stage.load_model(tiny_probe_run, "cpu")
+    signals = stage.read_edf_night(edf).signals.astype(np.float32)
+    by_hand = stage.stage_night(model.encoder, model.probe, signals, WINDOW_EPOCHS * 3750).numpy()
+    assert np.allclose(probs["default"], by_hand, atol=2e-5)                          # CSV rounding: 1e-5
+    assert not np.allclose(probs["default"], probs["window"], atol=1e-3)
+    assert not np.allclose(probs["default"], probs["half"], atol=1e-3)
+    assert strides == {"default": None, "window": 300.0, "half": 150.0}
+
+
+def test_staging_windows_by_hand():
+    assert stage.staging_windows(1140, 960) == [(0, 570), (570, 570)]           # 9.5 h with the 8-h window
+    assert stage.staging_windows(960, 960) == [(0, 960)]
+    assert stage.staging_windows(961, 960) == [(0, 480), (480, 481)]
+    assert stage.staging_windows(23, 10) == [(0, 7), (7, 8), (15, 8)]
+    assert stage.staging_windows(100, 960) == [(0, 100)]
+    assert stage.staging_windows(0, 960) == [] == stage.staging_windows(0, 960, 480)
+    assert stage.staging_windows(1140, 960, 480) == [(0, 960), (180, 960)]      # data.window_starts', aligned last
+    assert stage.staging_windows(100, 960, 480) == [(0, 100)]
+
+
+def test_a_night_costs_its_length_not_whole_windows(tiny_probe_run, monkeypatch):
+    """The encoder sees a short window's own patches only (23 epochs, 10-epoch windows: 7, 8 and 8 epochs), the
+    reference path whole zero-padded windows; the probabilities agree (exact in eval mode)."""
+    run = runs.read_run(tiny_probe_run)
+    encoder, probe = run.encoder(), run.probe()
+    signals = torch.randn(7, 23 * 3750, generator=torch.Generator().manual_seed(0)) * 30
+    lengths, real = [], encoder.contextualise
+    monkeypatch.setattr(encoder, "contextualise", lambda tokens, *a: lengths.append(tokens.shape[2]) or real(tokens, *a))
+    fast = stage.stage_night(encoder, probe, signals, WINDOW_EPOCHS * 3750, batch_size=1)
+    assert lengths == [35, 40, 40]                                                   # patches: 5 an epoch
+    lengths.clear()
+    reference = stage.stage_night(encoder, probe, signals, WINDOW_EPOCHS * 3750, batch_size=1, reference=True)
+    assert lengths == [50, 50, 50]
+    assert fast.shape == (23, 5) and (fast - reference).abs().max().item() <= 1e-5
 
 
 def test_missing_channel_warns_and_require_all_fails_the_night_only(tmp_path, tiny_probe_run, psg_writer, capsys):
@@ -205,3 +243,77 @@ def test_a_folder_with_reader_workers_gives_what_one_process_gives(tmp_path, tin
     summary = outputs["2"]["summary.csv"].decode().splitlines()
     assert [line.split(",")[0] for line in summary[1:]] == ["broken", "night-0", "night-1", "night-2"]
     assert outputs["0"] == outputs["2"]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Outputs: one name per night, all of a night's files or none
+
+
+def test_edfs_of_the_same_name_into_one_folder_are_refused_up_front(tmp_path, tiny_probe_run, psg_writer, capsys,
+                                                                     one_line_exit):
+    a, b = psg_writer(tmp_path / "a" / "night.edf", 4 * 60), psg_writer(tmp_path / "b" / "night.edf", 4 * 60, seed=1)
+    out = tmp_path / "out"
+    for given in ([a, b], [a.parent, b.parent]):                  # explicit files, or their folders
+        message = one_line_exit(lambda: predict.main([*map(str, given), "--run", str(tiny_probe_run), "--out", str(out),
+                                                      "--device", "cpu"]))
+        assert message == (f"predict.py: EDFs of the same name: {a} and {b} would both write {out / 'night'}.*: "
+                           f"stage them into separate --out folders, or rename one")
+        assert not out.exists()
+    loud = psg_writer(tmp_path / "a" / "NIGHT.EDF", 4 * 60)       # beside night.edf: one file on a case-blind disk
+    message = one_line_exit(lambda: predict.main([str(a.parent), "--run", str(tiny_probe_run), "--device", "cpu"]))
+    assert f"{loud} and {a} would both write" in message
+    # without --out each night is written beside its EDF: no clash; the same file given twice is staged once
+    loud.unlink()
+    assert predict.main([str(a), str(a.parent), str(b), "--run", str(tiny_probe_run), "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert f"note: {a} is given twice: staged once" in printed and "2 of 2 nights staged" in printed
+    assert (a.parent / "night.hypnogram.csv").exists() and (b.parent / "night.hypnogram.csv").exists()
+
+
+def test_an_export_target_that_is_a_folder_fails_the_night_and_leaves_none_of_its_files(tmp_path, tiny_probe_run,
+                                                                                         psg_writer, capsys):
+    blocked, fine = psg_writer(tmp_path / "blocked.edf", 4 * 60), psg_writer(tmp_path / "fine.edf", 4 * 60, seed=1)
+    out = tmp_path / "out"
+    (out / "blocked.stages.xml").mkdir(parents=True)
+    assert predict.main([str(blocked), str(fine), "--run", str(tiny_probe_run), "--out", str(out), "--export",
+                         "luna,xml", "--device", "cpu"]) == 0
+    [error] = capsys.readouterr().err.strip().splitlines()
+    assert error == (f"error: {blocked}: {out / 'blocked.stages.xml'} is a folder: the night's blocked.stages.xml "
+                     f"cannot be written there (move or rename the folder); none of the night's files was written")
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(("blocked", ".blocked"))) == ["blocked.stages.xml"]
+    assert (out / "fine.stages.xml").is_file() and (out / "fine.stats.json").is_file()
+    summary = pd.read_csv(out / "summary.csv").set_index("night")
+    assert summary.loc["blocked", "status"] == "failed" and "is a folder" in summary.loc["blocked", "reason"]
+    assert summary.loc["fine", "status"] == "ok"
+
+
+def test_a_write_that_fails_midway_leaves_none_of_the_nights_files(tmp_path, tiny_probe_run, psg_writer, monkeypatch):
+    import errno
+    night = stage.stage_edf(psg_writer(tmp_path / "n.edf", 4 * 60), tiny_probe_run, device="cpu")
+    out = tmp_path / "out"
+    (out / "n.stats.json").parent.mkdir()
+    (out / "n.stats.json").write_text("an earlier run's")            # is replaced only with a whole new night
+
+    def full_disk(path, *args):
+        path.write_text("half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(stage, "write_stages", full_disk)
+    with pytest.raises(stage.StagingError) as error:
+        night.write(out / "n", exports=["txt"], plot=False)
+    assert str(error.value) == (f"{out / 'n.stages.txt'} cannot be written (No space left on device); none of the "
+                                f"night's files was written")
+    assert [p.name for p in out.iterdir()] == ["n.stats.json"] and (out / "n.stats.json").read_text() == "an earlier run's"
+    monkeypatch.undo()
+    written = night.write(out / "n", exports=["txt"], plot=False)
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in written)
+    assert json.loads((out / "n.stats.json").read_text())["edf"] == str(tmp_path / "n.edf")
+
+
+def test_a_summary_csv_that_is_a_folder_is_refused_before_any_night(tmp_path, tiny_probe_run, psg_writer,
+                                                                   one_line_exit):
+    edf = psg_writer(tmp_path / "n.edf", 4 * 60)
+    (tmp_path / "summary.csv").mkdir()
+    message = one_line_exit(lambda: predict.main([str(edf), "--run", str(tiny_probe_run), "--device", "cpu"]))
+    assert message == f"predict.py: {tmp_path / 'summary.csv'} is a folder: the batch's summary.csv cannot be written " \
+                      f"there (move or rename the folder)"
+    assert not (tmp_path / "n.hypnogram.csv").exists()

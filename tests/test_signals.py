@@ -45,7 +45,7 @@ def run(tmp_path, edf_writer, channels, opts=None):
 
 
 @pytest.mark.parametrize("fs", [100, 125, 128, 200, 256, 512])
-@pytest.mark.parametrize("dim,scale", [("uV", 1.0), ("mV", 1e-3), ("V", 1e-6)])
+@pytest.mark.parametrize("dim,scale", [("nV", 1e3), ("uV", 1.0), ("mV", 1e-3), ("V", 1e-6)])
 def test_electrode_5hz_keeps_amplitude(tmp_path, edf_writer, fs, dim, scale):
     channels = base_channels(fs, sine(fs, 5, 50 * scale), dim=dim, rng_scale=scale)
     night_signals, stages, attrs = run(tmp_path, edf_writer, channels)
@@ -150,7 +150,75 @@ def test_nans_are_interpolated_and_counted():
         signals.fill_nans(np.full(10, np.nan), "EEG", "C4")
 
 
+def test_a_mostly_nan_signal_is_unusable():
+    x = np.sin(np.arange(100) / 5.0)
+    x[:50] = np.nan                                    # half: interpolated (edges held)
+    filled, n = signals.fill_nans(x, "EEG", "C4")
+    assert n == 50 and np.all(filled[:50] == x[50])
+    x[50] = np.inf
+    with pytest.raises(signals.SlotError) as failed:
+        signals.fill_nans(x, "EEG", "C4")
+    assert str(failed.value) == "slot EEG: signal 'C4' is 51% NaN (51 of 100 samples), more than the 50% that is interpolated"
+
+
+NO_ABDOMEN = "slot ABDO: none of its labels is in the EDF"      # base_channels has no abdomen belt
+
+
+def test_mains_hum_only_warns_on_the_raw_signal(tmp_path, edf_writer):
+    for fs, mains in ((256, 50), (200, 60), (100, 50)):          # 100 Hz: 50 Hz sits at Nyquist
+        _, _, attrs = run(tmp_path, edf_writer, base_channels(fs, sine(fs, mains, 30)))
+        assert attrs["present"][signals.SLOTS.index("EEG")] is True
+        assert attrs["warnings"] == [f"slot EEG: signal 'C4-M1' is mains hum only ({mains} Hz and its harmonics carry "
+                                     f"100% of the power above 0.3 Hz): electrode off?", NO_ABDOMEN]
+    # hum (power 450 + 50 µV²) with its harmonic and white noise (9 µV² over 0-128 Hz, 96 % of it outside the two
+    # ±1-Hz windows): 500 / (500 + 0.96 × 9) = 0.983 of the power is hum
+    rng = np.random.default_rng(2)
+    hum = sine(256, 50, 30) + sine(256, 100, 10) + rng.normal(0, 3, DURATION_S * 256)
+    assert signals.mains_hum(hum, 256) == (50.0, pytest.approx(0.983, abs=0.004))
+
+
+def test_eeg_with_some_mains_does_not_warn(tmp_path, edf_writer):
+    """A real-looking EEG (1/f background 40 µV, 10-Hz alpha) with 20 µV of 50-Hz pickup is staged without a word."""
+    fs, rng = 256, np.random.default_rng(3)
+    brown = np.cumsum(rng.normal(0, 1, DURATION_S * fs))
+    background = brown - np.convolve(brown, np.ones(fs) / fs, "same")
+    eeg = 40 * background / background.std() + sine(fs, 10, 20) + sine(fs, 50, 20)
+    assert signals.mains_hum(eeg, fs) is None
+    _, _, attrs = run(tmp_path, edf_writer, base_channels(fs, eeg))
+    assert attrs["warnings"] == [NO_ABDOMEN] and attrs["present"][signals.SLOTS.index("EEG")] is True
+    # nor does noise, a 5-Hz wave, or a 45-Hz one (near, not at, the mains)
+    assert signals.mains_hum(rng.normal(0, 20, 600 * fs), fs) is None
+    assert signals.mains_hum(sine(fs, 5, 50), fs) is None and signals.mains_hum(sine(fs, 45, 50), fs) is None
+
+
+def test_nanovolts_are_a_voltage():
+    assert signals.microvolt_factor("nV", "EEG", "C4") == 1e-3 == signals.microvolt_factor(" NV ", "EEG", "C4")
+    with pytest.raises(signals.SlotError) as failed:
+        signals.microvolt_factor("furlong", "EEG", "C4")
+    assert str(failed.value) == "slot EEG: signal 'C4' has physical dimension 'furlong', not a voltage (nV, uV, mV, V)"
+
+
+def test_arrays_below_the_slots_rate_are_refused():
+    """An array's rate meets the EDF's rule (MIN_FS): a 25-Hz EEG cannot carry its 0.3-30 Hz band."""
+    from prepare.night import prepare_arrays
+    rng = np.random.default_rng(4)
+    arrays = {slot: (rng.normal(0, 20, 60 * 100), 100, "uV") for slot in ("EOG", "EMG")}
+    with pytest.raises(PrepareError) as failed:
+        prepare_arrays({**arrays, "EEG": (rng.normal(0, 20, 60 * 25), 25, "uV")}, Options())
+    assert str(failed.value) == "required slot EEG: signal 'EEG' is sampled at 25 Hz, below the 50 Hz its 0.3-30 Hz band needs"
+
+
 def test_clean_spo2_interpolates_dropouts():
     x = np.array([95.0, 96, 0, 0, 98, 97])
     cleaned, n = signals.clean_spo2(x)
     assert n == 2 and np.allclose(cleaned, [95, 96, 96 + 2 / 3, 96 + 4 / 3, 98, 97])
+
+
+def test_the_plausibility_of_a_long_signal_is_read_off_contiguous_runs():
+    """check_plausible on an 8-h signal takes 64 runs of it, not a stride: a 50-Hz sine sampled at 100 Hz (every
+    16th sample would hit one phase and read 0 µV) passes; the same samples in volts declared as µV fail."""
+    t = np.arange(8 * 3600 * 100) / 100
+    x = 50 * np.sin(2 * np.pi * 50 * t + 0.3)                                    # ±14.8 µV at the samples
+    signals.check_plausible(x, "EEG", "C4-M1")
+    with pytest.raises(signals.SlotError, match=r"slot EEG: signal 'C4-M1' has amplitude 1.48e-05 uV"):
+        signals.check_plausible(x * 1e-6, "EEG", "C4-M1")

@@ -177,15 +177,43 @@ def test_lights_epochs_round_to_whole_epochs_inside():
     # 00:10 is 615 s = 20.5 epochs after the start: lights-off rounds up to 21; 06:00:15 is 721 epochs exactly
     assert sleep_statistics.lights_epochs(1000, "00:10", "06:00:15", START) == (21, 721)
     assert sleep_statistics.lights_epochs(1000, 45.0, 100.0) == (2, 3)                # seconds (annotation onsets)
-    assert sleep_statistics.lights_epochs(100, None, "06:00", START) == (0, 100)      # after the recording: its end
-    assert sleep_statistics.lights_epochs(100, "2001-02-03T23:50", None, START) == (0, 100)   # before it: its start
     assert sleep_statistics.lights_epochs(100, 40.0, 50.0) == (2, 2)                  # inside one epoch: no whole epoch
+    # within one epoch outside the recording (an annotation in the last, partial epoch): its start or end
+    assert sleep_statistics.lights_epochs(100, "2001-02-03T23:59:30", "00:50:15", START) == (0, 100)
+    assert sleep_statistics.lights_epochs(100, None, 3030.0) == (0, 100)
     with pytest.raises(ValueError, match="not after lights-off"):
         sleep_statistics.lights_epochs(1000, "01:00", "00:30", START)
     with pytest.raises(ValueError, match="next day"):
         sleep_statistics.lights_epochs(1000, "23:59", None, START)                     # read as 24 h later: past the end
     with pytest.raises(ValueError, match="start time"):
         sleep_statistics.lights_epochs(1000, "23:10")
+
+
+@pytest.mark.parametrize("off, on, message", [
+    # a clock time earlier than the start is the next morning; past the recording's end it is an error, not its end
+    (None, "06:00", "lights-on 06:00 is 6.00 h after the recording start, after its end: the recording runs from "
+                    "2001-02-03 23:59:45 to 2001-02-04 00:49:45 (0.83 h of whole epochs); a clock time is read as its "
+                    "first occurrence at or after the start (the next day when earlier on the clock)"),
+    ("23:59", None, "lights-off 23:59 is 23.99 h after the recording start, after its end: the recording runs from "
+                    "2001-02-03 23:59:45 to 2001-02-04 00:49:45"),
+    # a date-time before the start is not moved to it
+    ("2001-02-03T23:50", None, "lights-off 2001-02-03T23:50 is 9.8 min before the recording start: the recording "
+                               "runs from 2001-02-03 23:59:45 to 2001-02-04 00:49:45"),
+    (None, 3031.0, "lights-on 3031 s is 0.84 h after the recording start, after its end"),         # seconds: as well
+    (3000.0, None, "lights-off 3000 s is 0.83 h after the recording start, at its end"),
+])
+def test_lights_outside_the_recording_are_errors_never_clamped(off, on, message):
+    with pytest.raises(ValueError) as error:
+        sleep_statistics.lights_epochs(100, off, on, START)                            # 50 min from 23:59:45
+    assert str(error.value).startswith(message) and "\n" not in str(error.value)
+
+
+def test_lights_on_next_morning_inside_the_night():
+    # a recording from 22:00 for 8.5 h (1020 epochs): lights-on 06:15 is the next morning, 990 epochs in
+    assert sleep_statistics.lights_epochs(1020, "22:10", "06:15", "2024-05-01T22:00:00") == (20, 990)
+    assert sleep_statistics.lights_epochs(1020, "22:10", "06:30", "2024-05-01T22:00:00") == (20, 1020)   # its end
+    with pytest.raises(ValueError, match="lights-on 06:45 is 8.75 h after the recording start, after its end"):
+        sleep_statistics.lights_epochs(1020, "22:10", "06:45", "2024-05-01T22:00:00")
 
 
 def test_lights_from_annotations():
@@ -290,3 +318,31 @@ def test_predict_bad_lights_are_one_line_errors(tmp_path, tiny_probe_run, psg_wr
     assert capsys.readouterr().err.strip().splitlines()[-1] == ("predict.py: error: --lights-off: 25:00: not a clock "
                                                                 "time HH:MM[:SS]")
     assert not (tmp_path / "n.stats.json").exists()
+
+
+def test_predict_lights_on_past_the_end_fails_the_night_in_one_line(tmp_path, tiny_probe_run, psg_writer, capsys):
+    """A recording from 23:59:45 for 25 min: --lights-on 06:30 is the next morning, after the recording's end. That
+    night fails naming the value, the start and the end (it is not moved to the end); the other night is staged."""
+    short = psg_writer(tmp_path / "short.edf", 25 * 60)
+    out = tmp_path / "out"
+    assert predict.main([str(short), "--run", str(tiny_probe_run), "--device", "cpu", "--out", str(out),
+                         "--lights-on", "06:30"]) == 1
+    [error] = capsys.readouterr().err.strip().splitlines()
+    assert error == (f"error: {short}: lights-on 06:30 is 6.50 h after the recording start, after its end: the "
+                     f"recording runs from 2001-02-03 23:59:45 to 2001-02-04 00:24:45 (0.42 h of whole epochs); a "
+                     f"clock time is read as its first occurrence at or after the start (the next day when earlier "
+                     f"on the clock)")
+    assert sorted(p.name for p in out.iterdir()) == ["summary.csv"]
+
+
+def test_predict_lights_annotation_past_the_end_names_its_source(tmp_path, tiny_probe_run, psg_writer, capsys):
+    edf = write_psg_plus(tmp_path / "plus.edf", 25 * 60, psg_writer.start, [(120, "Lights off"), (1000, "Lights on")])
+    data = bytearray(edf.read_bytes())              # move the lights-on annotation to 5000 s, past the 1500-s night
+    at = data.index(b"+1000\x14")
+    data[at:at + 6] = b"+5000\x14"
+    edf.write_bytes(bytes(data))
+    assert predict.main([str(edf), "--run", str(tiny_probe_run), "--device", "cpu"]) == 1
+    [error] = capsys.readouterr().err.strip().splitlines()
+    assert error.startswith(f"error: {edf}: lights-on 5000 s is 1.39 h after the recording start, after its end")
+    assert error.endswith("(from the EDF+ annotations: lights-off at 120 s, lights-on at 5000 s)")
+    assert not (tmp_path / "plus.stats.json").exists()

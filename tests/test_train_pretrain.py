@@ -1,9 +1,11 @@
-"""train_pretrain.py: the loss falls, DDP (2 gloo processes) equals one process, kill + resume equals no kill, and
-channel dropout zeroes whole channels of what the model sees."""
+"""train_pretrain.py: the loss falls, DDP (2 gloo processes) equals one process, kill + resume equals no kill,
+channel dropout zeroes whole channels of what the model sees; --resume with another config, a full disk at a
+checkpoint and a mistyped dataset."""
 import os
 import socket
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -136,3 +138,134 @@ def test_masked_epochs_take_no_part_in_the_pretraining_loss(shhs_nights):
     unmasked = torch.zeros_like(item["padding_mask"])
     unmasked_change = abs(loss(scrambled, unmasked) - loss(signals, unmasked))
     assert masked_change < 1e-5 and unmasked_change > 1e-4, (masked_change, unmasked_change)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# --resume with another config; a full disk at a checkpoint; a mistyped dataset
+
+
+def test_resume_takes_the_new_plans_lr_and_weight_decay_and_keeps_the_moments():
+    """training.resume with train.max_lr and weight_decay changed, the total unchanged: the optimiser's LR at the
+    resumed step is the new schedule's (one_cycle for the new values, stepped as far), its weight decay the new one,
+    and Adam's moments the checkpoint's. Unchanged, the checkpoint's scheduler is restored as it was."""
+    import dataclasses
+
+    import training
+
+    def stepped(tc, steps):
+        parameter = torch.nn.Parameter(torch.zeros(3))
+        optimizer, scheduler = training.one_cycle([parameter], tc, 10, 100)
+        for _ in range(steps):
+            parameter.grad = torch.ones(3)
+            optimizer.step()
+            scheduler.step()
+        return optimizer, scheduler
+
+    old, new = train_pretrain.TrainConfig(max_lr=0.003), train_pretrain.TrainConfig(max_lr=0.001, weight_decay=1e-3)
+    optimizer, scheduler = stepped(old, 4)
+    ckpt = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": 4, "epoch": 0,
+            "step_in_epoch": 4, "rng_cpu": [torch.get_rng_state()], "config": {"train": dataclasses.asdict(old)}}
+    for tc in (new, old):
+        resumed, resumed_scheduler = stepped(tc, 0)
+        training.resume(ckpt, resumed, resumed_scheduler, 0, 1, 24, torch.device("cpu"))
+        reference, _ = stepped(tc, 4)                         # the plan of `tc` from the start, 4 steps on
+        group = resumed.param_groups[0]
+        assert group["lr"] == pytest.approx(reference.param_groups[0]["lr"], rel=1e-12), tc.max_lr
+        assert group["max_lr"] == tc.max_lr and group["weight_decay"] == tc.weight_decay
+        moments = next(iter(resumed.state.values()))["exp_avg"]
+        assert torch.equal(moments, next(iter(optimizer.state.values()))["exp_avg"])
+    assert resumed_scheduler.state_dict() == scheduler.state_dict()          # unchanged plan: as it was
+
+
+def test_a_resume_with_more_processes_and_less_accumulation_goes_on_from_the_same_window(capsys):
+    """docs/gpu.md's way of adding GPUs: 2 processes × 3 × 8 resumed as 8 × 3 × 2, the global batch kept. The
+    checkpoint stopped after 5 optimiser steps of its epoch (5 × 48 windows of the order used); the resumed run goes
+    on at its step 5 too, i.e. from window 240."""
+    import training
+    old, new = train_pretrain.TrainConfig(batch_size=3, grad_accum=8), train_pretrain.TrainConfig(batch_size=3,
+                                                                                                  grad_accum=2)
+    optimizer, scheduler = training.one_cycle([torch.nn.Parameter(torch.zeros(1))], old, 10, 1000)
+    ckpt = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": 5, "epoch": 0,
+            "step_in_epoch": 5, "rng_cpu": [torch.get_rng_state()] * 2,
+            "config": {"train": {"batch_size": 3, "grad_accum": 8}}}
+    optimizer, scheduler = training.one_cycle([torch.nn.Parameter(torch.zeros(1))], new, 10, 1000)
+    progress = training.resume(ckpt, optimizer, scheduler, 0, 8, 6, torch.device("cpu"))
+    assert progress["step_in_epoch"] == 5
+    assert "resumed on 8 processes a run written by 2: epoch 0 goes on from window 240" in capsys.readouterr().out
+
+
+def test_a_resumed_run_trains_at_the_new_max_lr(shhs_nights, tmp_path, capsys):
+    """A finished 2-step run continued to 4 steps with another train.max_lr: steps 3 and 4 have the LR of a run
+    planned with that max_lr for 4 steps, and the run folder records the value it trained at."""
+    resumed, planned = tmp_path / "resumed", tmp_path / "planned"
+    train_pretrain.main(run_args(shhs_nights, resumed, "--train.max_steps", 2, "--train.batch_size", 4))
+    train_pretrain.main(run_args(shhs_nights, resumed, "--train.max_steps", 4, "--train.batch_size", 4,
+                                 "--train.max_lr", 0.001, "--resume"))
+    assert "resumed at step 2 with a new schedule: 4 steps to max_lr 0.001" in capsys.readouterr().out
+    train_pretrain.main(run_args(shhs_nights, planned, "--train.max_steps", 4, "--train.batch_size", 4,
+                                 "--train.max_lr", 0.001))
+    lr = {run: {m["step"]: m["lr"] for m in runs.read_metrics(run) if "lr" in m} for run in (resumed, planned)}
+    assert lr[resumed][3] == pytest.approx(lr[planned][3], rel=1e-12)
+    assert lr[resumed][4] == pytest.approx(lr[planned][4], rel=1e-12)
+    assert runs.read_run(resumed).config["train"]["max_lr"] == 0.001
+    assert runs.read_run(resumed).checkpoint["config"]["train"]["max_lr"] == 0.001
+
+
+def test_resume_refuses_another_model_or_data_and_allows_the_harmless(shhs_nights, tmp_path, one_line_exit):
+    run = tmp_path / "run"
+    train_pretrain.main(run_args(shhs_nights, run, "--train.max_steps", 2, "--train.batch_size", 4))
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    message = one_line_exit(lambda: train_pretrain.main(run_args(shhs_nights, run, "--model.d_model", 16, "--resume")))
+    assert message == (f"--resume: model.d_model is 32 in {run}, 16 now: a resumed run keeps the model and data it "
+                       f"was started with; start a new run (another --run-dir)")
+    message = one_line_exit(lambda: train_pretrain.main(run_args(
+        shhs_nights, run, "--pretrain.p_zero", 0.2, "--data.datasets", "[shhs]", "--data.stride_s", 900, "--resume")))
+    assert message.startswith(f"--resume: pretrain.p_zero is 0.05 in {run}, 0.2 now; data.datasets is None in {run}, "
+                              f"['shhs'] now; data.stride_s is 1800.0 in {run}, 900.0 now: a resumed run keeps")
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before                 # nothing written
+    # where the data lie, how they are read, the attention kernel and train.*: allowed
+    train_pretrain.main(run_args(shhs_nights, run, "--train.max_steps", 3, "--train.batch_size", 4,
+                                 "--model.attention_kernels", "math", "--data.max_open_nights", 2,
+                                 "--train.log_every", 2, "--resume"))
+    assert runs.read_run(run).checkpoint["step"] == 3
+
+
+def test_a_full_disk_while_training_is_one_line_and_leaves_no_partial_checkpoint(shhs_nights, tmp_path, monkeypatch,
+                                                                                 one_line_exit):
+    """torch.save's zip writer reports a full disk as a RuntimeError without errno: the run stops with one line
+    naming the checkpoint and the cause, and leaves neither a checkpoint nor a temporary."""
+    def full_disk(state, target):
+        with open(target, "wb") as f:
+            f.write(b"PK half a checkpoint")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file "
+                           "data/0: file write failed")
+    monkeypatch.setattr(torch, "save", full_disk)
+    monkeypatch.setattr(runs.shutil, "disk_usage", lambda path: SimpleNamespace(total=10 << 30, used=10 << 30, free=0))
+    run = tmp_path / "run"
+    message = one_line_exit(lambda: train_pretrain.main(run_args(shhs_nights, run, "--train.max_steps", 1,
+                                                                 "--train.batch_size", 4)))
+    assert message.startswith(f"{run / runs.LATEST}: cannot write the checkpoint (no space left on device: the "
+                              f"checkpoint needs ") and message.endswith(" MiB, 0.0 MiB are free); nothing was written")
+    assert not [p.name for p in run.iterdir() if p.name.startswith(".") or p.suffix == ".pt"]
+    # with room on the disk, the cause is torch.save's own message; an older checkpoint stays
+    monkeypatch.undo()
+    runs.save_checkpoint(run / runs.LATEST, {"step": 1})
+    monkeypatch.setattr(torch, "save", full_disk)
+    message = one_line_exit(lambda: runs.save_checkpoint(run / runs.LATEST, {"step": 2}))
+    assert message == (f"{run / runs.LATEST}: cannot write the checkpoint (torch.save: [enforce fail at "
+                       f"inline_container.cc:672] . PytorchStreamWriter failed writing file data/0: file write "
+                       f"failed); the previous one is kept")
+    monkeypatch.undo()
+    assert runs.load_checkpoint(run / runs.LATEST, "cpu") == {"step": 1}
+    assert not [p.name for p in run.iterdir() if p.name.startswith(".")]
+
+
+def test_a_mistyped_dataset_is_named_not_blamed_on_the_batch(shhs_nights, tmp_path, one_line_exit):
+    run = tmp_path / "run"
+    message = one_line_exit(lambda: train_pretrain.main(run_args(shhs_nights, run, "--data.datasets", "[shss]")))
+    assert message == f"data.datasets: no dataset 'shss' in {shhs_nights / 'manifest.csv'} (its datasets: shhs)"
+    message = one_line_exit(lambda: train_pretrain.main(run_args(shhs_nights, run, "--data.datasets",
+                                                                 "[shhs, 'shhs:3']")))
+    assert message == (f"data.datasets: 'shhs:3': shhs has no visit '3' in {shhs_nights / 'manifest.csv'} "
+                       f"(its visits: 1, 2)")
+    assert not run.exists()

@@ -287,3 +287,31 @@ def test_the_gru_probe_never_ends_far_below_a_linear_one(shhs_nights, encoder_ru
         best[kind] = max(m["val_kappa"] for m in runs.read_metrics(run) if "val_kappa" in m)
         assert runs.read_run(run).checkpoint["best"] == pytest.approx(best[kind])    # the kept model is that epoch
     assert best["gru"] >= best["linear"] - 0.05, best
+
+
+def test_a_resumed_probe_takes_a_new_max_lr_but_keeps_its_probe_and_encoder(shhs_nights, encoder_run, tmp_path,
+                                                                             one_line_exit):
+    """--resume: a new train.max_lr is what the optimiser steps with (the LR of a run planned that way); another
+    probe.hidden_size, or an --encoder with other weights, is refused in one line before anything is computed."""
+    run, planned = tmp_path / "run", tmp_path / "planned"
+    train_probe.main(probe_args(shhs_nights, encoder_run, run, "--train.max_steps", 2))
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    message = one_line_exit(lambda: train_probe.main(probe_args(shhs_nights, encoder_run, run, "--probe.hidden_size", 8,
+                                                                "--resume")))
+    assert message == (f"--resume: probe.hidden_size is 16 in {run}, 8 now: a resumed run keeps the model and data it "
+                       f"was started with; start a new run (another --run-dir)")
+    other = tmp_path / "other_encoder"                        # the same config, one weight changed
+    shutil.copytree(encoder_run, other, ignore=shutil.ignore_patterns("embeddings"))
+    weights = runs.load_checkpoint(other / runs.FINAL, "cpu")
+    key = next(k for k in weights["model"] if k.startswith("encoder.") and weights["model"][k].is_floating_point())
+    weights["model"][key] = weights["model"][key] + 1
+    runs.save_checkpoint(other / runs.FINAL, weights)
+    message = one_line_exit(lambda: train_probe.main(probe_args(shhs_nights, other, run, "--resume")))
+    assert message == (f"--resume: --encoder {other} has other weights than the encoder {run} was trained on: a "
+                       f"resumed run keeps the model and data it was started with; start a new run (another --run-dir)")
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before and not (other / "embeddings").exists()
+    train_probe.main(probe_args(shhs_nights, encoder_run, run, "--train.max_steps", 3, "--train.max_lr", 0.002,
+                                "--resume"))
+    train_probe.main(probe_args(shhs_nights, encoder_run, planned, "--train.max_steps", 3, "--train.max_lr", 0.002))
+    lr = {r: {m["step"]: m["lr"] for m in runs.read_metrics(r) if "lr" in m} for r in (run, planned)}
+    assert lr[run][3] == pytest.approx(lr[planned][3], rel=1e-12)
