@@ -58,7 +58,7 @@ def _check_range(value, name: str):
     return value
 
 
-def _coerce(value, annotation: str, name: str):
+def coerce(value, annotation: str, name: str):
     """Check a YAML-parsed value against the field's annotation (a string: `from __future__ import annotations`)."""
     kinds = {"int": int, "float": (int, float), "bool": bool, "str": str, "list": (list, tuple)}
     allowed = [k.strip() for k in annotation.replace("Optional[", "").rstrip("]").split("|")]
@@ -96,7 +96,7 @@ def build(config_cls, values: dict):
             if key not in fields:
                 raise SystemExit(f"config: unknown field {section_name}.{key} (fields: {', '.join(fields)})")
         kwargs[section_name] = section_cls(**{
-            key: _coerce(value, str(fields[key].type), f"{section_name}.{key}")
+            key: coerce(value, str(fields[key].type), f"{section_name}.{key}")
             for key, value in (section_values or {}).items()})
     return config_cls(**kwargs)
 

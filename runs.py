@@ -129,7 +129,7 @@ def check_config(path: Path, config: dict) -> None:
         types = {f.name: str(f.type) for f in dataclasses.fields(cls)} if cls is not None else {}
         for key, value in (config.get(section) or {}).items() if cls is not None else ():
             try:
-                config_module._coerce(value, types[key], f"{section}.{key}")
+                config_module.coerce(value, types[key], f"{section}.{key}")
             except SystemExit as err:
                 raise RunFormatError(f"{path}: {str(err.code).removeprefix('config: ')}") from None
 

@@ -508,7 +508,6 @@ def stage_signals(signals: dict, run, start_time=None, lights_off=None, lights_o
     if missing := [slot for slot in opts.required if signals.get(slot) is None]:
         raise StagingError(f"signals: no {', '.join(missing)} (given: {', '.join(given) or 'nothing'})"
                            + ("" if require_all else "; stage without them with allow_missing=True"))
-    _refuse_encoder_only(run)
     model = load_model(run, device, latest)
     try:
         prepared, attrs = prepare_arrays(signals, opts, start_time)
@@ -521,7 +520,6 @@ def embed_edf(path, run, **options) -> np.ndarray:
     """Per-epoch embeddings of an EDF [E, 7, D] float32: for each full 30-s epoch and slot (SLOTS order), the mean of
     the encoder's 5 patch embeddings (6 s each), averaged over the windows that saw the epoch. Options as stage_edf.
     The run must be a probe run (its windows are staged): a pretraining run is a StagingError that says so."""
-    _refuse_encoder_only(run)
     return stage_edf(path, run, embeddings=True, **options).embeddings
 
 
